@@ -1,0 +1,1 @@
+"""koala: lossless speculative decoding with KOALA multi-layer draft heads."""

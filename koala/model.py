@@ -1,0 +1,209 @@
+"""The target runtime: a compact Llama-family transformer with a preallocated static KV cache.
+
+One forward serves every use:
+  * prefill and one-token decode (slots = positions, causal mask),
+  * verification of a drafted chain or tree: new tokens at explicit RoPE positions written to
+    explicit cache slots, each seeing the prefix plus its ancestors (any boolean mask),
+  * training without a cache (slots=None): plain causal attention over the sequence.
+It returns the logits and the last hidden state (after the final norm: what the LM head reads,
+and what draft heads read).
+
+Weights are stored fused (q|k|v and gate|up) so a layer is 4 matrix products.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # (..., D)
+        # computed in fp32 as transformers does, then cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Static cache; slot s of every layer holds the key/value of one token."""
+
+    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)  # (B, nkv, S, hd)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)  # (B, nkv, S, hd)
+
+    def write(self, slots, k, v):
+        # slots: (T,) cache positions shared by the batch; k, v: (B, nkv, T, hd)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+    def keep(self, src, dst):
+        """Move the entries at slots src (n,) to slots dst (n,): the accepted path's compaction."""
+        self.k.index_copy_(2, dst, self.k.index_select(2, src))
+        self.v.index_copy_(2, dst, self.v.index_select(2, src))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, q + 2 * kv, bias=cfg.attention_bias)
+        self.wo = nn.Linear(q, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, slots=None, mask=None):
+        # x: (B, T, D); cos, sin: (B, T, hd); slots: (T,) or None; mask: (B|1, T, S) bool or None
+        B, T, _ = x.shape
+        h, nkv, hd = self.n_heads, self.n_kv, self.hd
+        q, k, v = self.wqkv(x).split([h * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, h, hd).transpose(1, 2)      # (B, h, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)    # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        g = h // nkv
+        if slots is None:  # training / reference path: causal over the sequence itself
+            if g > 1:
+                k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = self.kv_cache.write(slots, k, v)  # whole cache: (B, nkv, S, hd)
+            # GQA without copying the cache: fold each group's query heads into the time axis
+            qf = q.reshape(B, nkv, g * T, hd)
+            m = mask.unsqueeze(1)
+            if g > 1:
+                m = m.repeat(1, 1, g, 1)             # (B|1, 1, g*T, S), rows ordered (group, t)
+            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=m).view(B, h, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, h * hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # gate | up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).split(self.inter, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One decoder layer; EAGLE heads reuse it so their layers are the target's own kind."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, slots=None, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, slots, mask)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Rotary(nn.Module):
+    """cos/sin tables (S, hd) in fp32, gathered by position."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        inv = rope_inv_freq(cfg)
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)  # (S, hd)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions, dtype):  # positions: (B, T) -> (B, T, hd) each
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = Rotary(cfg, cfg.max_position_embeddings)
+        self.max_batch = self.max_len = 0
+
+    @property
+    def device(self):
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self):
+        return self.tok_embeddings.weight.dtype
+
+    def setup_cache(self, max_batch: int, max_len: int):
+        """Allocate (or reallocate) the static KV cache of max_len slots per sequence."""
+        if max_len > self.rotary.cos.shape[0]:
+            self.rotary = Rotary(self.config, max_len).to(self.device)
+        if (max_batch, max_len) == (self.max_batch, self.max_len):
+            return
+        cfg = self.config
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_len, cfg.head_dim,
+                                               self.dtype, self.device)
+        self.max_batch, self.max_len = max_batch, max_len
+
+    def keep_cache(self, src, dst):
+        """Keep cache entries src (n,) at slots dst (n,) in every layer."""
+        for layer in self.layers:
+            layer.attention.kv_cache.keep(src, dst)
+
+    def forward(self, tokens, positions=None, slots=None, mask=None, logits_index=None):
+        """tokens (B, T); positions (B, T) RoPE positions; slots (T,) cache slots to write;
+        mask (B|1, T, S) bool, True where a query may attend a cache slot.
+        With slots=None: no cache, causal attention, positions default to 0..T-1.
+        logits_index (n,): compute logits only at these time indices (saves the LM head).
+        Returns logits (B, T|n, V) and hidden (B, T, D), the final-norm hidden state."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.tok_embeddings(tokens)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, slots, mask)
+        hidden = self.norm(x)
+        h = hidden if logits_index is None else hidden.index_select(1, logits_index)
+        return self.output(h), hidden
+
+
+def causal_mask(slots, max_len: int):
+    """(1, T, S) mask for a linear sequence written at slots (T,): slot j visible if j <= slot."""
+    return (torch.arange(max_len, device=slots.device)[None, :] <= slots[:, None]).unsqueeze(0)
+
+
+def tree_mask(prefix_len, slots, ancestors, max_len: int):
+    """(1, T, S) mask for T drafted tokens written at slots (T,) after a prefix of prefix_len
+    cached tokens; ancestors (T, T) bool, True where token j is token i's ancestor or i itself.
+    prefix_len may be an int or a 0-d tensor (so the mask builds inside a CUDA graph)."""
+    S = max_len
+    ar = torch.arange(S, device=slots.device)
+    m = (ar < prefix_len).unsqueeze(0).expand(slots.shape[0], S).clone()  # (T, S)
+    m[:, slots] = ancestors
+    return m.unsqueeze(0)

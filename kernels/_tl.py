@@ -26,3 +26,16 @@ def sigmoid(x):
     interpreter warns on it)."""
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation.
+
+    UPCAST (set by the host only under TRITON_INTERPRET=1): Triton 3.9's interpreter multiplies
+    bf16 operands as their raw uint16 bit patterns (errors of 1e10); converting both to fp32 first
+    is exact for bf16/fp16 and gives what the GPU's bf16 MMA with fp32 accumulation gives."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)

@@ -85,6 +85,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k, v = self.kv_cache.write(slots, k, v)  # whole cache: (B, nkv, S, hd)
+            L = mask.shape[-1]                       # the mask's width is the window attended:
+            if L < k.shape[2]:                       # graphs for short contexts read less cache
+                k, v = k[:, :, :L], v[:, :, :L]
             # GQA without copying the cache: fold each group's query heads into the time axis
             qf = q.reshape(B, nkv, g * T, hd)
             m = mask.unsqueeze(1)
@@ -177,7 +180,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, positions=None, slots=None, mask=None, logits_index=None):
         """tokens (B, T); positions (B, T) RoPE positions; slots (T,) cache slots to write;
-        mask (B|1, T, S) bool, True where a query may attend a cache slot.
+        mask (B|1, T, L) bool, True where a query may attend a cache slot; only the first L <= S
+        slots are read, so short contexts can use a narrower mask.
         With slots=None: no cache, causal attention, positions default to 0..T-1.
         logits_index (n,): compute logits only at these time indices (saves the LM head).
         Returns logits (B, T|n, V) and hidden (B, T, D), the final-norm hidden state."""

@@ -1,0 +1,69 @@
+"""Tiny random Hugging Face checkpoints of each supported architecture, written to disk."""
+from pathlib import Path
+
+import torch
+
+
+def word_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(3, vocab_size):
+        vocab[f"w{i}"] = i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+ARCHS = {
+    "llama": dict(model_type="llama"),
+    "llama-tied": dict(model_type="llama", tie_word_embeddings=True),
+    "llama3-rope": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama-linear-rope": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral": dict(model_type="mistral"),
+    "qwen2": dict(model_type="qwen2"),
+}
+
+
+def make_hf_checkpoint(tmp: Path, arch: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    spec = dict(ARCHS[arch])
+    mt = spec.pop("model_type")
+    scaling = spec.pop("rope_scaling", None)
+    cfg = AutoConfig.for_model(mt, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, **spec)
+    if scaling is not None:  # transformers 4.x and 5.x spell rope settings differently
+        if hasattr(cfg, "rope_parameters") and cfg.rope_parameters is not None:
+            cfg.rope_parameters = {**cfg.rope_parameters, **scaling}
+        else:
+            cfg.rope_scaling = scaling
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if mt == "qwen2":  # biases start at zero: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    p.bias.normal_(0, 0.5)
+    path = tmp / arch
+    model.save_pretrained(path)
+    word_tokenizer(128).save_pretrained(path)
+    return path, model
+
+
+def hf_greedy(hf, ids, n: int):
+    """Exactly n greedy tokens from transformers' generate, with EOS handling switched off on the
+    model's own generation config (generate merges it in; min_new_tokens would instead suppress
+    the EOS logit, which changes the greedy choice)."""
+    gc = hf.generation_config
+    saved = gc.eos_token_id
+    gc.eos_token_id = None
+    try:
+        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, pad_token_id=0)
+    finally:
+        gc.eos_token_id = saved
+    new = out[0, len(ids):].tolist()
+    assert len(new) == n
+    return new

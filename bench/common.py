@@ -1,0 +1,66 @@
+"""Shared by the benchmarks: where results go and what each records (device, date, commit, command)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit() -> str:
+    # the GPU machine receives the work tree without .git: the caller passes the commit in
+    if os.environ.get("KOALA_COMMIT"):
+        return os.environ["KOALA_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+    import transformers
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": dev, "date": datetime.date.today().isoformat(), "commit": commit(),
+            "command": "python " + " ".join([sys.argv[0].replace(str(Path.cwd()) + "/", "")] + sys.argv[1:]),
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__}
+
+
+def write(name: str, data: dict) -> Path:
+    """Write results to $OUT/<name> when set (the GPU machine), else bench/results/<name>."""
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps({**environment(), **data}, indent=2) + "\n")
+    return path
+
+
+def cuda_time_ms(fn, iters: int = 50, warmup: int = 5) -> float:
+    """Median milliseconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def mt_bench(path: str | None = None) -> list[dict]:
+    cands = [path] if path else [os.environ.get("KOALA_MT_BENCH", ""), "shared/data/mt_bench.jsonl",
+                                 "../shared/data/mt_bench.jsonl", "bench/data/mt_bench.jsonl"]
+    for c in cands:
+        if c and Path(c).is_file():
+            return [json.loads(line) for line in Path(c).read_text().splitlines() if line.strip()]
+    raise FileNotFoundError("mt_bench.jsonl not found: pass --questions or set KOALA_MT_BENCH")

@@ -1,0 +1,211 @@
+"""Decode / tree-verification attention: T <= 64 new queries over a static cache of S slots with
+an explicit boolean mask and GQA, split along the cache (flash-decoding).
+
+koala.model.Attention runs SDPA with a (B|1, 1, g*T, S) mask over all S slots of the cache: at
+S=4096 slots and a 100-token prefix that reads 40x the keys it needs. Here `kv_len` (an int or a
+device tensor, so it can change between CUDA-graph replays) bounds the slots read, and the
+cache range is split over programs so that a batch-1 step still fills the GPU:
+  stage 1, grid (B*n_kv, row blocks, splits): the g*T query rows of one kv head (GQA: the g
+    query heads sharing it are folded into rows, so K and V are read once per kv head) against
+    one contiguous range of slots, online softmax in fp32; writes o (normalised) and log2-sum-exp.
+  stage 2, grid (B*h*T,): combines the splits. With one split stage 1 writes the output itself.
+A row whose every visible slot is masked returns NaN, as SDPA does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (FLOATS, INTS, check_device, check_last_contiguous, check_tensor,
+                      interpreting, next_pow2)
+from ._tl import cast_rne, dot_acc
+
+
+@triton.jit
+def _attn_split_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, kvlen_ptr, o_ptr, lse_ptr,          # pointers
+    T, G, n_kv, S, n_splits, qk_scale,                                 # sizes (qk_scale has log2 e)
+    s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,              # strides (last dims unit)
+    s_mb, s_mt, s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt,
+    HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,    # constexpr
+    BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    bk = tl.program_id(0)
+    b = (bk // n_kv).to(tl.int64)
+    kvh = (bk % n_kv).to(tl.int64)
+    split = tl.program_id(2)
+    r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)           # row = group member * T + t
+    rmask = r < G * T
+    head = kvh * G + (r // T)
+    t = (r % T).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HD
+    q = tl.load(q_ptr + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qt + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    kv_len = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), S)
+    chunk = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, kv_len)
+    m_i = tl.zeros((BLOCK_M,), tl.float32) - float("inf")
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    k_base = k_ptr + b * s_kb + kvh * s_kh
+    v_base = v_ptr + b * s_vb + kvh * s_vh
+    m_base = mask_ptr + b * s_mb + t[:, None] * s_mt
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        kt = tl.load(k_base + n[None, :].to(tl.int64) * s_ks + d[:, None],
+                     mask=dmask[:, None] & nmask[None, :], other=0.0)          # (BLOCK_D, BLOCK_N)
+        s = dot_acc(q.to(kt.dtype), kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32),
+                    DOT_PRECISION, UPCAST) * qk_scale
+        vis = tl.load(m_base + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0)
+        s = tl.where(vis != 0, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)         # all masked so far: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + n[:, None].to(tl.int64) * s_vs + d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
+        acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
+        m_i = m_new
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    omask = rmask[:, None] & dmask[None, :]
+    if SINGLE:
+        o = tl.where(seen[:, None], o, float("nan"))                 # nothing visible: NaN, as SDPA
+        tl.store(o_ptr + b * s_ob + head[:, None] * s_oh + t[:, None] * s_ot + d[None, :],
+                 cast_rne(o, o_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.store(o_ptr + b * s_ob + head[:, None] * s_oh + t[:, None] * s_ot + split * s_os + d[None, :],
+                 o, mask=omask)
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * s_lb + head * s_lh + t * s_lt + split, lse, mask=rmask)
+
+
+@triton.jit
+def _attn_combine_kernel(
+    o_part_ptr, lse_ptr, out_ptr,                  # pointers
+    h, T, n_splits,                                # sizes
+    s_pb, s_ph, s_pt, s_ps, s_lb, s_lh, s_lt,      # strides
+    s_ob, s_oh, s_ot,
+    HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,  # constexpr
+):
+    row = tl.program_id(0)
+    b = (row // (h * T)).to(tl.int64)
+    hh = ((row // T) % h).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + b * s_lb + hh * s_lh + t * s_lt + sp, mask=sp < n_splits,
+                  other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))      # empty splits weigh 0
+    o = tl.load(o_part_ptr + b * s_pb + hh * s_ph + t * s_pt + sp[:, None] * s_ps + d[None, :],
+                mask=(sp[:, None] < n_splits) & (d[None, :] < HD) & (w[:, None] > 0), other=0.0)
+    den = tl.sum(w, axis=0)
+    res = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+    res = tl.where(den > 0, res, float("nan"))                    # nothing visible: NaN, as SDPA
+    tl.store(out_ptr + b * s_ob + hh * s_oh + t * s_ot + d, cast_rne(res, out_ptr.dtype.element_ty),
+             mask=d < HD)
+
+
+def _n_splits(programs: int, S: int) -> int:
+    """Split the cache until about 2 programs per SM of an H100 (132 SMs) are busy, but give
+    each split at least 128 slots: B=1, SmolLM2 (3 kv heads), S=2048 -> 16 splits of 128."""
+    return max(1, min(triton.cdiv(264, programs), triton.cdiv(S, 128), 64))
+
+
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   mask: torch.Tensor, kv_len=None, scale: float | None = None,
+                   n_splits: int | None = None) -> torch.Tensor:
+    """q (B, h, T, hd); k_cache, v_cache (B, n_kv, S, hd), h a multiple of n_kv; mask (B|1, T, S)
+    bool, True where a query may see a slot; kv_len: None (= S), an int, or an int tensor () or
+    (B,): only slots < kv_len are read (and they must cover every visible slot). Every last dim
+    needs unit stride. Returns (B, h, T, hd) in q's dtype; softmax scale defaults to hd**-0.5."""
+    check_tensor("q", q, ndim=4, dtypes=FLOATS)
+    B, h, T, hd = q.shape
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOATS, shape=(B, None, None, hd))
+    _, n_kv, S, _ = k_cache.shape
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(k_cache.dtype,), shape=tuple(k_cache.shape))
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"q is {q.dtype} but the caches are {k_cache.dtype}")
+    if h % n_kv:
+        raise ValueError(f"h={h} query heads is not a multiple of n_kv={n_kv}")
+    check_tensor("mask", mask, ndim=3, dtypes=(torch.bool,), shape=(None, T, S))
+    if mask.shape[0] not in (1, B):
+        raise ValueError(f"mask batch {mask.shape[0]} must be 1 or B={B}")
+    dev = check_device(("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask))
+    for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask)):
+        check_last_contiguous(n, t)
+    if hd > 256:
+        raise ValueError(f"head_dim {hd} > 256 is not supported")
+    if kv_len is None:
+        kv_len = S
+    if not isinstance(kv_len, torch.Tensor):
+        kv_len = torch.full((B,), int(kv_len), dtype=torch.int32, device=dev)
+    check_tensor("kv_len", kv_len, dtypes=INTS)
+    check_device(("q", q), ("kv_len", kv_len))
+    kv_len = kv_len.reshape(-1).expand(B).contiguous()
+    scale = hd ** -0.5 if scale is None else float(scale)
+    G = h // n_kv
+    BLOCK_M = min(64, max(16, next_pow2(G * T)))
+    row_blocks = triton.cdiv(G * T, BLOCK_M)
+    if n_splits is None:
+        n_splits = _n_splits(B * n_kv * row_blocks, S)
+    BLOCK_N = 64 if hd <= 128 else 32
+    BLOCK_D = max(16, next_pow2(hd))
+    out = torch.empty((B, h, T, hd), dtype=q.dtype, device=dev)
+    if B * T == 0:
+        return out
+    single = n_splits == 1
+    if single:
+        o_part, lse = out, out                            # lse unused with one split
+        so = (out.stride(0), out.stride(1), out.stride(2), 0)
+        sl = (0, 0, 0)
+    else:
+        o_part = torch.empty((B, h, T, n_splits, hd), dtype=torch.float32, device=dev)
+        lse = torch.empty((B, h, T, n_splits), dtype=torch.float32, device=dev)
+        so = o_part.stride()[:4]
+        sl = lse.stride()[:3]
+    m8 = mask.view(torch.uint8)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _attn_split_kernel[(B * n_kv, row_blocks, n_splits)](
+        q, k_cache, v_cache, m8, kv_len, o_part, lse,
+        T, G, n_kv, S, n_splits, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        m8.stride(0) if mask.shape[0] > 1 else 0, m8.stride(1),
+        *so, *sl,
+        HD=hd, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE=single,
+        DOT_PRECISION=prec, UPCAST=interpreting(), num_warps=4,
+    )
+    if not single:
+        _attn_combine_kernel[(B * h * T,)](
+            o_part, lse, out,
+            h, T, n_splits,
+            *o_part.stride()[:4], *lse.stride()[:3],
+            out.stride(0), out.stride(1), out.stride(2),
+            HD=hd, BLOCK_D=BLOCK_D, BLOCK_S=max(2, next_pow2(n_splits)), num_warps=1,
+        )
+    return out
+
+
+def tree_attention_ref(q, k_cache, v_cache, mask, kv_len=None, scale=None):
+    """SDPA with the mask (and slots >= kv_len hidden), GQA by repeating the kv heads."""
+    B, h, T, hd = q.shape
+    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    m = mask
+    if kv_len is not None:
+        kl = torch.as_tensor(kv_len, device=q.device).reshape(-1, 1, 1)
+        m = m & (torch.arange(S, device=q.device) < kl)
+    g = h // n_kv
+    k = k_cache.repeat_interleave(g, 1)
+    v = v_cache.repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m.unsqueeze(1), scale=scale)

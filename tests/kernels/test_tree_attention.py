@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU, assert_close_to_baseline
+from kernels.tree_attention import tree_attention, tree_attention_ref
+
+# (B, h, n_kv, T, hd, S, prefix, n_splits)
+CASES = [(1, 3, 1, 1, 16, 20, 11, None), (2, 4, 2, 5, 8, 70, 40, 3), (1, 2, 2, 7, 24, 33, 20, 1)]
+if ON_GPU:
+    CASES += [(1, 9, 3, 64, 64, 2048, 700, None), (1, 32, 32, 8, 128, 4096, 1500, None),
+              (3, 8, 2, 26, 64, 512, 300, 5)]
+
+
+def tree_case(B, T, S, prefix, gen):
+    """A mask as koala.model.tree_mask builds it: the prefix, then each new token sees its
+    ancestors (a random tree) among T tokens written at slots prefix..prefix+T-1."""
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, T)]
+    anc = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        j = i
+        while j >= 0:
+            anc[i, j] = True
+            j = parents[j]
+    m = torch.zeros(B, T, S, dtype=torch.bool)
+    m[:, :, :prefix] = True
+    m[:, :, prefix:prefix + T] = anc
+    return m.to(DEVICE)
+
+
+@pytest.mark.parametrize("B,h,n_kv,T,hd,S,prefix,n_splits", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_attention_matches_sdpa(B, h, n_kv, T, hd, S, prefix, n_splits, dtype):
+    gen = torch.Generator().manual_seed(T * 100 + S)
+    q = torch.randn(B, h, T, hd, device=DEVICE).to(dtype)
+    k = torch.randn(B, n_kv, S, hd, device=DEVICE).to(dtype)
+    v = torch.randn(B, n_kv, S, hd, device=DEVICE).to(dtype)
+    mask = tree_case(B, T, S, prefix, gen)
+    kv_len = prefix + T
+    out = tree_attention(q, k, v, mask, kv_len=kv_len, n_splits=n_splits)
+    exact = tree_attention_ref(q.double(), k.double(), v.double(), mask)
+    low = tree_attention_ref(q, k, v, mask)
+    assert out.dtype == dtype
+    assert_close_to_baseline(out, exact, low, floor=1e-5, what="tree attention")
+
+
+def test_tree_attention_full_cache_shared_mask_and_tensor_kv_len():
+    B, h, n_kv, T, hd, S = 2, 4, 1, 3, 16, 50
+    q = torch.randn(B, h, T, hd, device=DEVICE)
+    k, v = torch.randn(2, B, n_kv, S, hd, device=DEVICE)
+    mask = torch.rand(1, T, S, device=DEVICE) < 0.5
+    mask[..., 0] = True                                   # every row sees something
+    ref = tree_attention_ref(q, k, v, mask)
+    torch.testing.assert_close(tree_attention(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
+    kl = torch.tensor([30, 50], device=DEVICE)
+    torch.testing.assert_close(tree_attention(q, k, v, mask, kv_len=kl, n_splits=4),
+                               tree_attention_ref(q, k, v, mask, kv_len=kl), atol=1e-5, rtol=1e-5)
+
+
+def test_tree_attention_rejects_bad_inputs():
+    q = torch.randn(1, 3, 2, 8, device=DEVICE)
+    k = torch.randn(1, 2, 10, 8, device=DEVICE)
+    m = torch.ones(1, 2, 10, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        tree_attention(q, k, k, m)
+    with pytest.raises(ValueError, match="mask"):
+        tree_attention(q[:, :2], k, k, m.float())
+    with pytest.raises(ValueError, match="caches are"):
+        tree_attention(q[:, :2].bfloat16(), k, k, m)
+
+
+@pytest.mark.parametrize("n_splits", [1, 8])
+def test_tree_attention_empty_splits_and_fully_masked_row(n_splits):
+    B, h, n_kv, T, hd, S = 1, 2, 1, 2, 16, 40
+    q = torch.randn(B, h, T, hd, device=DEVICE)
+    k, v = torch.randn(2, B, n_kv, S, hd, device=DEVICE)
+    mask = torch.zeros(1, T, S, dtype=torch.bool, device=DEVICE)
+    mask[0, 0, :5] = True                                 # row 1 sees nothing
+    out = tree_attention(q, k, v, mask, kv_len=12, n_splits=n_splits)   # splits past 12 are empty
+    ref = tree_attention_ref(q, k, v, mask)
+    torch.testing.assert_close(out[:, :, 0], ref[:, :, 0], atol=1e-5, rtol=1e-5)
+    assert torch.isnan(out[:, :, 1]).all() and torch.isnan(ref[:, :, 1]).all()

@@ -9,7 +9,7 @@ cache range is split over programs so that a batch-1 step still fills the GPU:
     query heads sharing it are folded into rows, so K and V are read once per kv head) against
     one contiguous range of slots, online softmax in fp32; writes o (normalised) and log2-sum-exp.
   stage 2, grid (B*h*T,): combines the splits. With one split stage 1 writes the output itself.
-A row whose every visible slot is masked returns NaN, as SDPA does.
+A row that sees no slot returns zeros, as SDPA does in torch 2.13 (older releases gave NaN).
 """
 from __future__ import annotations
 
@@ -78,7 +78,6 @@ def _attn_split_kernel(
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     omask = rmask[:, None] & dmask[None, :]
     if SINGLE:
-        o = tl.where(seen[:, None], o, float("nan"))                 # nothing visible: NaN, as SDPA
         tl.store(o_ptr + b * s_ob + head[:, None] * s_oh + t[:, None] * s_ot + d[None, :],
                  cast_rne(o, o_ptr.dtype.element_ty), mask=omask)
     else:
@@ -110,7 +109,6 @@ def _attn_combine_kernel(
                 mask=(sp[:, None] < n_splits) & (d[None, :] < HD) & (w[:, None] > 0), other=0.0)
     den = tl.sum(w, axis=0)
     res = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
-    res = tl.where(den > 0, res, float("nan"))                    # nothing visible: NaN, as SDPA
     tl.store(out_ptr + b * s_ob + hh * s_oh + t * s_ot + d, cast_rne(res, out_ptr.dtype.element_ty),
              mask=d < HD)
 

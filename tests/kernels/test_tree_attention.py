@@ -78,4 +78,4 @@ def test_tree_attention_empty_splits_and_fully_masked_row(n_splits):
     out = tree_attention(q, k, v, mask, kv_len=12, n_splits=n_splits)   # splits past 12 are empty
     ref = tree_attention_ref(q, k, v, mask)
     torch.testing.assert_close(out[:, :, 0], ref[:, :, 0], atol=1e-5, rtol=1e-5)
-    assert torch.isnan(out[:, :, 1]).all() and torch.isnan(ref[:, :, 1]).all()
+    assert (out[:, :, 1] == 0).all()                      # torch 2.13's SDPA gives 0 too, older NaN

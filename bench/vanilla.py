@@ -35,9 +35,13 @@ def main():
     koala_ms = sorted(r["decode_ms_per_token"] for r in rows)[len(rows) // 2]
     # the bare step: one graph replay at a 512-slot window
     dec = gen.plain
-    dec.start(1, 300)
     g = dec._graph(True, 512)
-    step_ms = cuda_time_ms(lambda: [g.replay() for _ in range(10)], iters=30) / 10
+
+    def ten_steps():
+        dec.step.zero_(); dec.pos.fill_(300)
+        for _ in range(10):
+            g.replay()
+    step_ms = cuda_time_ms(ten_steps, iters=30) / 10
 
     from transformers import AutoModelForCausalLM
     from koala.loading import _gguf_to_cache, default_gguf_path

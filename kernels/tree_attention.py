@@ -156,7 +156,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     row_blocks = triton.cdiv(G * T, BLOCK_M)
     if n_splits is None:
         n_splits = _n_splits(B * n_kv * row_blocks, S)
-    BLOCK_N = 64 if hd <= 128 else 32
+    # fp32 tiles at hd=128, BLOCK_N=64 need 180 KB of shared memory (of 227 KB on an H100)
+    BLOCK_N = 64 if hd <= 128 and q.dtype != torch.float32 else 32
     BLOCK_D = max(16, next_pow2(hd))
     out = torch.empty((B, h, T, hd), dtype=q.dtype, device=dev)
     if B * T == 0:

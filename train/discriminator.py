@@ -1,0 +1,51 @@
+"""KOALA's discriminator and the adversarial losses.
+
+D(h, z) = sigmoid(FC([map(h) ; log_softmax(z)])): map is a Linear from the target's last hidden
+state (D) to the logit dimension (V); FC is 1 to 3 fully connected layers (matched to the head's
+K) over the concatenation (2V), ending in one logit, the probability that z is the target's.
+
+h is the last hidden state of the target that the draft itself conditions on (Medusa: h_t for
+every head; EAGLE rollout step s: h_{t-s}). It is *not* the hidden state whose LM-head image is
+the real logits: from that one the map could learn the LM head and tell real from fake trivially.
+We feed log-probabilities rather than raw logits: logits are defined only up to a shift.
+
+Losses (sums over the selected positions; the trainer divides by the global count):
+  head:          -lambda * sum log D(h, z_draft)
+  discriminator: -sum log(1 - D(h, z_draft)) - sum log D(h, z_target)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def fc_layers_for(k: int) -> int:
+    """Number of FC layers matched to the head's K: 1, 2, 3 for K = 1, 2, >= 3."""
+    return max(1, min(3, int(k)))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, dim: int, vocab: int, n_fc: int = 1, width: int = 256):
+        super().__init__()
+        if not 1 <= n_fc <= 3:
+            raise ValueError(f"the discriminator has 1 to 3 FC layers, got {n_fc}")
+        self.map = nn.Linear(dim, vocab)
+        layers, w = [], 2 * vocab
+        for _ in range(n_fc - 1):
+            layers += [nn.Linear(w, width), nn.LeakyReLU(0.2)]
+            w = width
+        layers.append(nn.Linear(w, 1))
+        self.fc = nn.Sequential(*layers)
+
+    def forward(self, hidden, logits):  # hidden (N, D), logits (N, V) -> (N,) logit of P(target)
+        x = torch.cat([self.map(hidden.float()), F.log_softmax(logits.float(), dim=-1)], dim=-1)
+        return self.fc(x).squeeze(-1)
+
+
+def head_adversarial_sum(d_fake):  # (N,) discriminator logits on draft logits -> -sum log D
+    return -F.logsigmoid(d_fake).sum()
+
+
+def discriminator_sum(d_real, d_fake):  # -sum log D(real) - sum log(1 - D(fake))
+    return -F.logsigmoid(d_real).sum() - F.logsigmoid(-d_fake).sum()

@@ -1,6 +1,7 @@
 """The user API: SpeculativeGenerator.from_pretrained(...).generate(...)."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -104,6 +105,12 @@ class SpeculativeGenerator:
         self.max_seq_len = max_seq_len
         self.model.setup_cache(1, max_seq_len)
         self.device = self.model.device
+        if self.device.type == "cuda":
+            from .model import Transformer
+            fused = os.environ.get("KOALA_KERNELS", "1") != "0"
+            Transformer.use_kernels(fused)
+            logging.getLogger("koala").info("koala: %s", "fused Triton kernels on" if fused else
+                                            "KOALA_KERNELS=0: PyTorch reference path (no Triton kernels)")
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self.plain = PlainDecoder(self.model, use_graph=self.use_cuda_graph)
         self.sampler = SamplerState(self.device)

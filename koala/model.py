@@ -19,6 +19,18 @@ import torch.nn.functional as F
 from .config import ModelConfig, rope_inv_freq
 
 
+class _Fast:
+    """The fused Triton path (kernels/), used on CUDA. `on` is set per model by
+    Transformer.use_kernels(); the PyTorch code beside it stays the reference."""
+    on = False
+
+
+def _linear_residual(x, y, lin: nn.Linear):
+    """x + lin(y) as one GEMM with the residual as its addend (cuBLAS beta=1): one launch, not two."""
+    D = x.shape[-1]
+    return torch.addmm(x.reshape(-1, D), y.reshape(-1, y.shape[-1]), lin.weight.t()).view(x.shape)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -26,6 +38,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # (..., D)
+        if _Fast.on and x.is_cuda:
+            from kernels.rmsnorm import rms_norm
+            return rms_norm(x.contiguous(), self.weight, self.eps)
         # computed in fp32 as transformers does, then cast back
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -67,10 +82,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, slots=None, mask=None):
+    def forward(self, x, cos, sin, slots=None, mask=None, residual=None):
         # x: (B, T, D); cos, sin: (B, T, hd); slots: (T,) or None; mask: (B|1, T, S) bool or None
         B, T, _ = x.shape
         h, nkv, hd = self.n_heads, self.n_kv, self.hd
+        if _Fast.on and x.is_cuda and slots is not None:
+            return self._forward_fused(x, cos, sin, slots, mask, residual)
         q, k, v = self.wqkv(x).split([h * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(B, T, h, hd).transpose(1, 2)      # (B, h, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)    # (B, nkv, T, hd)
@@ -93,8 +110,22 @@ class Attention(nn.Module):
             m = mask.unsqueeze(1)
             if g > 1:
                 m = m.repeat(1, 1, g, 1)             # (B|1, 1, g*T, S), rows ordered (group, t)
-            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=m).view(B, h, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, h * hd))
+            y = F.scaled_dot_product_attention(qf, k, v, attn_mask=m).reshape(B, h, T, hd)
+        out = self.wo(y.transpose(1, 2).reshape(B, T, h * hd))
+        return out if residual is None else residual + out
+
+    def _forward_fused(self, x, cos, sin, slots, mask, residual):
+        from kernels.rope_cache import rope_and_cache_write
+        from kernels.tree_attention import tree_attention
+        B, T, _ = x.shape
+        c = self.kv_cache
+        q = rope_and_cache_write(self.wqkv(x), cos, sin, slots, c.k, c.v, self.n_heads, self.n_kv)
+        L = mask.shape[-1]
+        y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask)          # (B, h, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        if residual is None:
+            return self.wo(y)
+        return _linear_residual(residual, y, self.wo)
 
 
 class FeedForward(nn.Module):
@@ -104,9 +135,14 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # gate | up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        if _Fast.on and x.is_cuda:
+            from kernels.swiglu import silu_mul
+            a = silu_mul(self.w13(x))
+            return self.w2(a) if residual is None else _linear_residual(residual, a, self.w2)
         gate, up = self.w13(x).split(self.inter, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        out = self.w2(F.silu(gate) * up)
+        return out if residual is None else residual + out
 
 
 class Block(nn.Module):
@@ -120,8 +156,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, slots=None, mask=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, slots, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention(self.attention_norm(x), cos, sin, slots, mask, residual=x)
+        return self.feed_forward(self.ffn_norm(x), residual=x)
 
 
 class Rotary(nn.Module):
@@ -156,6 +192,11 @@ class Transformer(nn.Module):
     @property
     def device(self):
         return self.tok_embeddings.weight.device
+
+    @staticmethod
+    def use_kernels(on: bool = True):
+        """Switch the fused Triton path (CUDA tensors only) on or off for every model."""
+        _Fast.on = on
 
     @property
     def dtype(self):

@@ -150,3 +150,19 @@ def test_cuda_graph_decode_equals_eager(tiny):
         x = a.generate(_prompt(), max_new_tokens=200, chat=False, ignore_eos=True, **kw)
         y = b.generate(_prompt(), max_new_tokens=200, chat=False, ignore_eos=True, **kw)
         assert x.token_ids == y.token_ids
+
+
+@pytest.mark.gpu
+def test_fused_kernel_path_matches_reference(tiny):
+    from koala.model import Transformer, causal_mask
+    m = load_target(tiny[0], device="cuda", dtype=torch.float32).model
+    m.setup_cache(1, 128)
+    ids = torch.randint(3, 128, (1, 30), device="cuda")
+    s = torch.arange(30, device="cuda")
+    outs = []
+    for on in (False, True):
+        Transformer.use_kernels(on)
+        with torch.no_grad():
+            outs.append(m(ids, s[None], s, causal_mask(s, 64))[0])
+    Transformer.use_kernels(False)
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-3

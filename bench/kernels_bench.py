@@ -110,7 +110,6 @@ def measure(op: str, model: str, shape: str, fused, ref, nbytes: float | None, *
 def bench_norm_swiglu(model, c):
     D, I = c["D"], c["I"]
     for M in (1, 64):
-        break
         x = torch.randn(M, D, device=DEV, dtype=DT)
         w = torch.rand(D, device=DEV, dtype=DT) + 0.5
         measure("rms_norm", model, f"M={M} D={D}", lambda: rms_norm(x, w, 1e-5),

@@ -32,7 +32,8 @@ def _attn_split_kernel(
     s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,              # strides (last dims unit)
     s_mb, s_mt, s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,    # constexpr
-    BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     bk = tl.program_id(0)
     b = (bk // n_kv).to(tl.int64)
@@ -46,7 +47,10 @@ def _attn_split_kernel(
     dmask = d < HD
     q = tl.load(q_ptr + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qt + d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
-    kv_len = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), S)
+    if HAS_KV_LEN:
+        kv_len = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), S)
+    else:
+        kv_len = S
     chunk = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, kv_len)
@@ -143,13 +147,17 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         check_last_contiguous(n, t)
     if hd > 256:
         raise ValueError(f"head_dim {hd} > 256 is not supported")
-    if kv_len is None:
-        kv_len = S
-    if not isinstance(kv_len, torch.Tensor):
+    # kv_len=None reads all S slots with no extra launch (a fill kernel per layer would cost
+    # 30 graph nodes a step on SmolLM2); an int becomes a tensor (one small fill launch)
+    has_kv_len = kv_len is not None
+    if has_kv_len and not isinstance(kv_len, torch.Tensor):
         kv_len = torch.full((B,), int(kv_len), dtype=torch.int32, device=dev)
-    check_tensor("kv_len", kv_len, dtypes=INTS)
-    check_device(("q", q), ("kv_len", kv_len))
-    kv_len = kv_len.reshape(-1).expand(B).contiguous()
+    if has_kv_len:
+        check_tensor("kv_len", kv_len, dtypes=INTS)
+        check_device(("q", q), ("kv_len", kv_len))
+        kv_len = kv_len.reshape(-1).expand(B).contiguous()
+    else:
+        kv_len = q                                        # unused pointer
     scale = hd ** -0.5 if scale is None else float(scale)
     G = h // n_kv
     BLOCK_M = min(64, max(16, next_pow2(G * T)))
@@ -183,7 +191,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         m8.stride(0) if mask.shape[0] > 1 else 0, m8.stride(1),
         *so, *sl,
         HD=hd, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE=single,
-        DOT_PRECISION=prec, UPCAST=interpreting(), num_warps=4,
+        HAS_KV_LEN=has_kv_len, DOT_PRECISION=prec, UPCAST=interpreting(), num_warps=4,
     )
     if not single:
         _attn_combine_kernel[(B * h * T,)](

@@ -48,7 +48,7 @@ def cases(dt):
     for hd, single in ((64, False), (128, True)):
         yield (f"attention hd={hd} single={single}", tree_attention._attn_split_kernel,
                [p, p, p, "*u8", "*i32", p if single else "*fp32", "*fp32"] + ["i32"] * 5 + ["fp32"] + ["i32"] * 18,
-               dict(HD=hd, BLOCK_D=hd, BLOCK_M=64, BLOCK_N=32 if dt == "fp32" else 64, SINGLE=single,
+               dict(HD=hd, BLOCK_D=hd, BLOCK_M=64, BLOCK_N=32 if dt == "fp32" else 64, SINGLE=single, HAS_KV_LEN=single,
                     DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False), 4)
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,
            dict(HD=64, BLOCK_D=64, BLOCK_S=16), 1)

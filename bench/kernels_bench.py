@@ -33,7 +33,7 @@ from triton.testing import do_bench  # noqa: E402
 from bench.common import write  # noqa: E402
 from kernels.accept import accept_greedy, accept_greedy_ref, compact_kv, make_cache_table  # noqa: E402
 from kernels.medusa import medusa_resblocks, medusa_resblocks_ref  # noqa: E402
-from kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
+from kernels.rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rope_cache import rope_and_cache_write, rope_and_cache_write_ref  # noqa: E402
 from kernels.swiglu import silu_mul, silu_mul_ref  # noqa: E402
 from kernels.tree_attention import tree_attention  # noqa: E402
@@ -114,6 +114,9 @@ def bench_norm_swiglu(model, c):
         w = torch.rand(D, device=DEV, dtype=DT) + 0.5
         measure("rms_norm", model, f"M={M} D={D}", lambda: rms_norm(x, w, 1e-5),
                 lambda: rms_norm_ref(x, w, 1e-5), 2 * (2 * M * D + D))
+        r = torch.randn(M, D, device=DEV, dtype=DT)
+        measure("add_rms_norm", model, f"M={M} D={D}", lambda: add_rms_norm(x, r, w, 1e-5),
+                lambda: add_rms_norm_ref(x, r, w, 1e-5), 2 * (4 * M * D + D))
         gu = torch.randn(M, 2 * I, device=DEV, dtype=DT)
         measure("silu_mul", model, f"M={M} I={I}", lambda: silu_mul(gu), lambda: silu_mul_ref(gu),
                 2 * 3 * M * I)

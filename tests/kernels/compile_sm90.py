@@ -34,6 +34,7 @@ def compile_one(fn, types, constexprs, num_warps=4):
 def cases(dt):
     p = f"*{dt}"
     yield "rms_norm", rmsnorm._rms_norm_kernel, [p, p, p, "i32", "fp32", "i32", "i32"], dict(BLOCK_D=4096), 8
+    yield "add_rms_norm", rmsnorm._add_rms_norm_kernel, [p] * 5 + ["i32", "fp32"] + ["i32"] * 4, dict(BLOCK_D=1024), 4
     yield "silu_mul", swiglu._silu_mul_kernel, [p, p, "i32", "i32", "i32"], dict(BLOCK=1024), 4
     yield ("rope_cache", rope_cache._rope_cache_kernel, [p, p, p, "*i64", p, p, p] + ["i32"] * 4 + ["i32"] * 15,
            dict(HALF=32, BLOCK_H=32), 1)

@@ -2,6 +2,7 @@
 host function that checks its inputs and launches, and a plain PyTorch reference `*_ref`.
 
     rms_norm              kernels.rmsnorm       RMSNorm in fp32, as koala.model.RMSNorm
+    add_rms_norm          kernels.rmsnorm       residual add + RMSNorm, one launch
     silu_mul              kernels.swiglu        SiLU(gate) * up over fused gate|up rows
     rope_and_cache_write  kernels.rope_cache    RoPE on q,k + KV-cache write, one launch
     medusa_resblocks      kernels.medusa        H heads x K ResBlocks in K launches
@@ -9,5 +10,5 @@ host function that checks its inputs and launches, and a plain PyTorch reference
     compact_kv            kernels.accept        every layer's KV compaction, one launch
     tree_attention        kernels.tree_attention masked GQA attention, split-K (2 launches)
 
-Modules import triton lazily through their own imports; import the one you need.
+Import the module you need; bench/kernels_notes.md has the integration notes.
 """

@@ -132,7 +132,7 @@ class SpeculativeGenerator:
         loaded = load_target(target, device=device, dtype=dtype)
         head = None
         if draft is not None:
-            from .heads import resolve_draft
+            from .speculative import resolve_draft
             head = resolve_draft(draft, loaded)
         return cls(loaded, head, max_seq_len=max_seq_len, use_cuda_graph=use_cuda_graph, **draft_options)
 
@@ -197,7 +197,7 @@ class SpeculativeGenerator:
                 if self.spec is None:
                     self._decode_plain(first, n, params, gen, out, stats)
                 else:
-                    self.spec.decode(first, hidden, n, params, gen, out, stats, self.sampler)
+                    self.spec.decode(ids, first, hidden, params, gen, out, stats)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.wall_s = time.perf_counter() - t0

@@ -26,12 +26,12 @@ ARCHS = {
 }
 
 
-def make_hf_checkpoint(tmp: Path, arch: str, seed: int = 0):
+def make_hf_checkpoint(tmp: Path, arch: str, seed: int = 0, vocab: int = 128, scale: float = 1.0):
     from transformers import AutoConfig, AutoModelForCausalLM
     spec = dict(ARCHS[arch])
     mt = spec.pop("model_type")
     scaling = spec.pop("rope_scaling", None)
-    cfg = AutoConfig.for_model(mt, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = AutoConfig.for_model(mt, vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, **spec)
     if scaling is not None:  # transformers 4.x and 5.x spell rope settings differently
@@ -46,9 +46,12 @@ def make_hf_checkpoint(tmp: Path, arch: str, seed: int = 0):
             for layer in model.model.layers:
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.5)
-    path = tmp / arch
+    if scale != 1.0:  # sharper or flatter next-token distributions
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+    path = tmp / f"{arch}-{vocab}-{seed}"
     model.save_pretrained(path)
-    word_tokenizer(128).save_pretrained(path)
+    word_tokenizer(vocab).save_pretrained(path)
     return path, model
 
 

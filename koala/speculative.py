@@ -1,0 +1,441 @@
+"""Drafting and verification: one speculative iteration over static device buffers.
+
+Terms (used the same way everywhere in koala):
+  root      the last token already chosen but not yet in the target's KV cache (position L)
+  tree      N nodes: node 0 is the root, every other node a drafted token; a chain is a tree
+            whose nodes each have one child. parents (N,), depth (N,), anc (N, N) ancestor-or-self
+  accepted  drafted tokens the target agrees with, along one root-to-node path
+  bonus     the target's own token after the last accepted node: every iteration yields it, so
+            an iteration adds accepted + 1 tokens; tau is their mean
+  q         the draft's (warped) distribution over a node's children; p the target's
+
+An iteration, all on the device with fixed shapes (so CUDA can replay it as two graphs):
+  draft:  [EAGLE: catch the head's cache up on the tokens accepted last time, with the target's
+          features] -> build the tree (Medusa: a static sparse tree from the heads' top-k or
+          without-replacement samples; EAGLE: EAGLE-2's dynamic tree: expand the top_k most
+          likely nodes per level, rerank every drafted node by its path probability, keep N-1)
+  verify: one target forward over the tree under the tree mask -> acceptance (greedy: the
+          longest path matching the target's argmax; sampling: recursive rejection sampling
+          over each node's children in draw order) -> keep the accepted path in the KV cache ->
+          write the new tokens and their count to static buffers.
+The host reads that count and those tokens once per iteration (the only sync).
+
+Greedy output equals plain greedy decoding; sampled output is distributed as the target's:
+a chain is standard speculative sampling (accept with min(1, p/q), else resample from
+norm(max(0, p - q))); a tree applies it recursively to children drawn from q without
+replacement (Gumbel-top-k), renormalising q after each rejected sibling.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import HeadMismatchError, KoalaError
+from .model import Transformer, causal_mask
+from .sampling import SamplerState, warp_probs
+
+NEG = -1e30
+
+
+def resolve_draft(draft, loaded):
+    """draft: a DraftConfig (untrained head), a head directory, 'default', or a head module."""
+    from pathlib import Path
+
+    from .heads import DraftConfig, EagleHead, MedusaHead, load_head
+    if isinstance(draft, (MedusaHead, EagleHead)):
+        return draft
+    if isinstance(draft, DraftConfig):
+        return draft.build(loaded)
+    if draft == "default" or draft in ("default-eagle", "default-medusa"):
+        from .loading import DEFAULT_TARGET
+        if loaded.name != DEFAULT_TARGET:
+            raise HeadMismatchError(f"draft='default' is the head shipped for {DEFAULT_TARGET}; "
+                                    f"for {loaded.name!r} pass a head directory or a DraftConfig")
+        kind = "medusa" if draft == "default-medusa" else "eagle"
+        path = Path(__file__).resolve().parent / "heads" / f"default-{kind}"
+        if not (path / "config.json").is_file():
+            raise KoalaError(f"no shipped default head at {path}: train one with python -m train, "
+                             "or pass a DraftConfig for an untrained head")
+        return load_head(path, loaded)
+    if isinstance(draft, (str, Path)):
+        return load_head(draft, loaded)
+    raise KoalaError(f"draft must be None, a DraftConfig, a head directory or 'default', got {draft!r}")
+
+
+def medusa_tree(n_heads: int, size: int, depth: int, top_k: int):
+    """A sparse static tree of `size` nodes (root included) for Medusa: nodes are (rank, ...)
+    paths, chosen best-first by an assumed acceptance that falls with rank and depth (as
+    Medusa's tuned trees do). Returns parents (N,), depth (N,), rank (N,) as lists."""
+    import heapq
+    acc = [0.6 / (r + 1) ** 1.5 for r in range(top_k)]
+    nodes = [((), 1.0)]
+    heap = [(-acc[0], (0,))]
+    seen = set()
+    while heap and len(nodes) < size:
+        negp, path = heapq.heappop(heap)
+        if path in seen:
+            continue
+        seen.add(path)
+        nodes.append((path, -negp))
+        if len(path) < min(depth, n_heads):
+            heapq.heappush(heap, (negp * acc[0], path + (0,)))
+        if path[-1] + 1 < top_k:
+            heapq.heappush(heap, (negp / acc[path[-1]] * acc[path[-1] + 1], path[:-1] + (path[-1] + 1,)))
+    nodes.sort(key=lambda n: (len(n[0]), n[0]))
+    index = {p: i for i, (p, _) in enumerate(nodes)}
+    parents = [-1] + [index[p[:-1]] for p, _ in nodes[1:]]
+    return parents, [len(p) for p, _ in nodes], [p[-1] if p else 0 for p, _ in nodes]
+
+
+class SpeculativeDecoder:
+    def __init__(self, model: Transformer, head, mode: str = "chain", depth: int | None = None,
+                 tree_size: int = 32, top_k: int = 4, use_graph: bool = False):
+        from .heads import EagleHead
+        self.model, self.head = model, head
+        self.eagle = isinstance(head, EagleHead)
+        if mode not in ("chain", "tree"):
+            raise KoalaError(f"mode must be 'chain' or 'tree', got {mode!r}")
+        H = None if self.eagle else head.config.n_heads
+        depth = depth or (H if H else (5 if mode == "chain" else 6))
+        if not isinstance(depth, int) or depth < 1 or depth > 16:
+            raise KoalaError(f"depth must be an integer in 1..16, got {depth!r}")
+        if H is not None and depth > H:
+            raise KoalaError(f"a Medusa head with {H} heads drafts at most {H} tokens deep; got depth={depth}")
+        if mode == "chain":
+            tree_size, top_k = depth + 1, 1
+        if not isinstance(tree_size, int) or not 2 <= tree_size <= 128:
+            raise KoalaError(f"tree_size must be an integer in 2..128 (nodes, root included), got {tree_size!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= min(16, model.config.vocab_size):
+            raise KoalaError(f"top_k must be an integer in 1..16, got {top_k!r}")
+        self.mode, self.depth, self.N, self.k = mode, depth, tree_size, top_k
+        self.use_graph = use_graph
+        dev = model.device
+        self.dev = dev
+        V, D = model.config.vocab_size, model.config.dim
+        S = model.max_len
+        if self.eagle:
+            # pool of drafted nodes: top_k children of the root, then top_k^2 per further level
+            self.P = top_k + (depth - 1) * top_k * top_k
+            if self.N - 1 > self.P:
+                raise KoalaError(f"tree_size={tree_size} exceeds the {self.P + 1} nodes that depth={depth} "
+                                 f"and top_k={top_k} can draft")
+            if self.N < depth + 1:
+                raise KoalaError(f"tree_size={tree_size} cannot hold a path of depth={depth}: use tree_size >= {depth + 1}")
+            head.setup_cache(1, S + self.P + depth + 1)
+        else:
+            parents, dep, rank = medusa_tree(H, tree_size, depth, top_k)
+            if len(parents) < tree_size:
+                raise KoalaError(f"tree_size={tree_size} exceeds the {len(parents)} nodes that depth={depth} "
+                                 f"and top_k={top_k} allow")
+            self.m_parents = torch.tensor(parents, device=dev)
+            self.m_depth = torch.tensor(dep, device=dev)
+            self.m_rank = torch.tensor(rank, device=dev)
+            self.m_anc = self._ancestors(parents)
+            self.depth = max(dep)
+        self.C = self.k if self.eagle else max(rank) + 1   # most children of any node
+        # working slots beyond the committed text: the tree, and the EAGLE head's drafted pool
+        self.max_new_per_step = self.depth + 1 + self.N + (self.P if self.eagle else 0)
+        # ---- state carried between iterations (device)
+        self.L = torch.zeros((), dtype=torch.long, device=dev)          # committed target tokens
+        self.root = torch.zeros((), dtype=torch.long, device=dev)       # token at position L
+        self.h_prev = torch.zeros(D, dtype=model.dtype, device=dev)     # Medusa: hidden at L-1
+        d1 = self.depth + 1
+        self.cu_tok = torch.zeros(d1, dtype=torch.long, device=dev)     # EAGLE catch-up tokens
+        self.cu_feat = torch.zeros(d1, D, dtype=model.dtype, device=dev)  # and target features
+        self.cu_n = torch.ones((), dtype=torch.long, device=dev)        # how many are valid
+        self.out = torch.zeros(d1 + 1, dtype=torch.long, device=dev)    # [count, tokens...]
+        self.sampler = SamplerState(dev)
+        self.greedy = True
+        self.noise_gumbel = torch.zeros(self.depth + 1, V, device=dev)  # draft draws
+        self.noise_u = torch.zeros(self.depth + 1, max(self.k, 8), device=dev)  # acceptance draws
+        self.noise_bonus = torch.ones(V, device=dev)                    # Exp(1) for the bonus token
+        self.tree: dict | None = None
+        self.graphs = {}
+        self.pool = None
+
+    # ------------------------------------------------------------------ helpers
+    def _ancestors(self, parents):
+        n = len(parents)
+        anc = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            j = i
+            while j >= 0:
+                anc[i, j] = True
+                j = parents[j]
+        return anc.to(self.dev)
+
+    def _logq(self, logits):
+        """Log of the draft's distribution used to draft: warped like the target's when sampling."""
+        if self.greedy:
+            return F.log_softmax(logits.float(), -1)
+        q = warp_probs(logits, self.sampler)
+        return torch.log(q.clamp_min(1e-38)).masked_fill(q == 0, NEG)
+
+    def _children(self, logq, noise, k):
+        """k children per row of logq (R, V): top-k (greedy) or k draws without replacement
+        (Gumbel-top-k) in draw order. Returns tokens (R, k) and their log q (R, k)."""
+        key = logq if self.greedy else logq + noise
+        _, tok = key.topk(k, dim=-1)
+        return tok, logq.gather(-1, tok)
+
+    # ------------------------------------------------------------------ draft
+    def _draft_medusa(self):
+        logits = self.head(self.h_prev.view(1, 1, -1))[:, 0, 0]          # (H, V)
+        logq = self._logq(logits)                                         # (H, V)
+        rank_tok, _ = self._children(logq, self.noise_gumbel[: logq.shape[0]], self.k)  # (H, k)
+        d = self.m_depth
+        tok = rank_tok[(d - 1).clamp_min(0), self.m_rank]                 # (N,)
+        tok = torch.where(d == 0, self.root, tok)
+        q = logq.exp()                                                    # children of depth-j nodes ~ head j
+        Q = q[d.clamp_max(q.shape[0] - 1)]                                # (N, V)
+        return dict(tokens=tok, parents=self.m_parents, depth=d, anc=self.m_anc, Q=Q)
+
+    def _draft_eagle(self, W):
+        head, L, k, d1 = self.head, self.L, self.k, self.depth + 1
+        # 1. catch-up: cu_n entries for positions L-cu_n .. L-1, padded to depth+1
+        pos = L - self.cu_n + torch.arange(d1, device=self.dev)
+        lg, feat = head(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1), pos,
+                        causal_mask(pos, W))
+        last = (self.cu_n - 1).view(1)
+        f_root = feat[0].index_select(0, last)                            # (1, D) predicts f_L
+        logq_root = self._logq(lg[0].index_select(0, last))               # (1, V)
+        # 2. expand level by level
+        P = self.P
+        ar_P = torch.arange(P, device=self.dev)
+        pool_tok = torch.zeros(P, dtype=torch.long, device=self.dev)
+        pool_score = torch.full((P,), NEG, device=self.dev)
+        pool_parent = torch.full((P,), -1, dtype=torch.long, device=self.dev)   # -1 = the root
+        pool_anc = torch.zeros(P, P, dtype=torch.bool, device=self.dev)
+        pool_Q = torch.zeros(P, logq_root.shape[-1], device=self.dev)
+        tok, lq = self._children(logq_root, self.noise_gumbel[0:1], k)    # (1, k)
+        score = lq[0] if self.greedy else lq[0].cummin(0).values
+        pool_tok[:k], pool_score[:k] = tok[0], score
+        pool_anc[:k, :k] = torch.eye(k, dtype=torch.bool, device=self.dev)
+        frontier = torch.arange(k, device=self.dev)                      # (k,) pool indices
+        parent_feat = f_root.expand(k, -1)                               # feature fed with each
+        start = k
+        for j in range(1, self.depth):
+            slots = L + frontier
+            posj = (L + j - 1).expand(k)
+            m = (torch.arange(W, device=self.dev) < L).unsqueeze(0).expand(k, W).clone()
+            m[:, L + ar_P] = pool_anc[frontier]
+            lg, feat = head(pool_tok[frontier].view(1, k), parent_feat.view(1, k, -1), posj.view(1, k), slots,
+                            m.unsqueeze(0))
+            logq = self._logq(lg[0])                                      # (k, V)
+            pool_Q[frontier] = logq.exp()
+            ctok, clq = self._children(logq, self.noise_gumbel[j:j + 1], k)   # (k, k)
+            if not self.greedy:
+                clq = clq.cummin(-1).values          # siblings in draw order: scores never rise
+            cscore = pool_score[frontier].unsqueeze(1) + clq               # (k, k)
+            idx = start + torch.arange(k * k, device=self.dev)
+            pool_tok[idx] = ctok.reshape(-1)
+            pool_score[idx] = cscore.reshape(-1)
+            par = frontier.repeat_interleave(k)
+            pool_parent[idx] = par
+            pool_anc[idx] = pool_anc[par]
+            pool_anc[idx, idx] = True
+            # the next frontier: the k most likely of this level's k*k children
+            best = cscore.reshape(-1).topk(k).indices
+            frontier = idx[best]
+            parent_feat = feat[0][best // k]
+            start += k * k
+        # 3. rerank: the N-1 most likely drafted nodes (ancestor-closed: a child never scores
+        # above its parent; ties broken towards shallower, earlier-drawn nodes)
+        depth_pool = pool_anc.sum(-1)                                     # 1 for level-1 nodes
+        key = pool_score - 1e-4 * depth_pool - 1e-7 * ar_P
+        sel = key.topk(self.N - 1).indices
+        sel = sel[(depth_pool[sel] * P + sel).argsort()]                 # parents before children
+        remap = torch.zeros(P + 1, dtype=torch.long, device=self.dev)    # pool index -> tree index
+        remap[sel + 1] = torch.arange(1, self.N, device=self.dev)
+        parents = torch.cat([torch.full((1,), -1, device=self.dev, dtype=torch.long),
+                             remap[pool_parent[sel] + 1]])
+        parents[1:] = torch.where(pool_parent[sel] < 0, 0, parents[1:])
+        anc = torch.zeros(self.N, self.N, dtype=torch.bool, device=self.dev)
+        anc[:, 0] = True
+        anc[1:, 1:] = pool_anc[sel][:, sel]
+        depth = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), depth_pool[sel]])
+        tokens = torch.cat([self.root.view(1), pool_tok[sel]])
+        Q = torch.cat([logq_root.exp(), pool_Q[sel]])
+        return dict(tokens=tokens, parents=parents, depth=depth, anc=anc, Q=Q)
+
+    def draft(self, W):
+        self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
+
+    # ------------------------------------------------------------------ verify
+    def verify(self, W):
+        t = self.tree
+        N, L, d1 = self.N, self.L, self.depth + 1
+        ar = torch.arange(N, device=self.dev)
+        slots = L + ar
+        m = (torch.arange(W, device=self.dev) < L).unsqueeze(0).expand(N, W).clone()
+        m[:, slots] = t["anc"]
+        logits, hidden = self.model(t["tokens"].view(1, N), (L + t["depth"]).view(1, N), slots, m.unsqueeze(0))
+        logits, hidden = logits[0], hidden[0]
+        if self.greedy:
+            best, bonus = self._accept_greedy(t, logits)
+        else:
+            best, bonus = self._accept_sampling(t, logits)
+        # the accepted path root -> best, in depth order, padded with best
+        on_path = t["anc"][best]                                          # (N,)
+        order = torch.where(on_path, t["depth"], N + ar).argsort()[:d1]
+        a = on_path.sum() - 1                                              # accepted drafted tokens
+        path = torch.where(torch.arange(d1, device=self.dev) <= a, order, best)
+        self.model.keep_cache(L + path, L + torch.arange(d1, device=self.dev))
+        toks = t["tokens"][path]
+        newtok = torch.where(torch.arange(d1, device=self.dev) < a, toks.roll(-1), bonus)  # x_{L+1..L+a}, bonus
+        self.out[0] = a + 1
+        self.out[1:] = newtok
+        if self.eagle:
+            self.cu_tok.copy_(newtok)
+            self.cu_feat.copy_(hidden[path])
+            self.cu_n.copy_(a + 1)
+        else:
+            self.h_prev.copy_(hidden[best])
+        self.L.add_(a + 1)
+        self.root.copy_(bonus)
+
+    def _accept_greedy(self, t, logits):
+        choice = logits.argmax(-1)                                        # (N,)
+        ok = t["tokens"] == choice[t["parents"].clamp_min(0)]
+        ok[0] = True
+        acc = ~(t["anc"] & ~ok.unsqueeze(0)).any(-1)                      # every node on its path ok
+        best = (acc * (t["depth"] + 1) * 1024 - torch.arange(self.N, device=self.dev)).argmax()
+        return best, choice[best]
+
+    def _accept_sampling(self, t, logits):
+        p_all = warp_probs(logits, self.sampler)                          # (N, V)
+        N = self.N
+        kids = torch.where(t["parents"].unsqueeze(0) == torch.arange(N, device=self.dev).unsqueeze(1),
+                           torch.arange(N, device=self.dev).unsqueeze(0), N)   # (N, N): child j of i
+        C = self.C
+        kids = kids.sort(-1).values[:, :C]                                 # children in draw order, N = none
+        cur = torch.zeros((), dtype=torch.long, device=self.dev)
+        p, q = p_all[0], t["Q"][0]
+        done = torch.zeros((), dtype=torch.bool, device=self.dev)
+        tokens = torch.cat([t["tokens"], t["tokens"][:1]])                 # index N -> a dummy
+        for level in range(self.depth):
+            moved = torch.zeros((), dtype=torch.bool, device=self.dev)
+            nxt = cur
+            for j in range(C):
+                c = kids[cur, j]
+                valid = (c < N) & ~done & ~moved
+                x = tokens[c]
+                px, qx = p[x], q[x]
+                acc = valid & (self.noise_u[level, j] * qx < px)           # u < min(1, p/q)
+                rej = valid & ~acc
+                resid = (p - q).clamp_min(0)
+                rs = resid.sum()
+                p = torch.where(rej & (rs > 0), resid / rs.clamp_min(1e-30), p)
+                q2 = q.index_fill(0, x.view(1), 0.0)
+                qs = q2.sum()
+                q = torch.where(rej, q2 / qs.clamp_min(1e-30), q)
+                nxt = torch.where(acc, c, nxt)
+                moved = moved | acc
+            cur = nxt
+            p = torch.where(moved, p_all[cur.clamp_max(N - 1)], p)
+            q = torch.where(moved, t["Q"][cur.clamp_max(N - 1)], q)
+            done = done | ~moved
+        bonus = (p / self.noise_bonus).argmax()                           # exponential race
+        return cur, bonus
+
+    # ------------------------------------------------------------------ graphs and loop
+    def _run(self, W):
+        if not self.use_graph:
+            self.draft(W)
+            self.verify(W)
+            return None
+        if W not in self.graphs:
+            self.graphs[W] = self._capture(W)
+        gd, gv, ev = self.graphs[W]
+        ev[0].record()
+        gd.replay()
+        ev[1].record()
+        gv.replay()
+        ev[2].record()
+        return ev
+
+    def _capture(self, W):
+        state = [x.clone() for x in (self.L, self.root, self.h_prev, self.cu_tok, self.cu_feat, self.cu_n)]
+        saved_L = self.L.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up (Triton compiles, cuBLAS picks kernels)
+                self.L.fill_(max(0, W - self.max_new_per_step - 1)); self.cu_n.fill_(1)
+                self.draft(W); self.verify(W)
+        torch.cuda.current_stream().wait_stream(s)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        self.L.fill_(max(0, W - self.max_new_per_step - 1)); self.cu_n.fill_(1)
+        gd, gv = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gd, pool=self.pool):
+            self.draft(W)
+        with torch.cuda.graph(gv, pool=self.pool):
+            self.verify(W)
+        for x, v in zip((self.L, self.root, self.h_prev, self.cu_tok, self.cu_feat, self.cu_n), state):
+            x.copy_(v)
+        del saved_L
+        return gd, gv, [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+
+    def window(self, L: int) -> int:
+        need = L + self.max_new_per_step + 1
+        for w in (256, 512, 1024, 2048, 4096, 8192, 16384):
+            if w >= need and w <= self.model.max_len:
+                return w
+        return self.model.max_len
+
+    def decode(self, prompt_ids, first, hidden, params, gen, out, stats):
+        """Continue after the prefill of the prompt, whose last logits gave `first`;
+        hidden (1, n, D) are the target's features of the prompt."""
+        n = len(prompt_ids)
+        self.greedy = params.greedy
+        self.sampler.set(params)
+        dev = self.dev
+        self.L.fill_(n)
+        self.root.fill_(first)
+        if self.eagle:
+            # the head reads the whole prompt once (eager: variable length); the last position is
+            # left to the first iteration's catch-up
+            self._eagle_prefill(torch.tensor(prompt_ids, device=dev), hidden[0], n, first)
+        else:
+            self.h_prev.copy_(hidden[0, n - 1])
+        Lh = n
+        per_step, draft_s, verify_s = [], 0.0, 0.0
+        while not out.done:
+            if not self.greedy:
+                self.noise_gumbel.exponential_(generator=gen).clamp_min_(1e-30).log_().neg_()  # Gumbel
+                self.noise_u.uniform_(generator=gen)
+                self.noise_bonus.exponential_(generator=gen).clamp_min_(1e-30)
+            W = self.window(Lh)
+            ev = self._run(W)
+            res = self.out.tolist()                                       # the one sync
+            if ev is not None:
+                draft_s += ev[0].elapsed_time(ev[1]) / 1e3
+                verify_s += ev[1].elapsed_time(ev[2]) / 1e3
+            cnt = res[0]
+            per_step.append(cnt - 1)
+            Lh += cnt
+            stats.target_forwards += 1
+            out.add(res[1:1 + cnt])
+        stats.accepted_per_step = per_step
+        produced = sum(a + 1 for a in per_step)
+        stats.tau = produced / max(1, len(per_step))
+        if self.mode == "chain":
+            stats.alpha = [
+                sum(a >= i for a in per_step) / max(1, sum(a >= i - 1 for a in per_step)) for i in (1, 2, 3)
+                if i <= self.depth]
+        stats.draft_s = draft_s if self.use_graph else None
+        stats.verify_s = verify_s if self.use_graph else None
+
+    def _eagle_prefill(self, prompt_ids, hidden, n, first):
+        """Head cache for positions 0..n-2 (tokens x_1..x_{n-1} with features f_0..f_{n-2});
+        position n-1 (token `first`, feature f_{n-1}) is the first iteration's catch-up."""
+        dev = self.dev
+        if n > 1:
+            toks = prompt_ids[1:n].view(1, -1)
+            pos = torch.arange(n - 1, device=dev)
+            self.head(toks, hidden[: n - 1].view(1, n - 1, -1), pos.view(1, -1), pos,
+                      causal_mask(pos, self.window(n)))
+        self.cu_tok.zero_(); self.cu_tok[0] = first
+        self.cu_feat.zero_(); self.cu_feat[0] = hidden[n - 1]
+        self.cu_n.fill_(1)

@@ -1,0 +1,206 @@
+"""Speculative decoding is lossless: greedy output equals plain greedy decoding for any head in
+chain and tree modes, and sampled output is distributed as the target's."""
+import numpy as np
+import pytest
+import torch
+
+from koala import KoalaError, SpeculativeGenerator, load_target
+from koala.heads import DraftConfig, EagleHead, MedusaHead
+from tests.helpers import make_hf_checkpoint
+
+PROMPT = " ".join(f"w{i}" for i in range(5, 13))
+MODES = [("medusa", dict(mode="chain")), ("medusa", dict(mode="tree", tree_size=12, top_k=3)),
+         ("eagle", dict(mode="chain", depth=4)), ("eagle", dict(mode="tree", depth=4, tree_size=12, top_k=3))]
+IDS = ["medusa-chain", "medusa-tree", "eagle-chain", "eagle-tree"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, _ = make_hf_checkpoint(tmp_path_factory.mktemp("spec"), "llama", seed=3)
+    return load_target(path, device="cpu")
+
+
+def _corrupt(pos, V):  # a deterministic wrong guess at every third position
+    return (pos * 7919) % 3 == 0
+
+
+class OracleMedusa(MedusaHead):
+    """Knows the target's greedy continuation: head i proposes the true token at L+1+i, except at
+    corrupted positions. It reads L from the decoder (test only)."""
+
+    def bind(self, ref, dec):
+        self.ref, self.dec = torch.tensor(ref), dec
+        return self
+
+    def forward(self, hidden):
+        H, V = self.config.n_heads, self.target_config.vocab_size
+        L = self.dec.L
+        pos = L + 1 + torch.arange(H)
+        tok = self.ref[pos.clamp_max(len(self.ref) - 1)]
+        tok = torch.where(_corrupt(pos, V), (tok + 1) % V, tok)
+        return torch.nn.functional.one_hot(tok, V).float().mul(8.0).view(H, 1, 1, V)
+
+
+class OracleEagle(EagleHead):
+    """Input at position t proposes x_{t+2} (the true one, except at corrupted positions)."""
+
+    def bind(self, ref):
+        self.ref = torch.tensor(ref)
+        return self
+
+    def forward(self, tokens, features, positions=None, slots=None, mask=None):
+        V = self.target_config.vocab_size
+        pos = positions + 2
+        tok = self.ref[pos.clamp_max(len(self.ref) - 1)]
+        tok = torch.where(_corrupt(pos, V), (tok + 1) % V, tok)
+        return torch.nn.functional.one_hot(tok, V).float().mul(8.0), features
+
+
+def _reference(tiny, n):
+    plain = SpeculativeGenerator(tiny, None, max_seq_len=256)
+    return plain, plain.generate(PROMPT, max_new_tokens=n, chat=False, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind,opts", MODES, ids=IDS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_greedy_equals_plain_untrained_head(tiny, kind, opts, layers):
+    plain, ref = _reference(tiny, 48)
+    torch.manual_seed(layers)
+    head = DraftConfig(kind=kind, layers=layers).build(tiny)
+    if kind == "medusa":  # an untrained Medusa head is the identity; perturb it so it drafts junk
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_(0, 0.05)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, **opts)
+    res = gen.generate(PROMPT, max_new_tokens=48, chat=False, ignore_eos=True)
+    assert res.token_ids == ref.token_ids
+    assert res.stats.target_forwards == len(res.stats.accepted_per_step)
+
+
+@pytest.mark.parametrize("kind,opts", MODES, ids=IDS)
+def test_greedy_equals_plain_with_long_acceptances(tiny, kind, opts):
+    plain, ref = _reference(tiny, 80)
+    full = plain.encode(PROMPT, chat=False) + ref.token_ids
+    cls = OracleMedusa if kind == "medusa" else OracleEagle
+    head = cls(DraftConfig(kind=kind), tiny.model, "tiny")
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, **opts)
+    head.bind(full, gen.spec) if kind == "medusa" else head.bind(full)
+    res = gen.generate(PROMPT, max_new_tokens=80, chat=False, ignore_eos=True)
+    assert res.token_ids == ref.token_ids
+    assert res.stats.tau > 1.8, res.stats.tau           # the accept path really was exercised
+    assert max(res.stats.accepted_per_step) >= 2
+    if opts["mode"] == "chain":
+        assert len(res.stats.alpha) == 3 and 0 < res.stats.alpha[0] <= 1
+
+
+def test_eos_inside_an_accepted_run_stops_there(tiny):
+    plain, ref = _reference(tiny, 40)
+    full = plain.encode(PROMPT, chat=False) + ref.token_ids
+    head = OracleEagle(DraftConfig(kind="eagle"), tiny.model, "tiny").bind(full)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=4)
+    eos = tiny.model.config.eos_token_ids[:]
+    tiny.model.config.eos_token_ids[:] = [ref.token_ids[10]]
+    try:
+        res = gen.generate(PROMPT, max_new_tokens=40, chat=False)
+    finally:
+        tiny.model.config.eos_token_ids[:] = eos
+    assert res.token_ids == ref.token_ids[:ref.token_ids.index(ref.token_ids[10]) + 1]
+
+
+def test_bad_draft_settings(tiny):
+    head = DraftConfig(kind="medusa", n_heads=3).build(tiny)
+    with pytest.raises(KoalaError, match="at most 3 tokens deep"):
+        SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=5)
+    with pytest.raises(KoalaError, match="mode"):
+        SpeculativeGenerator(tiny, head, max_seq_len=256, mode="beam")
+    eh = DraftConfig(kind="eagle").build(tiny)
+    with pytest.raises(KoalaError, match="tree_size"):
+        SpeculativeGenerator(tiny, eh, max_seq_len=256, mode="tree", depth=3, top_k=2, tree_size=60)
+    with pytest.raises(KoalaError, match="tree_size"):
+        SpeculativeGenerator(tiny, eh, max_seq_len=256, mode="tree", tree_size=1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling: the distribution of generated sequences is the target's
+
+V_SMALL, NEW = 12, 3
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path, _ = make_hf_checkpoint(tmp_path_factory.mktemp("small"), "llama", seed=5, vocab=V_SMALL, scale=6.0)
+    return load_target(path, device="cpu")
+
+
+def _exact_distribution(small, ids, temperature):
+    """p(x1, x2, x3 | prompt) for all V^3 continuations, by enumeration."""
+    m = small.model
+    V = V_SMALL
+    seqs = torch.cartesian_prod(*[torch.arange(V)] * (NEW - 1))                  # (V^2, 2)
+    prefix = torch.tensor(ids).expand(len(seqs), -1)
+    with torch.no_grad():
+        lg, _ = m(torch.cat([prefix, seqs], 1))
+    lp = torch.log_softmax(lg[:, len(ids) - 1:].double() / temperature, -1)     # (V^2, 3, V)
+    x1, x2 = seqs[:, 0], seqs[:, 1]
+    p12 = lp[:, 0].gather(1, x1[:, None])[:, 0] + lp[:, 1].gather(1, x2[:, None])[:, 0]  # (V^2,)
+    joint = p12[:, None] + lp[:, 2]                                               # (V^2, V)
+    return joint.exp().reshape(-1).numpy()
+
+
+def _tv_test(gen, small, temperature=1.0, runs=1500):
+    ids = gen.encode("w3 w5 w7", chat=False)
+    exact = _exact_distribution(small, ids, temperature)
+    counts = np.zeros(V_SMALL ** NEW)
+    for seed in range(runs):
+        t = gen.generate("w3 w5 w7", max_new_tokens=NEW, temperature=temperature, seed=seed, chat=False,
+                         ignore_eos=True).token_ids
+        counts[(t[0] * V_SMALL + t[1]) * V_SMALL + t[2]] += 1
+    tv = 0.5 * np.abs(counts / runs - exact).sum()
+    rng = np.random.default_rng(0)
+    null = [0.5 * np.abs(rng.multinomial(runs, exact / exact.sum()) / runs - exact).sum() for _ in range(300)]
+    return tv, float(np.quantile(null, 0.999))
+
+
+class SkewedMedusa(MedusaHead):
+    """A draft that disagrees with the target: fixed random logits (so q != p everywhere)."""
+
+    def forward(self, hidden):
+        g = torch.Generator().manual_seed(11)
+        H, V = self.config.n_heads, self.target_config.vocab_size
+        return (torch.randn(H, V, generator=g) * 2).view(H, 1, 1, V).to(hidden.dtype)
+
+
+@pytest.mark.parametrize("kind,opts", [("medusa", dict(mode="chain", depth=3)),
+                                       ("eagle", dict(mode="tree", depth=3, tree_size=8, top_k=3))],
+                         ids=["medusa-chain", "eagle-tree"])
+def test_sampled_sequences_follow_the_target(small, kind, opts):
+    torch.manual_seed(0)
+    if kind == "medusa":
+        head = SkewedMedusa(DraftConfig(kind="medusa", n_heads=3), small.model, "small")
+    else:
+        head = DraftConfig(kind="eagle").build(small)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_(0, 0.3)
+    gen = SpeculativeGenerator(small, head, max_seq_len=64, **opts)
+    tv, bound = _tv_test(gen, small)
+    assert tv < bound, (tv, bound)
+
+
+def test_distribution_test_detects_a_lossy_verifier(small, monkeypatch):
+    """The same statistic rejects a verifier that accepts every draft (so the test can fail)."""
+    from koala import speculative
+    head = SkewedMedusa(DraftConfig(kind="medusa", n_heads=3), small.model, "small")
+    gen = SpeculativeGenerator(small, head, max_seq_len=64, mode="chain", depth=3)
+    monkeypatch.setattr(speculative.SpeculativeDecoder, "_accept_sampling",
+                        lambda self, t, logits: (torch.tensor(self.N - 1), t["tokens"][-1]))
+    tv, bound = _tv_test(gen, small, runs=600)
+    assert tv > bound
+
+
+def test_seeded_sampling_repeats(tiny):
+    head = DraftConfig(kind="eagle").build(tiny)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="tree", depth=3, tree_size=8, top_k=2)
+    kw = dict(max_new_tokens=30, temperature=0.9, top_p=0.95, chat=False, ignore_eos=True)
+    a, b, c = (gen.generate(PROMPT, seed=s, **kw).token_ids for s in (1, 1, 2))
+    assert a == b and a != c

@@ -35,7 +35,7 @@ class OracleMedusa(MedusaHead):
     def forward(self, hidden):
         H, V = self.config.n_heads, self.target_config.vocab_size
         L = self.dec.L
-        pos = L + 1 + torch.arange(H)
+        pos = L + 1 + torch.arange(H, device=L.device)
         tok = self.ref[pos.clamp_max(len(self.ref) - 1)]
         tok = torch.where(_corrupt(pos, V), (tok + 1) % V, tok)
         return torch.nn.functional.one_hot(tok, V).float().mul(8.0).view(H, 1, 1, V)
@@ -204,3 +204,22 @@ def test_seeded_sampling_repeats(tiny):
     kw = dict(max_new_tokens=30, temperature=0.9, top_p=0.95, chat=False, ignore_eos=True)
     a, b, c = (gen.generate(PROMPT, seed=s, **kw).token_ids for s in (1, 1, 2))
     assert a == b and a != c
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,opts", MODES, ids=IDS)
+def test_cuda_graph_iterations_equal_plain(kind, opts, tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.float32)
+    plain = SpeculativeGenerator(lt, None, max_seq_len=256)
+    ref = plain.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
+    full = plain.encode(PROMPT, chat=False) + ref.token_ids
+    cls = OracleMedusa if kind == "medusa" else OracleEagle
+    head = cls(DraftConfig(kind=kind), lt.model, "tiny")
+    gen = SpeculativeGenerator(lt, head, max_seq_len=256, **opts)
+    head.ref = torch.tensor(full, device="cuda")
+    if kind == "medusa":
+        head.dec = gen.spec
+    res = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
+    assert gen.spec.use_graph and res.token_ids == ref.token_ids and res.stats.tau > 1.8
+    assert res.stats.draft_s is not None and res.stats.verify_s > 0

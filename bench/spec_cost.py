@@ -1,0 +1,84 @@
+"""Per-iteration cost of drafting and verifying against one plain decode step, on SmolLM2
+(bf16, H100), for Medusa and EAGLE heads with K = 1, 2, 3, chain depths 1..8 and tree sizes up
+to 64. Untrained heads: acceptance is not measured here, only cost. Each iteration runs as two
+CUDA graphs (draft, verify+accept+commit); times are CUDA-event medians of graph replays.
+
+    python -m bench.spec_cost [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import cuda_time_ms, write
+from koala import SpeculativeGenerator, load_target
+from koala.heads import DraftConfig
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--context", type=int, default=300, help="committed tokens when timing")
+    a = ap.parse_args()
+    lt = load_target("smollm2-135m-instruct", device="cuda", dtype=torch.bfloat16)
+    plain = SpeculativeGenerator(lt, None, max_seq_len=2048)
+    dec = plain.plain
+    W = dec.window(a.context + 16)
+    g = dec._graph(True, W)
+
+    def step():
+        dec.step.zero_(); dec.pos.fill_(a.context)
+        g.replay()
+    plain_ms = cuda_time_ms(step, iters=100)
+    rows = []
+    depths = [1, 2, 4, 8] if a.quick else list(range(1, 9))
+    trees = [16, 64] if a.quick else [8, 16, 32, 64]
+    configs = []
+    for kind in ("medusa", "eagle"):
+        for K in (1, 2, 3):
+            for d in depths:
+                if kind == "medusa" and d > 5:
+                    continue  # 5 Medusa heads
+                configs.append((kind, K, dict(mode="chain", depth=d)))
+            for n in trees:
+                configs.append((kind, K, dict(mode="tree", tree_size=n, top_k=8 if kind == "eagle" else 10,
+                                              depth=6 if kind == "eagle" else 5)))
+    for kind, K, opts in configs:
+        torch.manual_seed(0)
+        head = DraftConfig(kind=kind, layers=K, n_heads=5).build(lt)
+        with torch.no_grad():  # random (not identity) blocks, so no kernel sees zeros
+            for p in head.parameters():
+                p.normal_(0, 0.02)
+        gen = SpeculativeGenerator(lt, head, max_seq_len=2048, **opts)
+        spec = gen.spec
+        spec.greedy = True
+        W = spec.window(a.context)
+        spec._run(W)
+        gd, gv, _ = spec.graphs[W]
+        saved = [x.clone() for x in (spec.L, spec.cu_n)]
+
+        def reset():
+            spec.L.copy_(saved[0]); spec.cu_n.fill_(1)
+        spec.L.fill_(a.context)
+        saved = [spec.L.clone(), spec.cu_n.clone()]
+        draft_ms = cuda_time_ms(lambda: (reset(), gd.replay()), iters=50)
+        verify_ms = cuda_time_ms(lambda: (reset(), gv.replay()), iters=50)
+        row = {"kind": kind, "K": K, **opts, "draft_ms": draft_ms, "verify_ms": verify_ms,
+               "iteration_ms": draft_ms + verify_ms, "iteration_over_plain_step": (draft_ms + verify_ms) / plain_ms,
+               "draft_over_plain_step": draft_ms / plain_ms}
+        rows.append(row)
+        print(f"{kind:7}K={K} {opts['mode']:5} depth={opts.get('depth')} N={spec.N:3}  draft {draft_ms:7.3f} ms  "
+              f"verify {verify_ms:7.3f} ms  = {row['iteration_over_plain_step']:5.2f} x plain step", flush=True)
+        del gen, head, spec
+        torch.cuda.empty_cache()
+    path = write("spec_cost.json", {"model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "context": a.context,
+                                    "plain_step_ms": plain_ms, "rows": rows,
+                                    "note": "untrained heads with random weights; median of CUDA-graph replays; "
+                                            "draft includes EAGLE's catch-up, verify includes acceptance and "
+                                            "KV compaction"})
+    print(f"plain decode step {plain_ms:.3f} ms -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -359,3 +359,16 @@ def test_ddp_gloo_equals_one_process(tmp_path, data):
             torch.testing.assert_close(ddp[key][k], v, rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(ddp["head"][k], v) for k, v in DraftConfig("eagle", 1).build(tiny_target())
                .state_dict().items()), "training changed nothing"
+
+
+def test_chunked_kl_equals_plain():
+    from train.losses import _kl, kl_sum
+    d = torch.randn(37, 50, requires_grad=True)
+    t = torch.randn(37, 50)
+    a = kl_sum(d, t, chunk=8)
+    ga, = torch.autograd.grad(a, d)
+    b = _kl(d, t)
+    gb, = torch.autograd.grad(b, d)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+    assert float(b.detach()) > 0

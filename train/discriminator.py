@@ -7,7 +7,8 @@ K) over the concatenation (2V), ending in one logit, the probability that z is t
 h is the last hidden state of the target that the draft itself conditions on (Medusa: h_t for
 every head; EAGLE rollout step s: h_{t-s}). It is *not* the hidden state whose LM-head image is
 the real logits: from that one the map could learn the LM head and tell real from fake trivially.
-We feed log-probabilities rather than raw logits: logits are defined only up to a shift.
+We feed log-probabilities rather than raw logits (logits are defined only up to a shift), and
+each half of the input centred and scaled to unit norm (see _unit) so the wide first layer trains stably.
 
 Losses (sums over the selected positions; the trainer divides by the global count):
   head:          -lambda * sum log D(h, z_draft)
@@ -39,8 +40,16 @@ class Discriminator(nn.Module):
         self.fc = nn.Sequential(*layers)
 
     def forward(self, hidden, logits):  # hidden (N, D), logits (N, V) -> (N,) logit of P(target)
-        x = torch.cat([self.map(hidden.float()), F.log_softmax(logits.float(), dim=-1)], dim=-1)
+        x = torch.cat([_unit(self.map(hidden.float())), _unit(F.log_softmax(logits.float(), dim=-1))], dim=-1)
         return self.fc(x).squeeze(-1)
+
+
+def _unit(x):  # (N, V): centred, unit L2 norm per row
+    # why: the first FC layer has fan-in 2V (98,304 for SmolLM2). Raw log-probabilities (|x| ~ 20)
+    # gave initial logits ~ +-10 and, since Adam moves every weight by ~lr, output swings of ~200
+    # per step (D saturated at 1e-12 within 4 steps on SmolLM2). Unit rows bound that by
+    # lr * sqrt(2V) ~ 0.03 and keep what distinguishes two distributions: the shape.
+    return F.normalize(x - x.mean(-1, keepdim=True), dim=-1)
 
 
 def head_adversarial_sum(d_fake):  # (N,) discriminator logits on draft logits -> -sum log D

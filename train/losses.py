@@ -38,11 +38,21 @@ class Term:
     feat_sum: torch.Tensor | None = None  # EAGLE: sum over N of smooth-L1 (mean over D)
 
 
-def kl_sum(draft, teacher):
-    """sum over rows of KL(teacher || draft), in fp32. (N, V), (N, V) -> scalar"""
+def _kl(draft, teacher):
     logq = F.log_softmax(draft.float(), dim=-1)
     logp = F.log_softmax(teacher.float(), dim=-1)
     return (logp.exp() * (logp - logq)).sum()
+
+
+def kl_sum(draft, teacher, chunk: int = 2048):
+    """sum over rows of KL(teacher || draft), in fp32. (N, V), (N, V) -> scalar.
+    Rows go in checkpointed chunks: for SmolLM2 (V = 49152) one fp32 (N, V) is 2 GB at N = 10k
+    rows, and the plain formula keeps about three of them per term for the backward pass."""
+    if draft.shape[0] <= chunk or not torch.is_grad_enabled() or not draft.requires_grad:
+        return _kl(draft, teacher)
+    from torch.utils.checkpoint import checkpoint
+    return sum(checkpoint(_kl, draft[i:i + chunk], teacher[i:i + chunk], use_reentrant=False)
+               for i in range(0, draft.shape[0], chunk))
 
 
 def agree_sum(draft, teacher):

@@ -1,0 +1,84 @@
+"""The paper's ablation: Medusa and EAGLE heads, K = 1, 2, 3, adversarial learning off and on
+(12 heads), trained one after another from one shard set, resumable under a time budget.
+
+  python -m train.ablation --data data/sharegpt-sd --out runs/ablation --steps 1000 --time-budget 540
+  (run again with the same arguments until it prints "all 12 finished"; finished heads are
+   skipped and a partly trained one resumes from its checkpoint exactly)
+
+Each head lands in <out>/<kind>-k<K>-<adv|base>/head (koala.heads.load_head); <out>/ablation.json
+lists every configuration's status, steps, training seconds, tokens/s and held-out top-1
+agreement per position.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from train.trainer import TrainConfig, Trainer
+
+CONFIGS = [(kind, k, adv) for adv in (False, True) for k in (1, 2, 3) for kind in ("eagle", "medusa")]
+
+
+def name(kind, k, adv):
+    return f"{kind}-k{k}-{'adv' if adv else 'base'}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m train.ablation", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--target", default="smollm2-135m-instruct")
+    ap.add_argument("--steps", type=int, default=1000, help="steps per head (same for all 12)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--disc-lr", type=float, default=1e-4)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--time-budget", type=float, default=0.0, help="seconds for this invocation (0: none)")
+    ap.add_argument("--only", default="", help="comma-separated names, e.g. eagle-k2-adv,medusa-k1-base")
+    ap.add_argument("--save-dtype", default="float32")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    from koala.loading import load_target
+    t0 = time.perf_counter()
+    target = load_target(a.target)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    only = {s for s in a.only.split(",") if s}
+    results = {}
+    for kind, k, adv in CONFIGS:
+        n = name(kind, k, adv)
+        if only and n not in only:
+            continue
+        run_dir = out / n
+        summ = run_dir / "summary.json"
+        if summ.is_file() and json.loads(summ.read_text())["status"] == "finished":
+            results[n] = json.loads(summ.read_text())
+            continue
+        left = a.time_budget - (time.perf_counter() - t0) if a.time_budget else 0.0
+        if a.time_budget and left < 30:
+            break
+        cfg = TrainConfig(data=a.data, out=str(run_dir), target=a.target, kind=kind, layers=k, adversarial=adv,
+                          lam=a.lam, lr=a.lr, disc_lr=a.disc_lr, batch_size=a.batch_size, max_len=a.max_len,
+                          steps=a.steps, warmup=max(1, a.steps // 20), ckpt_every=a.ckpt_every,
+                          eval_every=a.eval_every, time_budget=max(left, 0.0), save_dtype=a.save_dtype,
+                          progress=not a.no_progress)
+        results[n] = Trainer(cfg, target=target, resume=True).fit()
+        print(f"{n}: {results[n]['status']} at step {results[n]['step']}, "
+              f"{results[n]['train_seconds']:.0f} s, {results[n]['tokens_per_s']:.0f} tokens/s")
+        if results[n]["status"] == "diverged":
+            print(results[n]["message"])
+    table = {n: {k: r.get(k) for k in ("status", "step", "steps", "train_seconds", "tokens_seen", "tokens_per_s",
+                                       "final_eval", "device")} for n, r in results.items()}
+    (out / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")
+    todo = [name(*c) for c in CONFIGS if (not only or name(*c) in only)
+            and table.get(name(*c), {}).get("status") != "finished"]
+    print("all 12 finished" if not todo and not only else f"not finished yet: {todo}" if todo else "done")
+
+
+if __name__ == "__main__":
+    main()

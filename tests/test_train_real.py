@@ -1,0 +1,51 @@
+"""The training path on the real SmolLM2-135M-Instruct tokenizer, data and weights (CPU, slow)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from koala.heads import load_head
+from train.data import ShardData, load_sharegpt, prepare, recover_records, sharegpt_path, tokenize_conversation
+
+pytestmark = pytest.mark.slow
+
+
+def test_sharegpt_recovery_counts():
+    raw = sharegpt_path().read_bytes().decode("utf-8", errors="ignore")
+    assert 17_500 <= len(recover_records(raw)) <= 17_800           # 17,671 complete records
+    convs = load_sharegpt()
+    assert 17_000 <= len(convs) <= 17_671
+    assert all(c["messages"][0]["role"] in ("user", "system") for c in convs[:500])
+
+
+def test_assistant_mask_on_chat_template(smollm2):
+    tok = smollm2.tokenizer
+    msgs = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven is prime."},
+            {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Eleven."}]
+    ids, mask = tokenize_conversation(tok, msgs, 512)
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
+    ids, mask = np.array(ids), np.array(mask, dtype=bool)
+    assert tok.decode(ids[mask]) == "Seven is prime.<|im_end|>\nEleven.<|im_end|>\n"
+    short, smask = tokenize_conversation(tok, msgs, 20)
+    assert len(short) == 20 and short == ids[:20].tolist()
+
+
+def test_prepare_then_train_cli_then_load(smollm2, tmp_path):
+    convs = load_sharegpt()[:40]
+    info = prepare(smollm2.tokenizer, convs, tmp_path / "data", max_len=192, held_out=4)
+    assert info["eval"]["sequences"] >= 2 and info["train"]["sequences"] >= 20  # held out: min(4, n // 10)
+    d = ShardData(tmp_path / "data", "train", batch_size=2)
+    assert d.batch(0).tokens.shape[0] == 2 and d.batch(0).mask.any()
+    # a second prepare reuses the Arrow cache and writes the same shards
+    prepare(smollm2.tokenizer, convs, tmp_path / "data2", max_len=192, held_out=4, cache_dir=tmp_path / "data" / "arrow")
+    assert np.array_equal(np.load(tmp_path / "data" / "train.tokens.npy"), np.load(tmp_path / "data2" / "train.tokens.npy"))
+    from train.__main__ import main
+    rc = main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--kind", "eagle", "--layers", "1",
+               "--adversarial", "--lam", "0.1", "--steps", "2", "--batch-size", "2", "--max-len", "64",
+               "--eval-batches", "1", "--no-progress"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and len(summary["final_eval"]["eval/top1"]) == 3
+    head = load_head(tmp_path / "run" / "head", smollm2)
+    assert head.config.kind == "eagle" and head.config.layers == 1

@@ -146,6 +146,7 @@ class SpeculativeDecoder:
         self.out = torch.zeros(d1 + 1, dtype=torch.long, device=dev)    # [count, tokens...]
         self.sampler = SamplerState(dev)
         self.greedy = True
+        self._true = torch.ones((), dtype=torch.bool, device=dev)
         self.noise_gumbel = torch.zeros(self.depth + 1, V, device=dev)  # draft draws
         self.noise_u = torch.zeros(self.depth + 1, max(self.k, 8), device=dev)  # acceptance draws
         self.noise_bonus = torch.ones(V, device=dev)                    # Exp(1) for the bonus token
@@ -233,7 +234,7 @@ class SpeculativeDecoder:
             par = frontier.repeat_interleave(k)
             pool_parent[idx] = par
             pool_anc[idx] = pool_anc[par]
-            pool_anc[idx, idx] = True
+            pool_anc[idx, idx] = self._true   # a device scalar: graph capture forbids host copies
             # the next frontier: the k most likely of this level's k*k children
             best = cscore.reshape(-1).topk(k).indices
             frontier = idx[best]
@@ -251,7 +252,7 @@ class SpeculativeDecoder:
                              remap[pool_parent[sel] + 1]])
         parents[1:] = torch.where(pool_parent[sel] < 0, 0, parents[1:])
         anc = torch.zeros(self.N, self.N, dtype=torch.bool, device=self.dev)
-        anc[:, 0] = True
+        anc[:, 0] = self._true
         anc[1:, 1:] = pool_anc[sel][:, sel]
         depth = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), depth_pool[sel]])
         tokens = torch.cat([self.root.view(1), pool_tok[sel]])
@@ -297,7 +298,7 @@ class SpeculativeDecoder:
     def _accept_greedy(self, t, logits):
         choice = logits.argmax(-1)                                        # (N,)
         ok = t["tokens"] == choice[t["parents"].clamp_min(0)]
-        ok[0] = True
+        ok = ok | (torch.arange(self.N, device=self.dev) == 0)
         acc = ~(t["anc"] & ~ok.unsqueeze(0)).any(-1)                      # every node on its path ok
         best = (acc * (t["depth"] + 1) * 1024 - torch.arange(self.N, device=self.dev)).argmax()
         return best, choice[best]

@@ -5,7 +5,7 @@ Pipeline (CPU, where `datasets` is installed):
      (about 17,700; the file stops mid-record).
   2. optionally `python -m train.selfdistill` regenerates the assistant turns with the target.
   3. `prepare()` maps the conversations over the target's chat template with `datasets` (an Arrow
-     cache under cache_dir), marks the assistant tokens (the positions the heads learn), truncates
+     cache under cache_dir, default ~/.cache/koala/datasets), marks the assistant tokens (the positions the heads learn), truncates
      to max_len, holds out a slice, and writes the shard set:
         <out>/{train,eval}.tokens.npy   uint16 (int32 if V > 65536), all sequences concatenated
         <out>/{train,eval}.mask.npy     bit-packed (np.packbits), 1 where the token is an assistant token
@@ -140,7 +140,10 @@ def prepare(tokenizer, conversations: list[dict], out: str | Path, max_len: int 
     import datasets
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cache_dir or out / "arrow")
+    if cache_dir is None:   # outside out, so the shard set alone is what gets carried to the GPU
+        from koala.loading import cache_root
+        cache_dir = cache_root() / "datasets"
+    cache_dir = Path(cache_dir)
     rows = [{"id": c["id"], "messages": json.dumps(c["messages"])} for c in conversations]
     # the Arrow cache files are named by what determines their content, so a stale cache is never reused
     key = hashlib.sha1()

@@ -209,6 +209,8 @@ class Trainer:
             from koala.loading import load_target
             target = load_target(cfg.target, device=self.device)
         self.target = getattr(target, "model", target).to(self.device).eval().requires_grad_(False)
+        from koala.model import Transformer
+        Transformer.use_kernels(False)   # the fused Triton inference kernels have no backward pass
         self.target_name = target_name or getattr(target, "name", None) or cfg.target
         self.out = Path(cfg.out)
         if self.rank == 0:

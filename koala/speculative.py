@@ -37,6 +37,11 @@ from .sampling import SamplerState, warp_probs
 NEG = -1e30
 
 
+def _at(x, i):
+    """x[i] for a 0-d index tensor without a host sync (plain indexing would call .item())."""
+    return x.index_select(0, i.reshape(1)).squeeze(0)
+
+
 def resolve_draft(draft, loaded):
     """draft: a DraftConfig (untrained head), a head directory, 'default', or a head module."""
     from pathlib import Path
@@ -277,7 +282,7 @@ class SpeculativeDecoder:
         else:
             best, bonus = self._accept_sampling(t, logits)
         # the accepted path root -> best, in depth order, padded with best
-        on_path = t["anc"][best]                                          # (N,)
+        on_path = _at(t["anc"], best)                                          # (N,)
         order = torch.where(on_path, t["depth"], N + ar).argsort()[:d1]
         a = on_path.sum() - 1                                              # accepted drafted tokens
         path = torch.where(torch.arange(d1, device=self.dev) <= a, order, best)
@@ -291,7 +296,7 @@ class SpeculativeDecoder:
             self.cu_feat.copy_(hidden[path])
             self.cu_n.copy_(a + 1)
         else:
-            self.h_prev.copy_(hidden[best])
+            self.h_prev.copy_(_at(hidden, best))
         self.L.add_(a + 1)
         self.root.copy_(bonus)
 
@@ -301,7 +306,7 @@ class SpeculativeDecoder:
         ok = ok | (torch.arange(self.N, device=self.dev) == 0)
         acc = ~(t["anc"] & ~ok.unsqueeze(0)).any(-1)                      # every node on its path ok
         best = (acc * (t["depth"] + 1) * 1024 - torch.arange(self.N, device=self.dev)).argmax()
-        return best, choice[best]
+        return best, _at(choice, best)
 
     def _accept_sampling(self, t, logits):
         p_all = warp_probs(logits, self.sampler)                          # (N, V)
@@ -318,10 +323,10 @@ class SpeculativeDecoder:
             moved = torch.zeros((), dtype=torch.bool, device=self.dev)
             nxt = cur
             for j in range(C):
-                c = kids[cur, j]
+                c = _at(kids[:, j], cur)
                 valid = (c < N) & ~done & ~moved
-                x = tokens[c]
-                px, qx = p[x], q[x]
+                x = _at(tokens, c)
+                px, qx = _at(p, x), _at(q, x)
                 acc = valid & (self.noise_u[level, j] * qx < px)           # u < min(1, p/q)
                 rej = valid & ~acc
                 resid = (p - q).clamp_min(0)
@@ -333,8 +338,8 @@ class SpeculativeDecoder:
                 nxt = torch.where(acc, c, nxt)
                 moved = moved | acc
             cur = nxt
-            p = torch.where(moved, p_all[cur.clamp_max(N - 1)], p)
-            q = torch.where(moved, t["Q"][cur.clamp_max(N - 1)], q)
+            p = torch.where(moved, _at(p_all, cur.clamp_max(N - 1)), p)
+            q = torch.where(moved, _at(t["Q"], cur.clamp_max(N - 1)), q)
             done = done | ~moved
         bonus = (p / self.noise_bonus).argmax()                           # exponential race
         return cur, bonus

@@ -1,21 +1,61 @@
-"""Kernel-level profile of one plain decode step (eager, as captured): kernels per step and
-where the time goes.  python -m bench.profile_step"""
+"""Kernel-level profile of one plain decode step, or one speculative iteration's draft and
+verify halves (eager, as captured): kernels launched and where the time goes.
+
+    python -m bench.profile_step [--spec eagle|medusa] [--layers K] [--mode chain|tree]
+"""
+import argparse
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from koala import SpeculativeGenerator, load_target
 
-lt = load_target("smollm2-135m-instruct", device="cuda", dtype=torch.bfloat16)
-gen = SpeculativeGenerator(lt, max_seq_len=2048)
-dec = gen.plain
-with torch.inference_mode():
-    dec.start(1, 300)
-    for _ in range(3):
-        dec.step.zero_(); dec.pos.fill_(300); dec._step(True, 512)
+
+def report(title, fn, rows=15):
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as p:
-        dec.step.zero_(); dec.pos.fill_(300); dec._step(True, 512)
+        fn()
         torch.cuda.synchronize()
-ev = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-print("kernels per step:", len(ev))
-print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    ev = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in ev) if ev and hasattr(ev[0], "device_time") else float("nan")
+    print(f"== {title}: {len(ev)} kernels, {total:.0f} us of kernel time")
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", choices=["eagle", "medusa"], default=None)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--mode", default="chain")
+    ap.add_argument("--depth", type=int, default=4)
+    a = ap.parse_args()
+    lt = load_target("smollm2-135m-instruct", device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        if a.spec is None:
+            gen = SpeculativeGenerator(lt, max_seq_len=2048)
+            dec = gen.plain
+
+            def step():
+                dec.step.zero_(); dec.pos.fill_(300); dec._step(True, 512)
+            for _ in range(3):
+                step()
+            report("plain decode step", step)
+            return
+        from koala.heads import DraftConfig
+        head = DraftConfig(kind=a.spec, layers=a.layers, n_heads=5).build(lt)
+        opts = dict(mode=a.mode, depth=a.depth) if a.mode == "chain" else dict(mode="tree", tree_size=32, top_k=8)
+        gen = SpeculativeGenerator(lt, head, max_seq_len=2048, use_cuda_graph=False, **opts)
+        spec = gen.spec
+        W = spec.window(300)
+
+        def reset():
+            spec.L.fill_(300); spec.cu_n.fill_(1)
+        for _ in range(3):
+            reset(); spec.draft(W); spec.verify(W)
+        reset()
+        report("draft", lambda: spec.draft(W))
+        report("verify", lambda: spec.verify(W))
+
+
+if __name__ == "__main__":
+    main()

@@ -277,18 +277,27 @@ class SpeculativeDecoder:
         m[:, slots] = t["anc"]
         logits, hidden = self.model(t["tokens"].view(1, N), (L + t["depth"]).view(1, N), slots, m.unsqueeze(0))
         logits, hidden = logits[0], hidden[0]
-        if self.greedy:
-            best, bonus = self._accept_greedy(t, logits)
+        fast = self._fast()
+        dpos = torch.arange(d1, device=self.dev)
+        if self.greedy and fast:
+            from kernels.accept import accept_greedy
+            choice = logits.argmax(-1)
+            a, path, bonus, newtok = accept_greedy(t["tokens"], t["parents"], t["depth"], choice, self.depth)
+            best = _at(path, a)
         else:
-            best, bonus = self._accept_sampling(t, logits)
-        # the accepted path root -> best, in depth order, padded with best
-        on_path = _at(t["anc"], best)                                          # (N,)
-        order = torch.where(on_path, t["depth"], N + ar).argsort()[:d1]
-        a = on_path.sum() - 1                                              # accepted drafted tokens
-        path = torch.where(torch.arange(d1, device=self.dev) <= a, order, best)
-        self.model.keep_cache(L + path, L + torch.arange(d1, device=self.dev))
-        toks = t["tokens"][path]
-        newtok = torch.where(torch.arange(d1, device=self.dev) < a, toks.roll(-1), bonus)  # x_{L+1..L+a}, bonus
+            best, bonus = self._accept_greedy(t, logits) if self.greedy else self._accept_sampling(t, logits)
+            # the accepted path root -> best, in depth order, padded with best
+            on_path = _at(t["anc"], best)                                     # (N,)
+            order = torch.where(on_path, t["depth"], N + ar).argsort()[:d1]
+            a = on_path.sum() - 1                                              # accepted drafted tokens
+            path = torch.where(dpos <= a, order, best)
+            toks = t["tokens"][path]
+            newtok = torch.where(dpos < a, toks.roll(-1), bonus)              # x_{L+1..L+a}, bonus
+        if fast:  # every layer's k and v in one launch
+            from kernels.accept import compact_kv
+            compact_kv(self._cache_table(), path, a, L)
+        else:
+            self.model.keep_cache(L + path, L + dpos)
         self.out[0] = a + 1
         self.out[1:] = newtok
         if self.eagle:
@@ -299,6 +308,17 @@ class SpeculativeDecoder:
             self.h_prev.copy_(_at(hidden, best))
         self.L.add_(a + 1)
         self.root.copy_(bonus)
+
+    def _fast(self):
+        from .model import _Fast
+        return _Fast.on and self.dev.type == "cuda"
+
+    def _cache_table(self):
+        if getattr(self, "_table", None) is None:
+            from kernels.accept import make_cache_table
+            caches = [c for layer in self.model.layers for c in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)]
+            self._table = make_cache_table(caches)
+        return self._table
 
     def _accept_greedy(self, t, logits):
         choice = logits.argmax(-1)                                        # (N,)

@@ -372,3 +372,27 @@ def test_chunked_kl_equals_plain():
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ga, gb)
     assert float(b.detach()) > 0
+
+
+def test_selfdistill_run_writes_resumable_parts(tmp_path):
+    from train.selfdistill import run
+    m = tiny_target()
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 256, 12).tolist() for _ in range(6)]
+    masks = [[0] * 5 + [1] * 7 for _ in ids]
+    write_split(tmp_path / "src", "train", ids, masks)
+    write_split(tmp_path / "src", "eval", ids[:2], masks[:2])
+    assert run(m, [], [198], str(tmp_path / "src"), str(tmp_path / "sd"), batch_size=4, max_new=6, max_len=32,
+               part_size=4)
+    parts = sorted(p.name for p in (tmp_path / "sd" / "parts").iterdir())
+    assert parts == ["eval-0000000.npz", "train-0000000.npz", "train-0000004.npz"]
+    d = ShardData(tmp_path / "sd", "train", batch_size=2)
+    assert d.n == 6
+    for i in range(6):
+        tok, msk = d.sequence(i)
+        assert tok[:5].tolist() == ids[i][:5] and not msk[:5].any() and msk[5:].all()
+        assert tok[5:].tolist() == _greedy_ref(m, ids[i][:5], 6, [])
+    stamp = (tmp_path / "sd" / "parts" / parts[1]).stat().st_mtime_ns
+    assert run(m, [], [198], str(tmp_path / "src"), str(tmp_path / "sd"), batch_size=4, max_new=6, max_len=32,
+               part_size=4)
+    assert (tmp_path / "sd" / "parts" / parts[1]).stat().st_mtime_ns == stamp   # done parts are kept

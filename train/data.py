@@ -225,8 +225,7 @@ class ShardData:
             self.lens = np.minimum(self.lens, max_len)
         self.batch_size, self.seed = batch_size, seed
         self.n = len(self.lens)
-        if self.n < batch_size:
-            raise ValueError(f"{root}/{split} has {self.n} sequences, fewer than the batch size {batch_size}")
+        self.where = f"{root}/{split}"
         self.per_epoch = self.n // batch_size
         self._epoch, self._order = None, None
 
@@ -264,6 +263,8 @@ class ShardData:
         return Batch(torch.from_numpy(tok), torch.from_numpy(msk), 0, 0)
 
     def batch(self, step: int) -> Batch:
+        if self.per_epoch == 0:
+            raise ValueError(f"{self.where} has {self.n} sequences, fewer than the batch size {self.batch_size}")
         epoch, index = divmod(step, self.per_epoch)
         b = self.rows(self._epoch_order(epoch)[index])
         b.epoch, b.index = epoch, index

@@ -238,6 +238,8 @@ class Trainer:
             self.dopt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999))
             self.dsched = torch.optim.lr_scheduler.LambdaLR(self.dopt, cosine_lambda(cfg.warmup, cfg.steps))
         self.data = ShardData(cfg.data, "train", cfg.batch_size, cfg.seed, cfg.max_len)
+        if len(self.data) == 0:
+            raise ValueError(f"{cfg.data}: {self.data.n} training sequences, fewer than one batch of {cfg.batch_size}")
         self.eval_data = None
         if Path(cfg.data, "eval.offsets.npy").is_file():
             self.eval_data = ShardData(cfg.data, "eval", max(1, min(cfg.batch_size, 8)), cfg.seed, cfg.max_len)

@@ -202,6 +202,7 @@ class Batch:
     mask: torch.Tensor        # (B, T) bool, True at assistant tokens (never at padding)
     epoch: int
     index: int
+    n_tokens: int = 0         # real (unpadded) tokens
 
 
 class ShardData:
@@ -260,7 +261,7 @@ class ShardData:
             o = self.offsets[i]
             tok[r, :L] = self.tokens[o:o + L]
             msk[r, :L] = self.mask[o:o + L]
-        return Batch(torch.from_numpy(tok), torch.from_numpy(msk), 0, 0)
+        return Batch(torch.from_numpy(tok), torch.from_numpy(msk), 0, 0, int(lens.sum()))
 
     def batch(self, step: int) -> Batch:
         if self.per_epoch == 0:

@@ -119,8 +119,8 @@ def _attend(attn, x, cos, sin, past_k, past_v, s: int):
     k = k.view(B, T, nkv, hd).transpose(1, 2)
     v = v.view(B, T, nkv, hd).transpose(1, 2)
     c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = q * c + rotate_half(q) * sn
-    k = k * c + rotate_half(k) * sn
+    q = (q * c + rotate_half(q) * sn).to(v.dtype)   # fp32 tables would promote q, k under autocast
+    k = (k * c + rotate_half(k) * sn).to(v.dtype)
     past_k.append(k)
     past_v.append(v)
     K, V = torch.cat(past_k, dim=2), torch.cat(past_v, dim=2)   # (B, nkv, (s+1)T, hd)

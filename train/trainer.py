@@ -330,7 +330,7 @@ class Trainer:
             self.dsched.step()
             stats.update(dstats)
         out.update({k: float(v) for k, v in stats.items()})
-        self.tokens_seen += int(b.mask.numel())
+        self.tokens_seen += b.n_tokens
         self.step += 1
         return out
 

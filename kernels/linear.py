@@ -1,0 +1,292 @@
+"""Small-M linear layers for decode and tree verification, with the RMSNorm before them and the
+residual / SwiGLU after them fused into the one launch.
+
+    linear(x, W, bias, residual, norm_weight, eps)  y = rmsnorm(x) @ W.T (+ bias) (+ residual)
+    linear_silu(x, W13, norm_weight, eps)            y = silu(g) * u, [g | u] = rmsnorm(x) @ W13.T
+
+Why: at batch 1 a decoder layer's GEMMs have M = 1..64 rows (the tokens of a step or a tree), so
+they are weight reads (0.66 MB at 576x576 bf16, 33.5 MB at 4096x4096) with almost no arithmetic.
+cuBLAS spends 5-8 us on each of SmolLM2's (0.2-1.2 us of bytes at 3 TB/s on the H100) and the
+norm and the activation are launches of their own; here a layer's 11 launches become 6
+(linear+norm, rope/cache, attention, linear+residual, linear_silu+norm, linear+residual).
+
+Two code paths, picked by `_config` from (M, N, K); neither autotunes, so both are safe to
+capture in a CUDA graph:
+  * GEMV (M <= 2): one row per program (grid over rows), a (BLOCK_N, BLOCK_K) tile of W per
+    iteration with 16-byte loads along K, fp32 products accumulated elementwise and reduced over
+    K once at the end. BLOCK_N is as small as 1-2 rows of W so that N = 576 still gives ~288
+    programs for the 132 SMs; further rows of x re-read W from L2, not HBM.
+  * MMA (M > 2): a (BLOCK_M >= 16, BLOCK_N) tile per program with tl.dot (fp32 accumulation).
+The RMSNorm prologue recomputes each row's rms over K in every program (x is a few KB, L2
+resident): no extra launch and no normalised copy of x in memory. Numerics follow
+koala.model.RMSNorm: fp32 math, the normalised x rounded to x's dtype, times the weight rounded
+again (bit-identical to rms_norm_ref), then fed to the product in W's dtype. Bias and residual
+are added to the fp32 accumulator and the sum rounded once, as cuBLAS addmm (beta=1) does.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import FLOATS, check_device, check_last_contiguous, check_tensor, interpreting, next_pow2
+from ._tl import cast_rne, dot_acc, sigmoid
+from .rmsnorm import rms_norm_ref
+from .swiglu import silu_mul_ref
+
+NUM_SMS_H100 = 132
+
+
+@triton.jit
+def _row_rstd(x_rows, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) of each of the tile's rows (BLOCK_M,), fp32."""
+    rk = tl.arange(0, BLOCK_K)
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xk = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+        xk = xk.to(tl.float32)
+        ss += tl.sum(xk * xk, axis=1)
+    return tl.rsqrt(ss / K + eps)
+
+
+@triton.jit
+def _x_tile(x_rows, m_mask, kk, K, rstd, nw_ptr,
+            HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) of x, normalised when HAS_NORM, as fp32 values of x's dtype."""
+    if EVEN_K:
+        xk = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+    else:
+        xk = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+        xk = xk.to(tl.float32)
+    if HAS_NORM:
+        if EVEN_K:
+            nw = tl.load(nw_ptr + kk).to(tl.float32)
+        else:
+            nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+        # as RMSNorm: round x * rstd to x's dtype, then round the product with the weight again
+        xn = cast_rne(xk * rstd[:, None], x_rows.dtype.element_ty).to(tl.float32)
+        xk = cast_rne(xn * nw[None, :], x_rows.dtype.element_ty).to(tl.float32)
+    return xk
+
+
+@triton.jit
+def _tile_product(x_rows, m_mask, w_ptr, rn, n_mask, nw_ptr, rstd,
+                  K, stride_wn,
+                  HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T over all of K."""
+    rk = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rn.to(tl.int64) * stride_wn                       # (BLOCK_N,)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = _x_tile(x_rows, m_mask, kk, K, rstd, nw_ptr, HAS_NORM, EVEN_K)
+            if EVEN_K:
+                w = tl.load(w_rows[None, :] + kk[:, None], mask=n_mask[None, :], other=0.0)
+            else:
+                w = tl.load(w_rows[None, :] + kk[:, None],
+                            mask=n_mask[None, :] & (kk[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_N)
+            # x is fed to the product in W's dtype, as F.linear does
+            acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
+    else:
+        # BLOCK_M == 1: elementwise fp32 products, one reduction over K after the loop
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = _x_tile(x_rows, m_mask, kk, K, rstd, nw_ptr, HAS_NORM, EVEN_K)  # (1, BLOCK_K)
+            if EVEN_K:
+                w = tl.load(w_rows[:, None] + kk[None, :], mask=n_mask[:, None], other=0.0)
+            else:
+                w = tl.load(w_rows[:, None] + kk[None, :],
+                            mask=n_mask[:, None] & (kk[None, :] < K), other=0.0)  # (BLOCK_N, BLOCK_K)
+            acc2 += a * w.to(tl.float32)
+        acc = tl.sum(acc2, axis=1)[None, :]                             # (1, BLOCK_N)
+    return acc
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr,                    # pointers
+    M, N, K, eps,                                                 # sizes (N: output columns)
+    stride_xm, stride_wn, stride_rm, stride_ym,                   # strides (last dims unit)
+    HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,  # constexpr
+    SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = rn < N
+    m_mask = rm < M
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm              # (BLOCK_M, 1)
+    if HAS_NORM:
+        rstd = _row_rstd(x_rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
+    else:
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = _tile_product(x_rows, m_mask, w_ptr, rn, n_mask, nw_ptr, rstd, K, stride_wn,
+                        HAS_NORM, EVEN_K, USE_DOT, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        # W holds gate rows [0, N) then up rows [N, 2N); both rounded to the output dtype first,
+        # as the unfused w13 GEMM (whose output is x's dtype) then silu_mul do
+        up = _tile_product(x_rows, m_mask, w_ptr + N * stride_wn, rn, n_mask, nw_ptr, rstd, K,
+                           stride_wn, HAS_NORM, EVEN_K, USE_DOT, DOT_PRECISION, UPCAST,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
+        g = cast_rne(acc, y_ptr.dtype.element_ty).to(tl.float32)
+        u = cast_rne(up, y_ptr.dtype.element_ty).to(tl.float32)
+        acc = g * sigmoid(g) * u
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :],
+                       mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :],
+             cast_rne(acc, y_ptr.dtype.element_ty), mask=out_mask)
+
+
+class LinearConfig(NamedTuple):
+    """Launch parameters; `_config` picks them, the benchmark may pass others to compare."""
+    use_dot: bool
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _config(M: int, N: int, K: int) -> LinearConfig:
+    """Fixed tile sizes as a function of the shape (no autotuning: graph-capture safe).
+    N: output columns (I for linear_silu, whose programs read a gate and an up tile each).
+    Guesses from the H100's shape (132 SMs, ~3 MB in flight to saturate HBM), not yet tuned:
+    bench/linear_bench.py times these against alternatives."""
+    target = 2 * NUM_SMS_H100                 # programs: 2 per SM so one waits while one loads
+    if M <= 2:
+        # GEMV: BLOCK_N rows of W per program, as few as keep >= 2 programs per SM (576 -> 2,
+        # 1728 -> 4, 4096 -> 8, 49152 -> 16), and BLOCK_K so that a tile is ~4096 elements:
+        # 32 per thread (four 16-byte loads in flight) at 4 warps
+        bn = 1
+        while bn < 16 and triton.cdiv(N, 2 * bn) * M >= target:
+            bn *= 2
+        bk = max(32, min(next_pow2(K), 4096 // bn))
+        return LinearConfig(False, 1, bn, bk, 4, 1)
+    # MMA: tl.dot needs >= 16 rows; one M tile covers M <= 64
+    bm = min(64, max(16, next_pow2(M)))
+    mt = triton.cdiv(M, bm)
+    bn = 16
+    while bn < 64 and triton.cdiv(N, 2 * bn) * mt >= target:
+        bn *= 2
+    # long K steps: few loop trips (K=576 in 3 at BLOCK_K=256), ~8 KB of W per stage
+    bk = max(32, min(next_pow2(K), 256 if bm <= 16 else 128, 4096 // bn))
+    return LinearConfig(True, bm, bn, bk, 4, 3)
+
+
+def _check(x, W, norm_weight, name_w="W"):
+    check_tensor("x", x, dtypes=FLOATS)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dim, got shape {tuple(x.shape)}")
+    K = x.shape[-1]
+    check_tensor(name_w, W, ndim=2, dtypes=(x.dtype,), shape=(None, K))
+    if norm_weight is not None:
+        check_tensor("norm_weight", norm_weight, ndim=1, dtypes=(x.dtype,), shape=(K,))
+    return K
+
+
+def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
+    M, K = x2.shape
+    cfg = config or _config(M, N, K)
+    if not cfg.use_dot and cfg.BLOCK_M != 1:
+        raise ValueError(f"config {cfg}: the GEMV path takes BLOCK_M=1")
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        raise ValueError("K=0: empty reduction")
+    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M))
+    dummy = y                                            # pointer for absent operands (never read)
+    _linear_kernel[grid](
+        x2, W, dummy if bias is None else bias, dummy if res2 is None else res2,
+        dummy if norm_weight is None else norm_weight, y,
+        M, N, K, float(eps),
+        x2.stride(0), W.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0),
+        HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=res2 is not None, SILU=silu, USE_DOT=cfg.use_dot,
+        EVEN_K=K % cfg.BLOCK_K == 0,
+        # fp32 inputs: exact fp32 products, not TF32 (which would be 10x the reference's error)
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+           eps: float = 1e-5, *, config: LinearConfig | None = None) -> torch.Tensor:
+    """y = rmsnorm(x, norm_weight, eps) @ W.T (+ bias) (+ residual), one launch.
+
+    x (..., K): rows flattened to M = x.numel() // K (a view when the rows are evenly strided);
+    any M, tuned for M <= 64. W (N, K) in nn.Linear layout; bias (N,), norm_weight (K,) and
+    residual (..., N) (x's leading dims) all of x's dtype; every last dim unit stride, row strides
+    free (W may be a row slice of a fused weight). Returns (..., N) in x's dtype, fp32
+    accumulation. norm_weight=None: no norm. config: override the tile choice (benchmarks)."""
+    K = _check(x, W, norm_weight)
+    N = W.shape[0]
+    named = [("x", x), ("W", W)]
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), shape=(N,))
+        named.append(("bias", bias))
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(x.dtype,))
+        if tuple(residual.shape) != tuple(x.shape[:-1]) + (N,):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, expected "
+                             f"{tuple(x.shape[:-1]) + (N,)}")
+        named.append(("residual", residual))
+    if norm_weight is not None:
+        named.append(("norm_weight", norm_weight))
+    check_device(*named)
+    for n, t in named:
+        check_last_contiguous(n, t)
+    x2 = x.reshape(-1, K)                                              # (M, K)
+    res2 = None if residual is None else residual.reshape(-1, N)       # (M, N)
+    y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    _launch(x2, W, bias, res2, norm_weight, eps, y, N, False, config)
+    return y.view(*x.shape[:-1], N)
+
+
+def linear_silu(x: torch.Tensor, W13: torch.Tensor, norm_weight: torch.Tensor | None = None,
+                eps: float = 1e-5, *, config: LinearConfig | None = None) -> torch.Tensor:
+    """y = silu(g) * u where [g | u] = rmsnorm(x, norm_weight, eps) @ W13.T, one launch.
+
+    x (..., K); W13 (2I, K): gate rows [0, I) then up rows [I, 2I) (FeedForward.w13's layout);
+    norm_weight (K,) or None; all of x's dtype, last dims unit stride. Returns (..., I) in x's
+    dtype. Each program computes matching gate and up tiles, so the (M, 2I) product never
+    reaches memory."""
+    K = _check(x, W13, norm_weight, "W13")
+    if W13.shape[0] % 2:
+        raise ValueError(f"W13 has shape {tuple(W13.shape)}: the first dim must be 2*I (gate | up)")
+    I = W13.shape[0] // 2
+    named = [("x", x), ("W13", W13)] + ([("norm_weight", norm_weight)] if norm_weight is not None else [])
+    check_device(*named)
+    for n, t in named:
+        check_last_contiguous(n, t)
+    x2 = x.reshape(-1, K)
+    y = torch.empty((x2.shape[0], I), dtype=x.dtype, device=x.device)
+    _launch(x2, W13, None, None, norm_weight, eps, y, I, True, config)
+    return y.view(*x.shape[:-1], I)
+
+
+def linear_ref(x, W, bias=None, residual=None, norm_weight=None, eps: float = 1e-5):
+    """The unfused ops koala.model runs: RMSNorm, F.linear, then the residual add."""
+    xn = x if norm_weight is None else rms_norm_ref(x, norm_weight, eps)
+    y = F.linear(xn, W, bias)
+    return y if residual is None else residual + y
+
+
+def linear_silu_ref(x, W13, norm_weight=None, eps: float = 1e-5):
+    """RMSNorm, the w13 GEMM, then silu(gate) * up (koala.model.FeedForward's first half)."""
+    xn = x if norm_weight is None else rms_norm_ref(x, norm_weight, eps)
+    return silu_mul_ref(F.linear(xn, W13))

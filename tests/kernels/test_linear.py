@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU, assert_close_to_baseline, poison
+from kernels import linear as L
+
+# (M, N, K): both paths (GEMV at M <= 2, MMA above), odd sizes, K spanning several BLOCK_K
+CASES = [(1, 77, 123), (2, 40, 300), (3, 77, 123), (17, 24, 64)]
+if ON_GPU:
+    CASES += [(1, 576, 576), (8, 1728, 576), (64, 576, 1536), (1, 4096, 4096), (33, 3000, 4100)]
+# (bias, residual, norm)
+OPTS = [(False, False, False), (True, False, False), (False, True, True), (True, True, True)]
+
+
+def _inputs(M, N, K, dtype, scale=1.0):
+    x = torch.randn(M, K, device=DEVICE) * scale
+    W = torch.randn(N, K, device=DEVICE) / K ** 0.5
+    b = torch.randn(N, device=DEVICE) * 0.1
+    r = torch.randn(M, N, device=DEVICE)
+    nw = 1 + 0.2 * torch.randn(K, device=DEVICE)
+    return [t.to(dtype) for t in (x, W, b, r, nw)]
+
+
+def _run_linear(M, N, K, dtype, opts, config=None):
+    has_b, has_r, has_n = opts
+    x, W, b, r, nw = _inputs(M, N, K, dtype, scale=3.0)
+    args = (b if has_b else None, r if has_r else None, nw if has_n else None, 1e-5)
+    y = L.linear(x, W, *args, config=config)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    exact = L.linear_ref(x.double(), W.double(), *map(d, args[:3]), 1e-5)
+    # the exact reference normalises x in fp64 without rounding it; the kernel (like the module)
+    # rounds the normalised x to the test dtype, so the baseline is the module's own rounding
+    assert_close_to_baseline(y, exact, L.linear_ref(x, W, *args), floor=1e-5,
+                             what=f"linear M={M} N={N} K={K} {opts}")
+
+
+@pytest.mark.parametrize("M,N,K", CASES)
+@pytest.mark.parametrize("opts", OPTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_reference(M, N, K, opts, dtype):
+    _run_linear(M, N, K, dtype, opts)
+
+
+@pytest.mark.parametrize("use_dot,BM,BN,BK", [(False, 1, 4, 32), (True, 16, 16, 64), (True, 32, 32, 32)])
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_forced_configs(use_dot, BM, BN, BK, M, dtype):
+    # every path must be right at any M (the benchmark compares them), EVEN_K included (K=64)
+    _run_linear(M, 37, 64, dtype, (True, True, True), L.LinearConfig(use_dot, BM, BN, BK))
+    _run_linear(M, 37, 70, dtype, (False, False, True), L.LinearConfig(use_dot, BM, BN, BK))
+
+
+@pytest.mark.parametrize("M,I,K", [(1, 40, 123), (3, 24, 64), (2, 33, 70)])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_silu_matches_reference(M, I, K, norm, dtype):
+    x, W13, _, _, nw = _inputs(M, 2 * I, K, dtype, scale=3.0)
+    W13 = W13 * 2                                     # gate values of a few units: silu's curve
+    nw = nw if norm else None
+    y = L.linear_silu(x, W13, nw, 1e-5)
+    exact = L.linear_silu_ref(x.double(), W13.double(), None if nw is None else nw.double(), 1e-5)
+    assert_close_to_baseline(y, exact, L.linear_silu_ref(x, W13, nw, 1e-5), floor=1e-5,
+                             what=f"linear_silu M={M} I={I} K={K}")
+
+
+def test_norm_prologue_is_bit_identical_to_rmsnorm_then_linear():
+    # the prologue rounds like koala.model.RMSNorm: fused == rms_norm_ref then the same kernel
+    x, W, _, _, nw = _inputs(3, 20, 48, torch.bfloat16)
+    fused = L.linear(x, W, norm_weight=nw, eps=1e-6)
+    from kernels.rmsnorm import rms_norm_ref
+    torch.testing.assert_close(fused, L.linear(rms_norm_ref(x, nw, 1e-6), W), atol=0, rtol=0)
+
+
+def test_linear_leading_dims_strided_rows_and_static_output():
+    B, T, K, N = 2, 3, 40, 24
+    Wbig = torch.randn(3 * N, K + 8, device=DEVICE)
+    W = Wbig[N:2 * N, :K]                             # a row slice of a fused weight, row stride K+8
+    x = torch.randn(B, T, K + 5, device=DEVICE)[..., :K]
+    r = torch.randn(B, T, N, device=DEVICE)
+    y = L.linear(x, W, residual=r)
+    assert y.shape == (B, T, N)
+    torch.testing.assert_close(y, L.linear_ref(x, W, residual=r), atol=1e-4, rtol=1e-4)
+
+
+def test_linear_writes_every_output():
+    # outputs come from torch.empty: a NaN left anywhere would mean an unwritten tile
+    x, W, b, r, nw = _inputs(5, 19, 33, torch.float32)
+    y = L.linear(x, W, b, r, nw)
+    assert torch.isfinite(y).all()
+    poison(x[2:])                                     # rows are independent: row 0-1 unaffected
+    y2 = L.linear(x, W, b, r, nw)
+    torch.testing.assert_close(y2[:2], y[:2], atol=0, rtol=0)
+    assert torch.isnan(y2[2:]).all()
+
+
+def test_linear_empty_rows():
+    x, W, *_ = _inputs(1, 8, 16, torch.float32)
+    assert L.linear(x[:0], W).shape == (0, 8)
+
+
+def test_linear_rejects_bad_inputs():
+    x, W, b, r, nw = _inputs(2, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="W has shape"):
+        L.linear(x, W[:, :8])
+    with pytest.raises(ValueError, match="dtype"):
+        L.linear(x, W.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="residual has shape"):
+        L.linear(x, W, residual=r[:1])
+    with pytest.raises(ValueError, match="norm_weight"):
+        L.linear(x, W, norm_weight=nw[:4])
+    with pytest.raises(ValueError, match="unit stride"):
+        L.linear(x, W.t().contiguous().t())
+    with pytest.raises(ValueError, match="2\\*I"):
+        L.linear_silu(x, W[:7])

@@ -11,6 +11,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import accept, medusa, rmsnorm, rope_cache, swiglu, tree_attention  # noqa: E402
+from kernels import linear  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -53,6 +54,15 @@ def cases(dt):
                     DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False), 4)
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,
            dict(HD=64, BLOCK_D=64, BLOCK_S=16), 1)
+    # linear: the GEMV path (M <= 2) and the MMA path at the BLOCK_M extremes, norm/residual/silu
+    for (M, N, K), silu in (((1, 1728, 576), False), ((1, 4096, 4096), True), ((8, 576, 576), True),
+                            ((64, 576, 1536), False)):
+        c = linear._config(M, N, K)
+        yield (f"linear M={M} N={N} K={K} silu={silu}", linear._linear_kernel,
+               [p] * 6 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
+               dict(HAS_NORM=True, HAS_BIAS=not silu, HAS_RESIDUAL=not silu, SILU=silu, USE_DOT=c.use_dot,
+                    EVEN_K=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False,
+                    BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K), c.num_warps)
 
 
 def main():

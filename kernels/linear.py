@@ -112,7 +112,7 @@ def _tile_product(x_rows, m_mask, w_ptr, rn, n_mask, nw_ptr, rstd,
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr,                    # pointers
+    x_ptr, w_ptr, wu_ptr, b_ptr, r_ptr, nw_ptr, y_ptr,            # pointers (wu: up rows, SILU)
     M, N, K, eps,                                                 # sizes (N: output columns)
     stride_xm, stride_wn, stride_rm, stride_ym,                   # strides (last dims unit)
     HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,  # constexpr
@@ -134,9 +134,10 @@ def _linear_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if SILU:
-        # W holds gate rows [0, N) then up rows [N, 2N); both rounded to the output dtype first,
+        # wu_ptr = W's up rows [N, 2N) (a host view: no int32 N * stride overflow); gate and up are
+        # rounded to the output dtype first,
         # as the unfused w13 GEMM (whose output is x's dtype) then silu_mul do
-        up = _tile_product(x_rows, m_mask, w_ptr + N * stride_wn, rn, n_mask, nw_ptr, rstd, K,
+        up = _tile_product(x_rows, m_mask, wu_ptr, rn, n_mask, nw_ptr, rstd, K,
                            stride_wn, HAS_NORM, EVEN_K, USE_DOT, DOT_PRECISION, UPCAST,
                            BLOCK_M, BLOCK_N, BLOCK_K)
         g = cast_rne(acc, y_ptr.dtype.element_ty).to(tl.float32)
@@ -209,7 +210,7 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
     grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M))
     dummy = y                                            # pointer for absent operands (never read)
     _linear_kernel[grid](
-        x2, W, dummy if bias is None else bias, dummy if res2 is None else res2,
+        x2, W, W[N:] if silu else W, dummy if bias is None else bias, dummy if res2 is None else res2,
         dummy if norm_weight is None else norm_weight, y,
         M, N, K, float(eps),
         x2.stride(0), W.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0),

@@ -59,7 +59,7 @@ def cases(dt):
                             ((64, 576, 1536), False)):
         c = linear._config(M, N, K)
         yield (f"linear M={M} N={N} K={K} silu={silu}", linear._linear_kernel,
-               [p] * 6 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
+               [p] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
                dict(HAS_NORM=True, HAS_BIAS=not silu, HAS_RESIDUAL=not silu, SILU=silu, USE_DOT=c.use_dot,
                     EVEN_K=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False,
                     BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K), c.num_warps)

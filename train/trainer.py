@@ -227,10 +227,14 @@ class Trainer:
         self.disc_step = _DiscStep(self.disc) if self.disc is not None else None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
+            import warnings
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.head_step = DDP(self.head_step, device_ids=ids, broadcast_buffers=False)
-            if self.disc_step is not None:
-                self.disc_step = DDP(self.disc_step, device_ids=ids, broadcast_buffers=False)
+            with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 lacks the new name
+                warnings.simplefilter("ignore", FutureWarning)
+                # buffers (the rotary tables) are equal on every rank: no need to broadcast per step
+                self.head_step = DDP(self.head_step, device_ids=ids, broadcast_buffers=False)
+                if self.disc_step is not None:
+                    self.disc_step = DDP(self.disc_step, device_ids=ids, broadcast_buffers=False)
         self.opt = torch.optim.AdamW([p for p in self.head.parameters() if p.requires_grad], lr=cfg.lr,
                                      betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, cosine_lambda(cfg.warmup, cfg.steps))

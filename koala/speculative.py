@@ -57,7 +57,7 @@ def resolve_draft(draft, loaded):
             raise HeadMismatchError(f"draft='default' is the head shipped for {DEFAULT_TARGET}; "
                                     f"for {loaded.name!r} pass a head directory or a DraftConfig")
         kind = "medusa" if draft == "default-medusa" else "eagle"
-        path = Path(__file__).resolve().parent / "heads" / f"default-{kind}"
+        path = Path(__file__).resolve().parent / "default_heads" / kind
         if not (path / "config.json").is_file():
             raise KoalaError(f"no shipped default head at {path}: train one with python -m train, "
                              "or pass a DraftConfig for an untrained head")

@@ -32,3 +32,28 @@ def test_greedy_ids_equal_transformers_generate(smollm2, smollm2_hf, prompt):
         ref_new = hf_greedy(smollm2_hf, ids, 64)
     assert len(ours.token_ids) == 64
     assert ours.token_ids == ref_new
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_shipped_default_heads_are_lossless(smollm2, kind):
+    """The heads in koala/default_heads load for the embedded model, draft real tokens, and the
+    output equals plain greedy decoding (fp32, CPU)."""
+    from koala.speculative import resolve_draft
+    head = resolve_draft("default" if kind == "eagle" else "default-medusa", smollm2)
+    assert head.config.kind == kind and head.config.layers == 2
+    plain = SpeculativeGenerator(smollm2, max_seq_len=512)
+    spec = SpeculativeGenerator(smollm2, head, max_seq_len=512, mode="chain")
+    prompt = PROMPTS[1]
+    ref = plain.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    res = spec.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    assert res.token_ids == ref.token_ids
+    assert res.stats.tau > 1.0  # trained heads get some drafts accepted
+
+
+def test_default_head_refuses_another_target(tmp_path):
+    from koala import HeadMismatchError, load_target
+    from koala.speculative import resolve_draft
+    from tests.helpers import make_hf_checkpoint
+    path, _ = make_hf_checkpoint(tmp_path, "llama")
+    with pytest.raises(HeadMismatchError, match="shipped for smollm2-135m-instruct"):
+        resolve_draft("default", load_target(path, device="cpu"))

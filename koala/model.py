@@ -114,15 +114,20 @@ class Attention(nn.Module):
         out = self.wo(y.transpose(1, 2).reshape(B, T, h * hd))
         return out if residual is None else residual + out
 
-    def _forward_fused(self, x, cos, sin, slots, mask, residual):
+    def attend(self, qkv, cos, sin, slots, mask):
+        """Fused path from the q|k|v projection: RoPE + cache write, then masked attention over
+        the first mask.shape[-1] slots. qkv (B, T, (h+2nkv)*hd) -> (B, T, h*hd)."""
         from kernels.rope_cache import rope_and_cache_write
         from kernels.tree_attention import tree_attention
-        B, T, _ = x.shape
+        B, T, _ = qkv.shape
         c = self.kv_cache
-        q = rope_and_cache_write(self.wqkv(x), cos, sin, slots, c.k, c.v, self.n_heads, self.n_kv)
+        q = rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads, self.n_kv)
         L = mask.shape[-1]
         y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask)          # (B, h, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+
+    def _forward_fused(self, x, cos, sin, slots, mask, residual):
+        y = self.attend(self.wqkv(x), cos, sin, slots, mask)
         if residual is None:
             return self.wo(y)
         return _linear_residual(residual, y, self.wo)
@@ -156,8 +161,25 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, slots=None, mask=None):
+        if _Fast.on and x.is_cuda and slots is not None and x.shape[0] * x.shape[1] <= SMALL_M:
+            return self._forward_small(x, cos, sin, slots, mask)
         x = self.attention(self.attention_norm(x), cos, sin, slots, mask, residual=x)
         return self.feed_forward(self.ffn_norm(x), residual=x)
+
+
+    def _forward_small(self, x, cos, sin, slots, mask):
+        """Decode/verify with few tokens: 6-7 launches a layer. The norms run as prologues of
+        the projections and the residuals and SwiGLU as their epilogues (kernels/linear.py),
+        where cuBLAS took 5-8 us per tiny GEMM plus separate norm and activation launches."""
+        from kernels.linear import linear, linear_silu
+        a, f, n1, n2 = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
+        qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps)
+        x = linear(a.attend(qkv, cos, sin, slots, mask), a.wo.weight, residual=x)
+        return linear(linear_silu(x, f.w13.weight, n2.weight, n2.eps), f.w2.weight, residual=x)
+
+
+# decode steps and drafted trees have at most this many tokens: above it (prefill) cuBLAS wins
+SMALL_M = 64
 
 
 class Rotary(nn.Module):
@@ -235,6 +257,9 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, slots, mask)
         hidden = self.norm(x)
         h = hidden if logits_index is None else hidden.index_select(1, logits_index)
+        if _Fast.on and h.is_cuda and h.shape[0] * h.shape[1] <= SMALL_M and slots is not None:
+            from kernels.linear import linear
+            return linear(h, self.output.weight), hidden
         return self.output(h), hidden
 
 

@@ -185,8 +185,23 @@ class SpeculativeDecoder:
         return tok, logq.gather(-1, tok)
 
     # ------------------------------------------------------------------ draft
+    def _medusa_logits(self):
+        """(H, V): every head's logits from h_prev. On CUDA the H x K ResBlocks run as K launches
+        of kernels/medusa.py and the shared LM head as one GEMM over the H rows."""
+        from .heads import MedusaHead
+        head = self.head
+        stock = type(head).forward is MedusaHead.forward   # a subclass's own forward is respected
+        if self._fast() and head.proj is None and stock:
+            from kernels.linear import linear
+            from kernels.medusa import medusa_resblocks
+            if getattr(self, "_medusa_w", None) is None:   # frozen at inference: stack once
+                self._medusa_w = tuple(t.detach().contiguous() for t in head.resblock_weights())
+            feats = medusa_resblocks(self.h_prev.view(1, -1), *self._medusa_w)[:, 0]   # (H, D)
+            return linear(feats, head._frozen.lm_head.weight)
+        return head(self.h_prev.view(1, 1, -1))[:, 0, 0]
+
     def _draft_medusa(self):
-        logits = self.head(self.h_prev.view(1, 1, -1))[:, 0, 0]          # (H, V)
+        logits = self._medusa_logits()                                    # (H, V)
         logq = self._logq(logits)                                         # (H, V)
         rank_tok, _ = self._children(logq, self.noise_gumbel[: logq.shape[0]], self.k)  # (H, k)
         d = self.m_depth

@@ -223,3 +223,19 @@ def test_cuda_graph_iterations_equal_plain(kind, opts, tmp_path):
     res = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
     assert gen.spec.use_graph and res.token_ids == ref.token_ids and res.stats.tau > 1.8
     assert res.stats.draft_s is not None and res.stats.verify_s > 0
+
+
+@pytest.mark.gpu
+def test_fused_medusa_draft_matches_module(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.float32)
+    head = DraftConfig(kind="medusa", layers=3).build(lt)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    gen = SpeculativeGenerator(lt, head, max_seq_len=256, mode="chain")
+    spec = gen.spec
+    spec.h_prev.normal_()
+    fused = spec._medusa_logits()
+    ref = head(spec.h_prev.view(1, 1, -1))[:, 0, 0]
+    assert (fused - ref).abs().max().item() < 1e-3

@@ -140,6 +140,11 @@ class SpeculativeDecoder:
         self.C = self.k if self.eagle else max(rank) + 1   # most children of any node
         # working slots beyond the committed text: the tree, and the EAGLE head's drafted pool
         self.max_new_per_step = self.depth + 1 + self.N + (self.P if self.eagle else 0)
+        if self.eagle and mode == "chain":  # the chain's shape is fixed: node i's parent is i-1
+            n = self.N
+            self.c_parents = torch.arange(-1, n - 1, device=dev)
+            self.c_depth = torch.arange(n, device=dev)
+            self.c_anc = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         # ---- state carried between iterations (device)
         self.L = torch.zeros((), dtype=torch.long, device=dev)          # committed target tokens
         self.root = torch.zeros((), dtype=torch.long, device=dev)       # token at position L
@@ -211,15 +216,45 @@ class SpeculativeDecoder:
         Q = q[d.clamp_max(q.shape[0] - 1)]                                # (N, V)
         return dict(tokens=tok, parents=self.m_parents, depth=d, anc=self.m_anc, Q=Q)
 
-    def _draft_eagle(self, W):
-        head, L, k, d1 = self.head, self.L, self.k, self.depth + 1
-        # 1. catch-up: cu_n entries for positions L-cu_n .. L-1, padded to depth+1
-        pos = L - self.cu_n + torch.arange(d1, device=self.dev)
-        lg, feat = head(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1), pos,
-                        causal_mask(pos, W))
+    def _catch_up(self, W):
+        """Run the EAGLE head over the cu_n entries accepted last iteration (positions
+        L-cu_n .. L-1, padded to depth+1); returns the feature predicted for position L (1, D)
+        and the logits of the root's children (1, V)."""
+        d1 = self.depth + 1
+        pos = self.L - self.cu_n + torch.arange(d1, device=self.dev)
+        lg, feat = self.head(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1), pos,
+                             causal_mask(pos, W))
         last = (self.cu_n - 1).view(1)
-        f_root = feat[0].index_select(0, last)                            # (1, D) predicts f_L
-        logq_root = self._logq(lg[0].index_select(0, last))               # (1, V)
+        return feat[0].index_select(0, last), lg[0].index_select(0, last)
+
+    def _draft_eagle_chain(self, W):
+        """A chain needs no scores, pool or rerank: each level is one head forward and an argmax
+        (or a Gumbel-max draw from the warped q)."""
+        L = self.L
+        f, lg = self._catch_up(W)                                         # (1, D), (1, V)
+        toks, Qs = [self.root.view(1)], []
+        ar = torch.arange(W, device=self.dev)
+        for j in range(self.depth):
+            if self.greedy:
+                t = lg.argmax(-1)                                         # (1,)
+            else:
+                logq = self._logq(lg)
+                Qs.append(logq.exp())
+                t = (logq + self.noise_gumbel[j:j + 1]).argmax(-1)
+            toks.append(t)
+            if j < self.depth - 1:  # the node at depth j+1 is fed at position and slot L+j
+                p = (L + j).view(1)
+                lg, f = self.head(t.view(1, 1), f.view(1, 1, -1), p.view(1, 1), p, (ar <= L + j).view(1, 1, W))
+                lg, f = lg[0], f[0]
+        Q = torch.cat(Qs + [Qs[-1][:1]]) if Qs else None                  # (N, V): a leaf has no children
+        return dict(tokens=torch.cat(toks), parents=self.c_parents, depth=self.c_depth, anc=self.c_anc, Q=Q)
+
+    def _draft_eagle(self, W):
+        if self.mode == "chain":
+            return self._draft_eagle_chain(W)
+        head, L, k, d1 = self.head, self.L, self.k, self.depth + 1
+        f_root, lg_root = self._catch_up(W)                               # (1, D) predicts f_L
+        logq_root = self._logq(lg_root)                                   # (1, V)
         # 2. expand level by level
         P = self.P
         ar_P = torch.arange(P, device=self.dev)

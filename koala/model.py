@@ -178,8 +178,10 @@ class Block(nn.Module):
         return linear(linear_silu(x, f.w13.weight, n2.weight, n2.eps), f.w2.weight, residual=x)
 
 
-# decode steps and drafted trees have at most this many tokens: above it (prefill) cuBLAS wins
-SMALL_M = 64
+# rows up to which kernels/linear.py replaces cuBLAS: its GEMV path wins at M <= 2 (decode, chain
+# drafting: 2.4 vs 4.8 us at 576x576 on the H100), its MMA path loses from M = 8 on (10.9 vs 7.7 us
+# for w13 at M = 8; bench/results/linear.json), so verification keeps cuBLAS
+SMALL_M = 2
 
 
 class Rotary(nn.Module):

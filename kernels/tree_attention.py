@@ -125,7 +125,7 @@ def _n_splits(programs: int, S: int) -> int:
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    mask: torch.Tensor, kv_len=None, scale: float | None = None,
-                   n_splits: int | None = None) -> torch.Tensor:
+                   n_splits: int | None = None, block_m: int | None = None) -> torch.Tensor:
     """q (B, h, T, hd); k_cache, v_cache (B, n_kv, S, hd), h a multiple of n_kv; mask (B|1, T, S)
     bool, True where a query may see a slot; kv_len: None (= S), an int, or an int tensor () or
     (B,): only slots < kv_len are read (and they must cover every visible slot). Every last dim
@@ -161,6 +161,11 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     scale = hd ** -0.5 if scale is None else float(scale)
     G = h // n_kv
     BLOCK_M = min(64, max(16, next_pow2(G * T)))
+    if block_m is not None:  # a fixed row tile (with a fixed n_splits) makes each query row's
+        # result independent of how many rows share the launch: batch-invariant verification
+        if block_m not in (16, 32, 64):
+            raise ValueError(f"block_m must be 16, 32 or 64, got {block_m}")
+        BLOCK_M = block_m
     row_blocks = triton.cdiv(G * T, BLOCK_M)
     if n_splits is None:
         n_splits = _n_splits(B * n_kv * row_blocks, S)

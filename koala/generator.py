@@ -108,7 +108,7 @@ class SpeculativeGenerator:
         if self.device.type == "cuda":
             from .model import Transformer
             fused = os.environ.get("KOALA_KERNELS", "1") != "0"
-            Transformer.use_kernels(fused)
+            Transformer.use_kernels(fused, exact=os.environ.get("KOALA_EXACT", "1") != "0")
             logging.getLogger("koala").info("koala: %s", "fused Triton kernels on" if fused else
                                             "KOALA_KERNELS=0: PyTorch reference path (no Triton kernels)")
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph

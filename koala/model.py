@@ -20,9 +20,23 @@ from .config import ModelConfig, rope_inv_freq
 
 
 class _Fast:
-    """The fused Triton path (kernels/), used on CUDA. `on` is set per model by
-    Transformer.use_kernels(); the PyTorch code beside it stays the reference."""
+    """The fused Triton path (kernels/), used on CUDA. `on` is set by Transformer.use_kernels();
+    the PyTorch code beside it stays the reference.
+    `exact`: batch-invariant kernels for every forward of <= 64 tokens: each row goes through the
+    same per-row GEMV program and the attention uses a fixed row tile and a split count that
+    depends on the context only, so a token's bf16 logits do not depend on how many tokens are
+    verified beside it, and speculative greedy output equals plain greedy output bit for bit.
+    Off, verification uses cuBLAS (faster for trees, but its bf16 rounding differs from the
+    one-token step's, so greedy outputs drift apart after a near-tie)."""
     on = False
+    exact = True
+
+
+def _row_config(W, silu=False):
+    """The GEMV configuration a single row would get, for any number of rows (exact mode)."""
+    from kernels.linear import _config
+    n = W.shape[0] // 2 if silu else W.shape[0]
+    return _config(1, n, W.shape[1])
 
 
 def _linear_residual(x, y, lin: nn.Linear):
@@ -123,7 +137,12 @@ class Attention(nn.Module):
         c = self.kv_cache
         q = rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads, self.n_kv)
         L = mask.shape[-1]
-        y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask)          # (B, h, T, hd)
+        if _Fast.exact:
+            from kernels.tree_attention import _n_splits
+            y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask, n_splits=_n_splits(B * self.n_kv, L),
+                               block_m=64)
+        else:
+            y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask)      # (B, h, T, hd)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
 
     def _forward_fused(self, x, cos, sin, slots, mask, residual):
@@ -161,7 +180,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, slots=None, mask=None):
-        if _Fast.on and x.is_cuda and slots is not None and x.shape[0] * x.shape[1] <= SMALL_M:
+        if _Fast.on and x.is_cuda and slots is not None and x.shape[0] * x.shape[1] <= _small_m():
             return self._forward_small(x, cos, sin, slots, mask)
         x = self.attention(self.attention_norm(x), cos, sin, slots, mask, residual=x)
         return self.feed_forward(self.ffn_norm(x), residual=x)
@@ -173,15 +192,23 @@ class Block(nn.Module):
         where cuBLAS took 5-8 us per tiny GEMM plus separate norm and activation launches."""
         from kernels.linear import linear, linear_silu
         a, f, n1, n2 = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
-        qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps)
-        x = linear(a.attend(qkv, cos, sin, slots, mask), a.wo.weight, residual=x)
-        return linear(linear_silu(x, f.w13.weight, n2.weight, n2.eps), f.w2.weight, residual=x)
+        cf = _row_config if _Fast.exact else (lambda W, silu=False: None)
+        qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps, config=cf(a.wqkv.weight))
+        x = linear(a.attend(qkv, cos, sin, slots, mask), a.wo.weight, residual=x, config=cf(a.wo.weight))
+        g = linear_silu(x, f.w13.weight, n2.weight, n2.eps, config=cf(f.w13.weight, True))
+        return linear(g, f.w2.weight, residual=x, config=cf(f.w2.weight))
 
 
 # rows up to which kernels/linear.py replaces cuBLAS: its GEMV path wins at M <= 2 (decode, chain
 # drafting: 2.4 vs 4.8 us at 576x576 on the H100), its MMA path loses from M = 8 on (10.9 vs 7.7 us
-# for w13 at M = 8; bench/results/linear.json), so verification keeps cuBLAS
+# for w13 at M = 8; bench/results/linear.json), so without exact mode verification keeps cuBLAS;
+# in exact mode every forward of up to 64 tokens runs row by row through the GEMV program
 SMALL_M = 2
+EXACT_M = 64
+
+
+def _small_m():
+    return EXACT_M if _Fast.exact else SMALL_M
 
 
 class Rotary(nn.Module):
@@ -218,9 +245,12 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.device
 
     @staticmethod
-    def use_kernels(on: bool = True):
-        """Switch the fused Triton path (CUDA tensors only) on or off for every model."""
+    def use_kernels(on: bool = True, exact: bool | None = None):
+        """Switch the fused Triton path (CUDA tensors only) on or off for every model; exact
+        selects batch-invariant verification (see _Fast)."""
         _Fast.on = on
+        if exact is not None:
+            _Fast.exact = exact
 
     @property
     def dtype(self):
@@ -259,9 +289,10 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, slots, mask)
         hidden = self.norm(x)
         h = hidden if logits_index is None else hidden.index_select(1, logits_index)
-        if _Fast.on and h.is_cuda and h.shape[0] * h.shape[1] <= SMALL_M and slots is not None:
+        if _Fast.on and h.is_cuda and h.shape[0] * h.shape[1] <= _small_m() and slots is not None:
             from kernels.linear import linear
-            return linear(h, self.output.weight), hidden
+            cfg = _row_config(self.output.weight) if _Fast.exact else None
+            return linear(h, self.output.weight, config=cfg), hidden
         return self.output(h), hidden
 
 

@@ -240,3 +240,41 @@ def test_fused_medusa_draft_matches_module(tmp_path):
     fused = spec._medusa_logits()
     ref = head(spec.h_prev.view(1, 1, -1))[:, 0, 0]
     assert (fused - ref).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+def test_exact_mode_rows_are_batch_invariant_in_bf16(tmp_path):
+    """In exact mode a token's bf16 logits do not depend on how many tokens share the forward."""
+    from koala.model import Transformer, causal_mask
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    m = load_target(path, device="cuda", dtype=torch.bfloat16).model
+    m.setup_cache(1, 128)
+    Transformer.use_kernels(True, exact=True)
+    try:
+        ids = torch.randint(3, 128, (1, 40), device="cuda")
+        with torch.no_grad():
+            s = torch.arange(30, device="cuda")
+            m(ids[:, :30], s[None], s, causal_mask(s, 64))
+            s = torch.arange(30, 40, device="cuda")
+            many, _ = m(ids[:, 30:], s[None], s, causal_mask(s, 64))       # 10 tokens at once
+            one, _ = m(ids[:, 30:31], s[None, :1], s[:1], causal_mask(s[:1], 64))
+        assert torch.equal(many[0, 0], one[0, 0])
+    finally:
+        Transformer.use_kernels(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,opts", MODES, ids=IDS)
+def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.bfloat16)
+    plain = SpeculativeGenerator(lt, None, max_seq_len=256)
+    ref = plain.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
+    full = plain.encode(PROMPT, chat=False) + ref.token_ids
+    head = (OracleMedusa if kind == "medusa" else OracleEagle)(DraftConfig(kind=kind), lt.model, "tiny")
+    gen = SpeculativeGenerator(lt, head, max_seq_len=256, **opts)
+    head.ref = torch.tensor(full, device="cuda")
+    if kind == "medusa":
+        head.dec = gen.spec
+    res = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
+    assert res.token_ids == ref.token_ids and res.stats.tau > 1.8

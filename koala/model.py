@@ -202,9 +202,9 @@ class Block(nn.Module):
 # rows up to which kernels/linear.py replaces cuBLAS: its GEMV path wins at M <= 2 (decode, chain
 # drafting: 2.4 vs 4.8 us at 576x576 on the H100), its MMA path loses from M = 8 on (10.9 vs 7.7 us
 # for w13 at M = 8; bench/results/linear.json), so without exact mode verification keeps cuBLAS;
-# in exact mode every forward of up to 64 tokens runs row by row through the GEMV program
+# in exact mode every forward of up to 128 tokens runs row by row through the GEMV program
 SMALL_M = 2
-EXACT_M = 64
+EXACT_M = 128  # the largest tree SpeculativeDecoder accepts
 
 
 def _small_m():

@@ -314,6 +314,26 @@ class SpeculativeDecoder:
         Q = torch.cat([logq_root.exp(), pool_Q[sel]])
         return dict(tokens=tokens, parents=parents, depth=depth, anc=anc, Q=Q)
 
+    def _exact(self):
+        """Batch-invariant kernels (koala.model._Fast.exact) while this decoder runs: they make a
+        chain's bf16 verification bit-identical to one-token steps, because a chain's nodes sit in
+        the same cache slots as plainly decoded tokens would. A tree's nodes do not (a depth-2
+        node may sit at slot L+7), so attention sums its keys in another order and no kernel
+        choice makes trees bit-exact in bf16; they keep the faster cuBLAS verification."""
+        from contextlib import contextmanager
+
+        from .model import _Fast
+
+        @contextmanager
+        def ctx():
+            saved = _Fast.exact
+            _Fast.exact = saved and self.mode == "chain"
+            try:
+                yield
+            finally:
+                _Fast.exact = saved
+        return ctx()
+
     def draft(self, W):
         self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
 
@@ -417,11 +437,13 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ graphs and loop
     def _run(self, W):
         if not self.use_graph:
-            self.draft(W)
-            self.verify(W)
+            with self._exact():
+                self.draft(W)
+                self.verify(W)
             return None
         if W not in self.graphs:
-            self.graphs[W] = self._capture(W)
+            with self._exact():
+                self.graphs[W] = self._capture(W)
         gd, gv, ev = self.graphs[W]
         ev[0].record()
         gd.replay()

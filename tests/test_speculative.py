@@ -264,8 +264,10 @@ def test_exact_mode_rows_are_batch_invariant_in_bf16(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,opts", MODES, ids=IDS)
+@pytest.mark.parametrize("kind,opts", [MODES[0], MODES[2]], ids=["medusa-chain", "eagle-chain"])
 def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, tmp_path):
+    """Chains only: a tree's nodes sit in other cache slots than plainly decoded tokens, so its
+    bf16 attention sums keys in another order (exact in fp32, see the tests above)."""
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
     lt = load_target(path, device="cuda", dtype=torch.bfloat16)
     plain = SpeculativeGenerator(lt, None, max_seq_len=256)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import CheckpointError, HeadMismatchError
-from .model import Block, KVCache, Rotary, Transformer
+from .model import Block, CachedStack, Rotary, Transformer
 
 FORMAT = "koala-draft-head"
 FORMAT_VERSION = 1
@@ -191,7 +191,7 @@ class MedusaHead(_DraftHead):
 # ----------------------------------------------------------------------------------------------
 # EAGLE
 
-class EagleHead(_DraftHead):
+class EagleHead(_DraftHead, CachedStack):
     """fc([embedding(x_{t+1}); f_t]) -> K decoder layers of the target's kind -> f_{t+1};
     logits = target LM head(f_{t+1}) (no extra norm: features are final-norm hidden states)."""
 
@@ -212,22 +212,8 @@ class EagleHead(_DraftHead):
     def dtype(self):
         return self.fc.weight.dtype
 
-    def setup_cache(self, max_batch: int, max_len: int):
-        """Allocate (or reallocate) the head's own static KV cache, max_len slots per sequence."""
-        if max_len > self.rotary.cos.shape[0]:
-            self.rotary = Rotary(self.target_config, max_len).to(self.device)
-        if (max_batch, max_len) == (self.max_batch, self.max_len):
-            return
-        cfg = self.target_config
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_len, cfg.head_dim,
-                                               self.dtype, self.device)
-        self.max_batch, self.max_len = max_batch, max_len
-
-    def keep_cache(self, src, dst):
-        """Keep cache entries src (n,) at slots dst (n,) in every layer."""
-        for layer in self.layers:
-            layer.attention.kv_cache.keep(src, dst)
+    def stack_config(self) -> ModelConfig:  # its layers are the target's kind (CachedStack)
+        return self.target_config
 
     def forward(self, tokens, features, positions=None, slots=None, mask=None):
         """tokens (B, T): x_{t+1}; features (B, T, D): f_t; positions (B, T); slots (T,);

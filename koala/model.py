@@ -227,7 +227,32 @@ class Rotary(nn.Module):
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
-class Transformer(nn.Module):
+class CachedStack:
+    """Static-cache management shared by the target and the EAGLE head: a module with
+    `layers` (Blocks), `rotary`, `device`, `dtype` and the ModelConfig its layers follow."""
+
+    def stack_config(self) -> ModelConfig:
+        return self.config
+
+    def setup_cache(self, max_batch: int, max_len: int):
+        """Allocate (or reallocate) the static KV cache of max_len slots per sequence."""
+        cfg = self.stack_config()
+        if max_len > self.rotary.cos.shape[0]:
+            self.rotary = Rotary(cfg, max_len).to(self.device)
+        if (max_batch, max_len) == (self.max_batch, self.max_len):
+            return
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_len, cfg.head_dim,
+                                               self.dtype, self.device)
+        self.max_batch, self.max_len = max_batch, max_len
+
+    def keep_cache(self, src, dst):
+        """Keep cache entries src (n,) at slots dst (n,) in every layer."""
+        for layer in self.layers:
+            layer.attention.kv_cache.keep(src, dst)
+
+
+class Transformer(CachedStack, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -255,23 +280,6 @@ class Transformer(nn.Module):
     @property
     def dtype(self):
         return self.tok_embeddings.weight.dtype
-
-    def setup_cache(self, max_batch: int, max_len: int):
-        """Allocate (or reallocate) the static KV cache of max_len slots per sequence."""
-        if max_len > self.rotary.cos.shape[0]:
-            self.rotary = Rotary(self.config, max_len).to(self.device)
-        if (max_batch, max_len) == (self.max_batch, self.max_len):
-            return
-        cfg = self.config
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, cfg.n_kv_heads, max_len, cfg.head_dim,
-                                               self.dtype, self.device)
-        self.max_batch, self.max_len = max_batch, max_len
-
-    def keep_cache(self, src, dst):
-        """Keep cache entries src (n,) at slots dst (n,) in every layer."""
-        for layer in self.layers:
-            layer.attention.kv_cache.keep(src, dst)
 
     def forward(self, tokens, positions=None, slots=None, mask=None, logits_index=None):
         """tokens (B, T); positions (B, T) RoPE positions; slots (T,) cache slots to write;

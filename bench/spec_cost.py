@@ -16,21 +16,53 @@ from koala import SpeculativeGenerator, load_target
 from koala.heads import DraftConfig
 
 
+def plain_step_ms(lt, context: int, max_seq_len: int = 2048) -> float:
+    """Median ms of one graph-replayed plain decode step at `context` committed tokens."""
+    plain = SpeculativeGenerator(lt, None, max_seq_len=max_seq_len)
+    dec = plain.plain
+    g = dec._graph(True, dec.window(context + 16))
+
+    def step():
+        dec.step.zero_(); dec.pos.fill_(context)
+        g.replay()
+    return cuda_time_ms(step, iters=100)
+
+
+def iteration_ms(lt, head, opts: dict, context: int, max_seq_len: int = 2048):
+    """(draft_ms, verify_ms, N) of one greedy speculative iteration at `context` committed
+    tokens, each half a graph replay (median of CUDA events)."""
+    gen = SpeculativeGenerator(lt, head, max_seq_len=max_seq_len, **opts)
+    spec = gen.spec
+    spec.greedy = True
+    W = spec.window(context)
+    spec.L.fill_(context); spec.cu_n.fill_(1)
+    spec._run(W)
+    gd, gv, _ = spec.graphs[W]
+
+    def reset():
+        spec.L.fill_(context); spec.cu_n.fill_(1)
+    draft = cuda_time_ms(lambda: (reset(), gd.replay()), iters=50)
+    verify = cuda_time_ms(lambda: (reset(), gv.replay()), iters=50)
+    return draft, verify, spec.N
+
+
+def random_head(lt, kind: str, K: int, n_heads: int = 5):
+    """An untrained head with random (not identity) weights, so no kernel sees zeros."""
+    torch.manual_seed(0)
+    head = DraftConfig(kind=kind, layers=K, n_heads=n_heads).build(lt)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.02)
+    return head
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--context", type=int, default=300, help="committed tokens when timing")
     a = ap.parse_args()
     lt = load_target("smollm2-135m-instruct", device="cuda", dtype=torch.bfloat16)
-    plain = SpeculativeGenerator(lt, None, max_seq_len=2048)
-    dec = plain.plain
-    W = dec.window(a.context + 16)
-    g = dec._graph(True, W)
-
-    def step():
-        dec.step.zero_(); dec.pos.fill_(a.context)
-        g.replay()
-    plain_ms = cuda_time_ms(step, iters=100)
+    plain_ms = plain_step_ms(lt, a.context)
     rows = []
     depths = [1, 2, 4, 8] if a.quick else list(range(1, 9))
     trees = [16, 64] if a.quick else [8, 16, 32, 64]
@@ -45,32 +77,13 @@ def main():
                 configs.append((kind, K, dict(mode="tree", tree_size=n, top_k=8 if kind == "eagle" else 10,
                                               depth=6 if kind == "eagle" else 5)))
     for kind, K, opts in configs:
-        torch.manual_seed(0)
-        head = DraftConfig(kind=kind, layers=K, n_heads=5).build(lt)
-        with torch.no_grad():  # random (not identity) blocks, so no kernel sees zeros
-            for p in head.parameters():
-                p.normal_(0, 0.02)
-        gen = SpeculativeGenerator(lt, head, max_seq_len=2048, **opts)
-        spec = gen.spec
-        spec.greedy = True
-        W = spec.window(a.context)
-        spec._run(W)
-        gd, gv, _ = spec.graphs[W]
-        saved = [x.clone() for x in (spec.L, spec.cu_n)]
-
-        def reset():
-            spec.L.copy_(saved[0]); spec.cu_n.fill_(1)
-        spec.L.fill_(a.context)
-        saved = [spec.L.clone(), spec.cu_n.clone()]
-        draft_ms = cuda_time_ms(lambda: (reset(), gd.replay()), iters=50)
-        verify_ms = cuda_time_ms(lambda: (reset(), gv.replay()), iters=50)
+        draft_ms, verify_ms, N = iteration_ms(lt, random_head(lt, kind, K), opts, a.context)
         row = {"kind": kind, "K": K, **opts, "draft_ms": draft_ms, "verify_ms": verify_ms,
                "iteration_ms": draft_ms + verify_ms, "iteration_over_plain_step": (draft_ms + verify_ms) / plain_ms,
                "draft_over_plain_step": draft_ms / plain_ms}
         rows.append(row)
-        print(f"{kind:7}K={K} {opts['mode']:5} depth={opts.get('depth')} N={spec.N:3}  draft {draft_ms:7.3f} ms  "
+        print(f"{kind:7}K={K} {opts['mode']:5} depth={opts.get('depth')} N={N:3}  draft {draft_ms:7.3f} ms  "
               f"verify {verify_ms:7.3f} ms  = {row['iteration_over_plain_step']:5.2f} x plain step", flush=True)
-        del gen, head, spec
         torch.cuda.empty_cache()
     path = write("spec_cost.json", {"model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "context": a.context,
                                     "plain_step_ms": plain_ms, "rows": rows,

@@ -252,7 +252,7 @@ class SpeculativeDecoder:
     def _draft_eagle(self, W):
         if self.mode == "chain":
             return self._draft_eagle_chain(W)
-        head, L, k, d1 = self.head, self.L, self.k, self.depth + 1
+        head, L, k = self.head, self.L, self.k
         f_root, lg_root = self._catch_up(W)                               # (1, D) predicts f_L
         logq_root = self._logq(lg_root)                                   # (1, V)
         # 2. expand level by level
@@ -454,7 +454,6 @@ class SpeculativeDecoder:
 
     def _capture(self, W):
         state = [x.clone() for x in (self.L, self.root, self.h_prev, self.cu_tok, self.cu_feat, self.cu_n)]
-        saved_L = self.L.clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -472,7 +471,6 @@ class SpeculativeDecoder:
             self.verify(W)
         for x, v in zip((self.L, self.root, self.h_prev, self.cu_tok, self.cu_feat, self.cu_n), state):
             x.copy_(v)
-        del saved_L
         return gd, gv, [torch.cuda.Event(enable_timing=True) for _ in range(3)]
 
     def window(self, L: int) -> int:

@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.func import functional_call
 
-from koala.heads import DraftConfig, load_head
+from koala.heads import DraftConfig
 from train.data import ShardData
 from train.discriminator import Discriminator, discriminator_sum, fc_layers_for, head_adversarial_sum
 from train.losses import agree_sum, eagle_terms, eagle_valid, kl_sum, medusa_terms, medusa_valid

@@ -64,6 +64,12 @@ class OutputTracker:
             if int(t) in self.eos or len(self.ids) >= self.max_new:
                 self.done = True
                 break
+        # the text is only needed here for stop strings and streaming: decoding the whole answer
+        # after every iteration would put O(n^2) tokenizer work on the decoding hot path
+        if not (self.stop or self.stream is not None):
+            if self.done:
+                self.text = self._decode(self.ids)
+            return self.done
         self.text = self._decode(self.ids)
         if self.stop:
             hits = [self.text.find(s) + len(s) for s in self.stop if s in self.text]

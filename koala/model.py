@@ -310,11 +310,11 @@ def causal_mask(slots, max_len: int):
 
 
 def tree_mask(prefix_len, slots, ancestors, max_len: int):
-    """(1, T, S) mask for T drafted tokens written at slots (T,) after a prefix of prefix_len
-    cached tokens; ancestors (T, T) bool, True where token j is token i's ancestor or i itself.
+    """(1, R, S) mask for R query tokens after a prefix of prefix_len cached tokens: every query
+    sees the prefix, and query i sees slot slots[j] where ancestors[i, j] (slots (C,), ancestors
+    (R, C) bool; for a drafted tree R = C and ancestors is ancestor-or-self).
     prefix_len may be an int or a 0-d tensor (so the mask builds inside a CUDA graph)."""
-    S = max_len
-    ar = torch.arange(S, device=slots.device)
-    m = (ar < prefix_len).unsqueeze(0).expand(slots.shape[0], S).clone()  # (T, S)
+    ar = torch.arange(max_len, device=slots.device)
+    m = (ar < prefix_len).unsqueeze(0).expand(ancestors.shape[0], max_len).clone()  # (R, S)
     m[:, slots] = ancestors
     return m.unsqueeze(0)

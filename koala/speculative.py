@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HeadMismatchError, KoalaError
-from .model import Transformer, causal_mask
+from .model import Transformer, causal_mask, tree_mask
 from .sampling import SamplerState, warp_probs
 
 NEG = -1e30
@@ -273,10 +273,8 @@ class SpeculativeDecoder:
         for j in range(1, self.depth):
             slots = L + frontier
             posj = (L + j - 1).expand(k)
-            m = (torch.arange(W, device=self.dev) < L).unsqueeze(0).expand(k, W).clone()
-            m[:, L + ar_P] = pool_anc[frontier]
             lg, feat = head(pool_tok[frontier].view(1, k), parent_feat.view(1, k, -1), posj.view(1, k), slots,
-                            m.unsqueeze(0))
+                            tree_mask(L, L + ar_P, pool_anc[frontier], W))
             logq = self._logq(lg[0])                                      # (k, V)
             pool_Q[frontier] = logq.exp()
             ctok, clq = self._children(logq, self.noise_gumbel[j:j + 1], k)   # (k, k)
@@ -343,9 +341,8 @@ class SpeculativeDecoder:
         N, L, d1 = self.N, self.L, self.depth + 1
         ar = torch.arange(N, device=self.dev)
         slots = L + ar
-        m = (torch.arange(W, device=self.dev) < L).unsqueeze(0).expand(N, W).clone()
-        m[:, slots] = t["anc"]
-        logits, hidden = self.model(t["tokens"].view(1, N), (L + t["depth"]).view(1, N), slots, m.unsqueeze(0))
+        logits, hidden = self.model(t["tokens"].view(1, N), (L + t["depth"]).view(1, N), slots,
+                                    tree_mask(L, slots, t["anc"], W))
         logits, hidden = logits[0], hidden[0]
         fast = self._fast()
         dpos = torch.arange(d1, device=self.dev)

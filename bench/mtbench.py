@@ -2,13 +2,22 @@
 
 All 80 questions (or the first --questions, balanced over the 8 categories), both turns (the
 second turn follows each method's own first answer), the target's chat template, batch 1.
-For each head and drafting mode: tau (tokens per target forward, bonus included), n-alpha
-(n = 1, 2, 3, chain mode), tokens/s and walltime speedup over koala's own plain CUDA-graph
-decoding run in the same process, per category too. Peers: transformers' generate and its
-prompt-lookup decoding on a subset (they run ~60x slower, so --peer-questions of them).
+For each head, drafting mode and temperature: tau (tokens per target forward, bonus included),
+n-alpha (n = 1, 2, 3, chain mode), tokens/s and walltime speedup over koala's own plain CUDA-graph
+decoding at the same temperature, run in the same process, per category too. Peers: transformers'
+generate and its prompt-lookup decoding on a subset (they run ~60x slower, so --peer-questions).
 
-    python -m bench.mtbench --heads koala/heads/default-eagle,koala/heads/default-medusa \
-        --modes chain,tree [--max-new-tokens 256] [--temperature 0] [--peer-questions 4]
+    python -m bench.mtbench --heads koala/default_heads/eagle,koala/default_heads/medusa \
+        --modes chain,tree [--max-new-tokens 256] [--temperature 0 | --temperatures 0,0.7,1.0] \
+        [--seed 0] [--time-budget 540] [--peer-questions 4] [--no-progress]
+
+Sampling (T > 0) is seeded: turn t of every question uses seed + t, for plain and speculative
+decoding alike. n-alpha is counted from the accepted lengths, so it means the same under
+speculative sampling (chains); trees report tau only.
+
+With --time-budget, no new (head, mode) starts once that many seconds have passed since the
+start; the file is still written, with "incomplete": true and the methods not run in "not_run".
+The file is also rewritten after every method, so a killed run leaves what it had measured.
 """
 from __future__ import annotations
 
@@ -39,11 +48,11 @@ def select(questions, n):
     return out
 
 
-def run_method(gen, questions, max_new, temperature, seed, desc):
+def run_method(gen, questions, max_new, temperature, seed, desc, progress=True):
     """Both turns of every question; returns per-question records."""
     from tqdm import tqdm
     recs = []
-    for q in tqdm(questions, desc=desc, leave=False, mininterval=5):
+    for q in tqdm(questions, desc=desc, leave=False, mininterval=5, disable=not progress):
         msgs = []
         for turn, text in enumerate(q["turns"][:2]):
             msgs.append({"role": "user", "content": text})
@@ -69,74 +78,141 @@ def summarise(recs, chain: bool):
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--heads", default="koala/heads/default-eagle,koala/heads/default-medusa")
+def parse_temperatures(temperatures: str | None, temperature: float) -> list[float]:
+    """--temperatures "0,0.7,1.0" if given, else the single --temperature."""
+    if not temperatures:
+        ts = [float(temperature)]
+    else:
+        try:
+            ts = [float(x) for x in temperatures.split(",") if x.strip()]
+        except ValueError as e:
+            raise SystemExit(f"--temperatures takes comma-separated numbers, e.g. 0,0.7,1.0 ({e})")
+    if not ts or any(t < 0 for t in ts) or len(set(ts)) != len(ts):
+        raise SystemExit(f"temperatures must be distinct numbers >= 0, got {ts}")
+    return ts
+
+
+def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budget=0.0, t0=None,
+            progress=True, save=None, clock=time.perf_counter):
+    """Plain decoding at every temperature, then every method at every temperature.
+
+    plain: a generator without a head. methods: (name, mode, build) triples, build() -> (gen, head
+    config) or raising (that method is skipped). save(results) is called after every method.
+    Returns (results, plain records by temperature)."""
+    t0 = clock() if t0 is None else t0
+    seed_at = {T: (seed if T > 0 else None) for T in temperatures}
+    res = {"temperatures": list(temperatures), "plain_by_temperature": [], "methods": [],
+           "skipped": [], "not_run": [], "incomplete": True}
+    base, base_cat = {}, {}
+    for T in temperatures:
+        plain.generate("warm up", max_new_tokens=32, temperature=T, seed=0 if T > 0 else None)
+        base[T] = run_method(plain, questions, max_new, T, seed_at[T], f"plain T={T}", progress)
+        res["plain_by_temperature"].append({"temperature": T, **summarise(base[T], False)})
+        by = defaultdict(list)
+        for r in base[T]:
+            by[r["category"]].append(r)
+        base_cat[T] = {c: summarise(rs, False) for c, rs in by.items()}
+        print(f"plain koala T={T}: {res['plain_by_temperature'][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    if len(temperatures) == 1:
+        res["plain"] = {k: v for k, v in res["plain_by_temperature"][0].items() if k != "temperature"}
+    plain_tps = {p["temperature"]: p["tokens_per_s"] for p in res["plain_by_temperature"]}
+    if save:
+        save(res)
+    methods = list(methods)
+    for i, (name, mode, build) in enumerate(methods):
+        if time_budget and clock() - t0 > time_budget:
+            res["not_run"] = [f"{n} {m}" for n, m, _ in methods[i:]]
+            print(f"time budget of {time_budget:.0f} s spent: not run {res['not_run']}", flush=True)
+            break
+        try:
+            gen, cfg = build()
+        except Exception as e:  # e.g. a Medusa head with fewer heads than the depth asked
+            print(f"{name} {mode}: skipped ({e})")
+            res["skipped"].append({"head": str(name), "mode": mode, "reason": str(e)})
+            continue
+        chain = mode == "chain"
+        for T in temperatures:
+            gen.generate("warm up", max_new_tokens=32, temperature=T, seed=0 if T > 0 else None)
+            recs = run_method(gen, questions, max_new, T, seed_at[T], f"{Path(name).name} {mode} T={T}", progress)
+            s = summarise(recs, chain)
+            s["speedup"] = s["tokens_per_s"] / plain_tps[T]
+            if T == 0:
+                s["identical_to_plain"] = sum(r["ids"] == b["ids"] for r, b in zip(recs, base[T])) / len(recs)
+            cats = {}
+            for c in CATEGORIES:
+                rc = [r for r in recs if r["category"] == c]
+                if rc:
+                    cs = summarise(rc, chain)
+                    cs["speedup"] = cs["tokens_per_s"] / base_cat[T][c]["tokens_per_s"]
+                    cats[c] = cs
+            s["per_category"] = cats
+            s.update(head=str(name), kind=cfg.kind, K=cfg.layers, mode=mode, temperature=T,
+                     depth=gen.spec.depth, tree_size=gen.spec.N, top_k=gen.spec.k)
+            res["methods"].append(s)
+            print(f"{Path(name).name:24} {mode:5} T={T:<4} tau {s.get('tau', 0):.2f}  "
+                  f"alpha {[round(x, 2) for x in s.get('alpha', [])]}  {s['tokens_per_s']:7.1f} tok/s  "
+                  f"speedup {s['speedup']:.2f}x  identical {s.get('identical_to_plain', '-')}", flush=True)
+        del gen
+        res["elapsed_s"] = clock() - t0
+        if save:
+            save(res)
+    res["incomplete"] = bool(res["not_run"])
+    res["elapsed_s"] = clock() - t0
+    return res, base
+
+
+def main(argv=None):
+    t0 = time.perf_counter()
+    ap = argparse.ArgumentParser(prog="python -m bench.mtbench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heads", default="koala/default_heads/eagle,koala/default_heads/medusa")
     ap.add_argument("--modes", default="chain,tree")
     ap.add_argument("--questions", type=int, default=80)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="one temperature (0 = greedy)")
+    ap.add_argument("--temperatures", default="", help="several, e.g. 0,0.7,1.0 (overrides --temperature)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (turn t uses seed + t)")
     ap.add_argument("--depth", type=int, default=None, help="chain depth (default: the decoder's)")
     ap.add_argument("--tree-size", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--peer-questions", type=int, default=0, help="transformers peers on this many questions")
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="seconds from the start after which no new head/mode starts (0: none)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     ap.add_argument("--out", default="mtbench.json")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    temps = parse_temperatures(a.temperatures, a.temperature)
     from koala import SpeculativeGenerator, load_target
     from koala.heads import load_head
     lt = load_target("smollm2-135m-instruct")
     qs = select(mt_bench(), a.questions)
-    seed = a.seed if a.temperature > 0 else None
     plain = SpeculativeGenerator(lt, None, max_seq_len=2048)
-    plain.generate("warm up", max_new_tokens=32)
-    base = run_method(plain, qs, a.max_new_tokens, a.temperature, seed, "plain")
-    base_sum = summarise(base, False)
-    print(f"plain koala: {base_sum['tokens_per_s']:.1f} tokens/s", flush=True)
-    results = {"settings": vars(a), "plain": base_sum, "methods": []}
-    base_by_cat = defaultdict(list)
-    for r in base:
-        base_by_cat[r["category"]].append(r)
-    for hd in [h for h in a.heads.split(",") if h]:
-        head = load_head(hd, lt)
-        for mode in a.modes.split(","):
+    heads = {}
+
+    def builder(hd, mode):
+        def build():
+            if hd not in heads:
+                heads.clear()  # one head in memory at a time
+                heads[hd] = load_head(hd, lt)
             opts = dict(mode=mode)
             if mode == "chain" and a.depth:
                 opts["depth"] = a.depth
             if mode == "tree":
                 opts.update(tree_size=a.tree_size, top_k=a.top_k)
-            try:
-                gen = SpeculativeGenerator(lt, head, max_seq_len=2048, **opts)
-            except Exception as e:  # e.g. a Medusa head with fewer heads than the depth asked
-                print(f"{hd} {mode}: skipped ({e})")
-                continue
-            gen.generate("warm up", max_new_tokens=32)
-            recs = run_method(gen, qs, a.max_new_tokens, a.temperature, seed, f"{Path(hd).name} {mode}")
-            s = summarise(recs, mode == "chain")
-            s["speedup"] = s["tokens_per_s"] / base_sum["tokens_per_s"]
-            if a.temperature == 0:
-                s["identical_to_plain"] = sum(r["ids"] == b["ids"] for r, b in zip(recs, base)) / len(recs)
-            cats = {}
-            for c in CATEGORIES:
-                rc = [r for r in recs if r["category"] == c]
-                if rc:
-                    cs = summarise(rc, mode == "chain")
-                    cs["speedup"] = cs["tokens_per_s"] / summarise(base_by_cat[c], False)["tokens_per_s"]
-                    cats[c] = cs
-            s["per_category"] = cats
-            s.update(head=str(hd), kind=head.config.kind, K=head.config.layers, mode=mode,
-                     depth=gen.spec.depth, tree_size=gen.spec.N, top_k=gen.spec.k)
-            results["methods"].append(s)
-            print(f"{Path(hd).name:24} {mode:5} tau {s.get('tau', 0):.2f}  "
-                  f"alpha {[round(x, 2) for x in s.get('alpha', [])]}  {s['tokens_per_s']:7.1f} tok/s  "
-                  f"speedup {s['speedup']:.2f}x  identical {s.get('identical_to_plain', '-')}", flush=True)
-            del gen
+            return SpeculativeGenerator(lt, heads[hd], max_seq_len=2048, **opts), heads[hd].config
+        return build
+
+    methods = [(hd, mode, builder(hd, mode)) for hd in a.heads.split(",") if hd for mode in a.modes.split(",") if mode]
+    settings = {**vars(a), "temperatures": temps}
+    res, _ = measure(plain, methods, qs, temps, a.max_new_tokens, a.seed, time_budget=a.time_budget, t0=t0,
+                     progress=a.progress, save=lambda r: write(a.out, {"settings": settings, **r}))
     if a.peer_questions:
-        results["peers"] = peers(lt, select(mt_bench(), a.peer_questions), a.max_new_tokens, plain)
-    for r in base:
-        r.pop("ids", None)
-    path = write(a.out, results)
-    print(f"-> {path}")
+        if a.time_budget and time.perf_counter() - t0 > a.time_budget:
+            res["not_run"].append("peers")
+            res["incomplete"] = True
+        else:
+            res["peers"] = peers(lt, select(mt_bench(), a.peer_questions), a.max_new_tokens, plain)
+    path = write(a.out, {"settings": settings, **res})
+    print(f"-> {path}" + ("  (incomplete: time budget spent)" if res["incomplete"] else ""))
 
 
 def peers(lt, qs, max_new, plain):

@@ -1,0 +1,219 @@
+"""bench/ on the CPU: Table I from synthetic ablation and MT-bench files (bench.heads), the figures
+(bench.plots) and the multi-temperature measurement loop with its time budget (bench.mtbench),
+with fake generators standing in for the GPU."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from bench import heads as bh
+from bench import mtbench as bm
+from bench import plots as bp
+
+# tau, speedup, alpha of each ablation head in the synthetic MT-bench files. Medusa: tau gain
+# 1.55 - 1.20 = +0.35 (met), speedup gain 0.90 / 0.80 - 1 = +12.5% (not met). EAGLE: tau gain
+# 1.75 - 1.50 = +0.25 (not met), speedup gain 0.84 / 0.70 - 1 = +20% (met).
+EVALS = {
+    "medusa": {(1, False): (1.20, 0.80), (1, True): (1.25, 0.82), (2, False): (1.30, 0.83),
+               (2, True): (1.45, 0.90), (3, False): (1.35, 0.81), (3, True): (1.55, 0.88)},
+    "eagle": {(1, False): (1.50, 0.70), (1, True): (1.52, 0.72), (2, False): (1.60, 0.78),
+              (2, True): (1.70, 0.84), (3, False): (1.62, 0.75), (3, True): (1.75, 0.80)},
+}
+
+
+def name(kind, k, adv):
+    return f"{kind}-k{k}-{'adv' if adv else 'base'}"
+
+
+def ablation(skip=()):
+    out = {}
+    for kind, rows in EVALS.items():
+        for (k, adv) in rows:
+            n = name(kind, k, adv)
+            if n in skip:
+                continue
+            out[n] = {"status": "finished", "step": 100, "steps": 100, "train_seconds": 60.0 * k,
+                      "tokens_seen": 1_000_000, "tokens_per_s": 20000.0 / k,
+                      "final_eval": {"eval/top1": [0.4, 0.3, 0.2][:k]}, "device": "NVIDIA H100 80GB HBM3"}
+    return out
+
+
+def mtbench_file(kind, commit, extra_methods=(), skip=()):
+    methods = []
+    for (k, adv), (tau, sp) in EVALS[kind].items():
+        n = name(kind, k, adv)
+        if n in skip:
+            continue
+        for mode in ("chain", "tree"):   # tree rows must not enter Table I
+            methods.append({"head": f"runs/ablation/{n}/head", "kind": kind, "K": k, "mode": mode,
+                            "tau": tau if mode == "chain" else tau + 1, "alpha": [0.5, 0.4, 0.3] if mode == "chain" else None,
+                            "tokens_per_s": 1000 * sp, "speedup": sp if mode == "chain" else 9.0,
+                            "identical_to_plain": 1.0, "per_category": {}, "depth": 5})
+    return {"device": "NVIDIA H100 80GB HBM3", "date": "2025-01-01", "commit": commit,
+            "command": f"python -m bench.mtbench --out {kind}.json", "settings": {"temperature": 0.0, "questions": 80},
+            "plain": {"tokens_per_s": 1000.0}, "methods": methods + list(extra_methods)}
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("KOALA_COMMIT", "c0ffee0000")
+    (tmp_path / "ablation.json").write_text(json.dumps(ablation()))
+    (tmp_path / "medusa.json").write_text(json.dumps(mtbench_file("medusa", "aaaaaaa111")))
+    (tmp_path / "eagle.json").write_text(json.dumps(mtbench_file("eagle", "bbbbbbb222")))
+    return tmp_path
+
+
+def run_heads(tmp_path, evals=("medusa.json", "eagle.json")):
+    return bh.main(["--ablation", str(tmp_path / "ablation.json"),
+                    "--evals", ",".join(str(tmp_path / e) for e in evals)])
+
+
+def test_heads_targets(inputs):
+    heads, summ = run_heads(inputs)
+    assert len(heads) == 12
+    m, e = summ["medusa"], summ["eagle"]
+    assert m["best_tau_head"] == "medusa-k3-adv" and m["tau_gain"] == pytest.approx(0.35)
+    assert m["tau_target_met"] is True
+    assert m["best_speedup_head"] == "medusa-k2-adv" and m["speedup_gain"] == pytest.approx(0.125)
+    assert m["speedup_target_met"] is False
+    assert e["tau_gain"] == pytest.approx(0.25) and e["tau_target_met"] is False
+    assert e["speedup_gain"] == pytest.approx(0.20) and e["speedup_target_met"] is True
+    assert heads["eagle-k2-adv"]["eval"]["tau"] == 1.70          # the chain row, not the tree row
+
+
+def test_heads_files_and_table(inputs, capsys):
+    run_heads(inputs)
+    out = inputs / "out"
+    data = json.loads((out / "heads.json").read_text())
+    assert data["commit"] == "c0ffee0000"                        # this run, via bench.common.write
+    assert [s["commit"] for s in data["sources"]["evals"]] == ["aaaaaaa111", "bbbbbbb222"]  # the sources'
+    assert data["sources"]["ablation"]["devices"] == ["NVIDIA H100 80GB HBM3"]
+    md = (out / "heads_table.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 12
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert [c[0] for c in cells] == ["Medusa"] + [""] * 5 + ["EAGLE"] + [""] * 5
+    assert [(c[1], c[2]) for c in cells[:2]] == [("1", "w/o adv."), ("1", "w/ adv.")]
+    # Medusa K=3 w/ adv.: best tau in bold, alphas, speedup, training seconds and tokens/s
+    assert cells[5][1:9] == ["3", "w/ adv.", "**1.55**", "0.50", "0.40", "0.30", "0.88x", "180"]
+    assert cells[5][9] == "6,667"
+    assert cells[3][7] == "**0.90x**"                             # Medusa K=2 w/ adv.: best speedup
+    printed = capsys.readouterr().out
+    assert "**+0.35** (target >= +0.3: met)" in printed
+    assert "**+12.5%** (target >= +15%: not met)" in printed
+    assert "**+20.0%** (target >= +15%: met)" in printed
+    assert "**+0.35**" in md
+
+
+def test_heads_missing_and_mismatched(inputs):
+    (inputs / "ablation.json").write_text(json.dumps(ablation(skip={"eagle-k3-base"})))
+    (inputs / "eagle.json").write_text(json.dumps(mtbench_file("eagle", "b", skip={"eagle-k1-base"})))
+    heads, summ = run_heads(inputs)
+    assert heads["eagle-k3-base"]["training"] is None and heads["eagle-k3-base"]["eval"] is not None
+    assert heads["eagle-k1-base"]["eval"] is None
+    assert "eagle-k1-base" in summ["eagle"]["note"]
+    md = (inputs / "out" / "heads_table.md").read_text()
+    assert "no comparison" in md
+    bad = mtbench_file("medusa", "a")
+    bad["methods"][0]["K"] = 3                                   # a K=3 head saved under a k1 name
+    (inputs / "medusa.json").write_text(json.dumps(bad))
+    with pytest.raises(SystemExit, match="name says medusa K=1"):
+        run_heads(inputs)
+
+
+def sampling_file(tmp_path):
+    methods = []
+    for kind in ("eagle", "medusa"):
+        for mode in ("chain", "tree"):
+            for t, (tau, sp) in {0.0: (1.8, 0.85), 0.7: (1.6, 0.8), 1.0: (1.5, 0.75)}.items():
+                methods.append({"head": f"koala/default_heads/{kind}", "kind": kind, "K": 2, "mode": mode,
+                                "temperature": t, "tau": tau, "speedup": sp, "tokens_per_s": 800})
+    p = tmp_path / "sampling.json"
+    p.write_text(json.dumps({"device": "NVIDIA H100", "commit": "ddddddd", "settings": {"temperatures": [0, 0.7, 1]},
+                             "methods": methods}))
+    return p
+
+
+def test_plots(inputs, capsys):
+    run_heads(inputs)
+    s = sampling_file(inputs)
+    figs = inputs / "figs"
+    written = bp.main(["--heads", str(inputs / "out" / "heads.json"), "--defaults", str(s), "--sampling", str(s),
+                       "--spec-cost", str(inputs / "missing.json"), "--mtbench", str(inputs / "missing.json"),
+                       "--out-dir", str(figs)])
+    names = ["fig4_speedup.png", "fig5_speedup_vs_k.png", "fig6_adversarial.png", "sampling.png"]
+    assert sorted(p.name for p in written) == sorted(names)
+    for n in names:
+        assert (figs / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "cost_vs_k.png: skipped" in out and "mtbench_heads.png: skipped" in out
+
+
+def test_plots_skip_missing(tmp_path, capsys):
+    written = bp.main(["--heads", str(tmp_path / "none.json"), "--sampling", str(tmp_path / "none.json"),
+                       "--only", "fig4,fig5,fig6,sampling", "--out-dir", str(tmp_path)])
+    assert written == [] and not list(tmp_path.glob("*.png"))
+    out = capsys.readouterr().out
+    for n in ("fig4_speedup.png", "fig5_speedup_vs_k.png", "fig6_adversarial.png", "sampling.png"):
+        assert f"{n}: skipped" in out
+    with pytest.raises(SystemExit):
+        bp.main(["--only", "fig7"])
+
+
+# --------------------------------------------------------------- bench.mtbench without a GPU
+class FakeGen:
+    """Stands in for SpeculativeGenerator: 10 tokens per answer in (1 + T) * wall seconds; the
+    speculative one accepts 2, 0, 1 drafted tokens over three iterations."""
+
+    def __init__(self, wall, accepted=(), spec=True):
+        self.wall, self.accepted, self.calls = wall, list(accepted), []
+        self.spec = SimpleNamespace(depth=4, N=5, k=1) if spec else None
+
+    def generate(self, prompt, max_new_tokens, temperature=0.0, seed=None):
+        self.calls.append((temperature, seed, prompt == "warm up"))
+        st = SimpleNamespace(new_tokens=10, wall_s=self.wall * (1 + temperature), target_forwards=3,
+                             accepted_per_step=self.accepted)
+        return SimpleNamespace(text="x", token_ids=[1, 2, 3], stats=st)
+
+
+QS = [{"question_id": i, "category": c, "turns": ["a", "b"]} for i, c in enumerate(["writing", "math"])]
+
+
+def methods(*names):
+    cfg = SimpleNamespace(kind="eagle", layers=2)
+    return [(n, "chain", lambda: (FakeGen(0.5, [2, 0, 1]), cfg)) for n in names]
+
+
+def test_mtbench_temperatures():
+    plain = FakeGen(1.0, spec=False)
+    saved = []
+    res, _ = bm.measure(plain, methods("h1"), QS, [0.0, 0.7], 16, seed=5, progress=False, save=saved.append)
+    assert [p["temperature"] for p in res["plain_by_temperature"]] == [0.0, 0.7]
+    assert res["plain_by_temperature"][1]["tokens_per_s"] == pytest.approx(10 / 1.7)  # its own plain speed
+    assert "plain" not in res and res["incomplete"] is False and saved
+    assert [m["temperature"] for m in res["methods"]] == [0.0, 0.7]
+    for m in res["methods"]:
+        assert m["speedup"] == pytest.approx(2.0)                 # against plain at the same T
+        assert m["tau"] == pytest.approx(2.0)
+        assert m["alpha"] == pytest.approx([2 / 3, 1 / 2, 0.0])
+    assert res["methods"][0]["identical_to_plain"] == 1.0 and "identical_to_plain" not in res["methods"][1]
+    timed = [c for c in plain.calls if not c[2]]
+    assert {(t, s) for t, s, _ in timed} == {(0.0, None), (0.7, 5), (0.7, 6)}   # seeded turns at T > 0 only
+
+
+def test_mtbench_time_budget():
+    ticks = iter(range(0, 1000, 10))
+    res, _ = bm.measure(FakeGen(1.0, spec=False), methods("h1", "h2", "h3"), QS, [0.0], 16, seed=0,
+                        time_budget=15, t0=0, progress=False, clock=lambda: next(ticks))
+    assert [m["head"] for m in res["methods"]] == ["h1"]
+    assert res["not_run"] == ["h2 chain", "h3 chain"] and res["incomplete"] is True
+    assert res["plain"]["tokens_per_s"] == pytest.approx(10.0)  # one temperature: the old layout too
+
+
+def test_parse_temperatures():
+    assert bm.parse_temperatures("", 0.7) == [0.7]
+    assert bm.parse_temperatures("0,0.7,1.0", 0.0) == [0.0, 0.7, 1.0]
+    for bad in ("0,0", "-1", "a"):
+        with pytest.raises(SystemExit):
+            bm.parse_temperatures(bad, 0.0)

@@ -10,5 +10,7 @@ host function that checks its inputs and launches, and a plain PyTorch reference
     compact_kv            kernels.accept        every layer's KV compaction, one launch
     tree_attention        kernels.tree_attention masked GQA attention, split-K (2 launches)
 
-Import the module you need; bench/kernels_notes.md has the integration notes.
+Import the module you need; bench/kernels_notes.md has the integration notes. On sm_90+ every
+kernel is launched with Programmatic Dependent Launch (KOALA_PDL=0 turns it off): the rules are in
+kernels/_common.py, `python -m kernels.pdl_check` measures it on a GEMV chain.
 """

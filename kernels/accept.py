@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOATS, INTS, check_device, check_last_contiguous, check_tensor, next_pow2
+from ._common import FLOATS, INTS, check_device, check_last_contiguous, check_tensor, next_pow2, pdl
 
 
 @triton.jit
@@ -35,7 +35,11 @@ def _accept_greedy_kernel(
     N,                                                        # sizes
     s_draft, s_par, s_dep, s_tgt, s_path, s_tok,              # strides (per sequence; 0 = shared)
     MAX_DEPTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,  # constexpr
+    USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     bid = tl.program_id(0).to(tl.int64)
     draft_ptr += bid * s_draft
     parents_ptr += bid * s_par
@@ -129,8 +133,8 @@ def accept_greedy(draft_tokens: torch.Tensor, parents: torch.Tensor, depth: torc
         n_acc, path, bonus, toks,
         N,
         sd, sp, sdp, stg, path.stride(0), toks.stride(0),
-        MAX_DEPTH=int(max_depth), BLOCK_N=next_pow2(N), BLOCK_P=next_pow2(P),
-        num_warps=1 if N <= 128 else 4,
+        MAX_DEPTH=int(max_depth), BLOCK_N=next_pow2(N), BLOCK_P=next_pow2(P), USE_GDC=pdl(),
+        num_warps=1 if N <= 128 else 4, launch_pdl=pdl(),
     )
     if not batched:
         return n_acc[0], path[0], bonus[0], toks[0]
@@ -203,8 +207,11 @@ def _compact_kv_kernel(
     ptrs_ptr, ref_ptr, path_ptr, len_ptr, prefix_ptr,         # pointers
     n_kv, HD,                                                 # sizes
     s_b, s_h, s_s, s_path,                                    # strides
-    P: tl.constexpr, BLOCK_D: tl.constexpr,                   # constexpr
+    P: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr,  # constexpr
 ):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     # program (cache c, sequence b * n_kv + head); it moves the P path rows one after another in
     # increasing order: row i reads slot L+path[i] >= L+i, never a slot an earlier row wrote
     # (those are < L+i), so the in-place move needs no barrier and no scratch copy
@@ -251,7 +258,8 @@ def compact_kv(table: CacheTable, path: torch.Tensor, accept_len: torch.Tensor,
         table.ptrs, table.tensors[0], path, accept_len, prefix_len,
         nkv, hd,
         table.strides[0], table.strides[1], table.strides[2], path.stride(0),
-        P=P, BLOCK_D=next_pow2(hd), num_warps=1 if hd <= 128 else 2,
+        P=P, BLOCK_D=next_pow2(hd), USE_GDC=pdl(), num_warps=1 if hd <= 128 else 2,
+        launch_pdl=pdl(),
     )
 
 

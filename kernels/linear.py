@@ -17,6 +17,9 @@ capture in a CUDA graph:
     K once at the end. BLOCK_N is as small as 1-2 rows of W so that N = 576 still gives ~288
     programs for the 132 SMs; further rows of x re-read W from L2, not HBM.
   * MMA (M > 2): a (BLOCK_M >= 16, BLOCK_N) tile per program with tl.dot (fp32 accumulation).
+With PDL (kernels/_common.py) the GEMV path loads its first K block of W (all of it for every
+SmolLM2 layer), its bias and its norm weights before waiting on the previous kernel: W, bias and
+norm_weight must therefore not be outputs of the launch just before. The MMA path waits first.
 The RMSNorm prologue recomputes each row's rms over K in every program (x is a few KB, L2
 resident): no extra launch and no normalised copy of x in memory. Numerics follow
 koala.model.RMSNorm: fp32 math, the normalised x rounded to x's dtype, times the weight rounded
@@ -32,7 +35,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import FLOATS, check_device, check_last_contiguous, check_tensor, interpreting, next_pow2
+from ._common import (FLOATS, check_device, check_last_contiguous, check_tensor, interpreting,
+                      next_pow2, pdl)
 from ._tl import cast_rne, dot_acc, sigmoid
 from .rmsnorm import rms_norm_ref
 from .swiglu import silu_mul_ref
@@ -54,19 +58,25 @@ def _row_rstd(x_rows, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _x_tile(x_rows, m_mask, kk, K, rstd, nw_ptr,
+def _nw_tile(nw_ptr, kk, K, EVEN_K: tl.constexpr):
+    """(BLOCK_K,) of the norm weight, fp32."""
+    if EVEN_K:
+        return tl.load(nw_ptr + kk).to(tl.float32)
+    else:
+        return tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _x_tile(x_rows, m_mask, kk, K, rstd, nw,
             HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr):
-    """(BLOCK_M, BLOCK_K) of x, normalised when HAS_NORM, as fp32 values of x's dtype."""
+    """(BLOCK_M, BLOCK_K) of x, normalised by rstd and the norm weight nw (BLOCK_K,) when
+    HAS_NORM, as fp32 values of x's dtype."""
     if EVEN_K:
         xk = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
     else:
         xk = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
         xk = xk.to(tl.float32)
     if HAS_NORM:
-        if EVEN_K:
-            nw = tl.load(nw_ptr + kk).to(tl.float32)
-        else:
-            nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
         # as RMSNorm: round x * rstd to x's dtype, then round the product with the weight again
         xn = cast_rne(xk * rstd[:, None], x_rows.dtype.element_ty).to(tl.float32)
         xk = cast_rne(xn * nw[None, :], x_rows.dtype.element_ty).to(tl.float32)
@@ -74,40 +84,60 @@ def _x_tile(x_rows, m_mask, kk, K, rstd, nw_ptr,
 
 
 @triton.jit
-def _tile_product(x_rows, m_mask, w_ptr, rn, n_mask, nw_ptr, rstd,
-                  K, stride_wn,
-                  HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T over all of K."""
-    rk = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rn.to(tl.int64) * stride_wn                       # (BLOCK_N,)
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            a = _x_tile(x_rows, m_mask, kk, K, rstd, nw_ptr, HAS_NORM, EVEN_K)
-            if EVEN_K:
-                w = tl.load(w_rows[None, :] + kk[:, None], mask=n_mask[None, :], other=0.0)
-            else:
-                w = tl.load(w_rows[None, :] + kk[:, None],
-                            mask=n_mask[None, :] & (kk[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_N)
-            # x is fed to the product in W's dtype, as F.linear does
-            acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
+def _w_tile(w_rows, n_mask, kk, K, EVEN_K: tl.constexpr, TRANS: tl.constexpr):
+    """W[rn, kk] as (BLOCK_N, BLOCK_K), or (BLOCK_K, BLOCK_N) when TRANS (tl.dot's operand)."""
+    if TRANS:
+        if EVEN_K:
+            w = tl.load(w_rows[None, :] + kk[:, None], mask=n_mask[None, :], other=0.0)
+        else:
+            w = tl.load(w_rows[None, :] + kk[:, None], mask=n_mask[None, :] & (kk[:, None] < K),
+                        other=0.0)
     else:
-        # BLOCK_M == 1: elementwise fp32 products, one reduction over K after the loop
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            a = _x_tile(x_rows, m_mask, kk, K, rstd, nw_ptr, HAS_NORM, EVEN_K)  # (1, BLOCK_K)
-            if EVEN_K:
-                w = tl.load(w_rows[:, None] + kk[None, :], mask=n_mask[:, None], other=0.0)
-            else:
-                w = tl.load(w_rows[:, None] + kk[None, :],
-                            mask=n_mask[:, None] & (kk[None, :] < K), other=0.0)  # (BLOCK_N, BLOCK_K)
-            acc2 += a * w.to(tl.float32)
-        acc = tl.sum(acc2, axis=1)[None, :]                             # (1, BLOCK_N)
+        if EVEN_K:
+            w = tl.load(w_rows[:, None] + kk[None, :], mask=n_mask[:, None], other=0.0)
+        else:
+            w = tl.load(w_rows[:, None] + kk[None, :], mask=n_mask[:, None] & (kk[None, :] < K),
+                        other=0.0)
+    return w
+
+
+@triton.jit
+def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K,
+                 HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T over all of K, with tl.dot."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
+        a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
+        w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, True)              # (BLOCK_K, BLOCK_N)
+        # x is fed to the product in W's dtype, as F.linear does
+        acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
     return acc
+
+
+@triton.jit
+def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
+                  HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(1, BLOCK_N) fp32 = x_row @ W[rn, :].T over all of K (BLOCK_M == 1): elementwise fp32
+    products, one reduction over K after the loop. w0 (BLOCK_N, BLOCK_K) and nw0 (BLOCK_K,) are
+    the first K block's W and norm weight, loaded by the caller (before its PDL wait); the
+    accumulation order is that of one loop from k0 = 0, whoever loaded the first block."""
+    rk = tl.arange(0, BLOCK_K)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    a = _x_tile(x_rows, m_mask, rk, K, rstd, nw0, HAS_NORM, EVEN_K)       # (1, BLOCK_K)
+    acc2 += a * w0.to(tl.float32)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        kk = k0 + rk
+        nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
+        a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
+        w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, False)             # (BLOCK_N, BLOCK_K)
+        acc2 += a * w.to(tl.float32)
+    return tl.sum(acc2, axis=1)[None, :]                                # (1, BLOCK_N)
 
 
 @triton.jit
@@ -118,28 +148,52 @@ def _linear_kernel(
     HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,  # constexpr
     SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = rn < N
     m_mask = rm < M
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm              # (BLOCK_M, 1)
+    w_rows = w_ptr + rn.to(tl.int64) * stride_wn                       # (BLOCK_N,)
+    # wu_ptr = W's up rows [N, 2N) (a host view: no int32 N * stride overflow)
+    wu_rows = wu_ptr + rn.to(tl.int64) * stride_wn
+    if not USE_DOT:
+        # GEMV: the constants of the first K block (all of this program's W when BLOCK_K >= K,
+        # as for every SmolLM2 layer) are loaded before the PDL wait, so their DRAM latency
+        # overlaps the previous kernel's tail. Done with USE_GDC off too: same code, same bits.
+        rk = tl.arange(0, BLOCK_K)
+        w0 = _w_tile(w_rows, n_mask, rk, K, EVEN_K, False)               # (BLOCK_N, BLOCK_K)
+        wu0 = _w_tile(wu_rows, n_mask, rk, K, EVEN_K, False) if SILU else w0
+        nw0 = _nw_tile(nw_ptr, rk, K, EVEN_K) if HAS_NORM else rk.to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     if HAS_NORM:
         rstd = _row_rstd(x_rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
     else:
         rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = _tile_product(x_rows, m_mask, w_ptr, rn, n_mask, nw_ptr, rstd, K, stride_wn,
-                        HAS_NORM, EVEN_K, USE_DOT, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    if USE_DOT:
+        acc = _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, HAS_NORM, EVEN_K,
+                           DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        acc = _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
+                            HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += bias[None, :]
     if SILU:
-        # wu_ptr = W's up rows [N, 2N) (a host view: no int32 N * stride overflow); gate and up are
-        # rounded to the output dtype first,
-        # as the unfused w13 GEMM (whose output is x's dtype) then silu_mul do
-        up = _tile_product(x_rows, m_mask, wu_ptr, rn, n_mask, nw_ptr, rstd, K,
-                           stride_wn, HAS_NORM, EVEN_K, USE_DOT, DOT_PRECISION, UPCAST,
-                           BLOCK_M, BLOCK_N, BLOCK_K)
+        # gate and up are rounded to the output dtype first, as the unfused w13 GEMM (whose
+        # output is x's dtype) then silu_mul do
+        if USE_DOT:
+            up = _mma_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, HAS_NORM, EVEN_K,
+                              DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            up = _gemv_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, wu0, nw0,
+                               HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
         g = cast_rne(acc, y_ptr.dtype.element_ty).to(tl.float32)
         u = cast_rne(up, y_ptr.dtype.element_ty).to(tl.float32)
         acc = g * sigmoid(g) * u
@@ -219,8 +273,8 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
         EVEN_K=K % cfg.BLOCK_K == 0,
         # fp32 inputs: exact fp32 products, not TF32 (which would be 10x the reference's error)
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_GDC=pdl(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl(),
     )
 
 

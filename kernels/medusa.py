@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FLOATS, check_device, check_last_contiguous, check_tensor, interpreting,
-                      next_pow2)
+                      next_pow2, pdl)
 from ._tl import cast_rne, dot_acc, sigmoid
 
 
@@ -30,8 +30,13 @@ def _resblock_layer_kernel(
     M, D,                                            # sizes
     s_y_h, s_y_m, s_w_h, s_w_n, s_b_h, s_o_h, s_o_m,  # strides (all last dims unit)
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,  # constexpr
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr,
 ):
+    # an MMA kernel (BLOCK_M >= 16, W streamed over a pipelined K loop), not a GEMV: it waits at
+    # the start; layer k+1 reads layer k's output, so the wait also orders the K launches
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     h = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     m0 = tl.program_id(2) * BLOCK_M
@@ -108,7 +113,8 @@ def medusa_resblocks(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None,
             M, D,
             s_src_h, s_src_m, Wk.stride(0), Wk.stride(1), bk.stride(0), dst.stride(0), dst.stride(1),
             HAS_BIAS=b is not None, DOT_PRECISION=prec, UPCAST=interpreting(),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, USE_GDC=pdl(),
+            num_warps=num_warps, launch_pdl=pdl(),
         )
         src, s_src_h, s_src_m = dst, dst.stride(0), dst.stride(1)
     return out

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOATS, check_device, check_last_contiguous, check_tensor, next_pow2
+from ._common import FLOATS, check_device, check_last_contiguous, check_tensor, next_pow2, pdl
 from ._tl import cast_rne
 
 
@@ -19,16 +19,19 @@ def _rms_norm_kernel(
     x_ptr, w_ptr, y_ptr,          # pointers
     D, eps,                       # sizes
     stride_xm, stride_ym,         # strides (last dim is unit stride)
-    BLOCK_D: tl.constexpr,        # constexpr
+    BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr,  # constexpr
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)   # a constant: before the wait
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     # round to x's dtype before the weight, as the reference does (bit-identical in bf16)
     xn = cast_rne(x * rstd, x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_ym + cols, cast_rne(xn * w, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -59,7 +62,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
             x2, w, y,
             D, float(eps),
             x2.stride(0), y.stride(0),
-            BLOCK_D=next_pow2(D), num_warps=_num_warps(D),
+            BLOCK_D=next_pow2(D), USE_GDC=pdl(), num_warps=_num_warps(D), launch_pdl=pdl(),
         )
     return y.view(x.shape)
 
@@ -76,11 +79,15 @@ def _add_rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, s_ptr, y_ptr,               # pointers
     D, eps,                                          # sizes
     stride_xm, stride_rm, stride_sm, stride_ym,      # strides (last dim unit stride)
-    BLOCK_D: tl.constexpr,                           # constexpr
+    BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr,    # constexpr
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)   # a constant: before the wait
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
     # the residual sum is rounded to its dtype first, as `x + r` in PyTorch is
@@ -89,7 +96,6 @@ def _add_rms_norm_kernel(
     sf = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
     xn = cast_rne(sf * rstd, s_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_ym + cols, cast_rne(xn * w, y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -118,7 +124,7 @@ def add_rms_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor, eps: float):
             x2, r2, w, s, y,
             D, float(eps),
             x2.stride(0), r2.stride(0), s.stride(0), y.stride(0),
-            BLOCK_D=next_pow2(D), num_warps=_num_warps(D),
+            BLOCK_D=next_pow2(D), USE_GDC=pdl(), num_warps=_num_warps(D), launch_pdl=pdl(),
         )
     return s.view(x.shape), y.view(x.shape)
 

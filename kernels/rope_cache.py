@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOATS, INTS, check_device, check_last_contiguous, check_tensor, next_pow2
+from ._common import FLOATS, INTS, check_device, check_last_contiguous, check_tensor, next_pow2, pdl
 from ._tl import cast_rne
 
 
@@ -27,8 +27,12 @@ def _rope_cache_kernel(
     s_cos_b, s_cos_t, s_sin_b, s_sin_t,
     s_kc_b, s_kc_h, s_kc_s, s_vc_b, s_vc_h, s_vc_s,
     s_q_b, s_q_h, s_q_t,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr,                               # constexpr
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,        # constexpr
 ):
+    # cos/sin are per-step inputs (positions), not constants: everything waits
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     # one program per (token, head): h query heads then n_kv kv heads; a head is <= 256 values
     bt = tl.program_id(0)
     head = tl.program_id(1)
@@ -105,7 +109,8 @@ def rope_and_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             q.stride(0), q.stride(1), q.stride(2),
-            HALF=hd // 2, BLOCK_H=next_pow2(hd // 2), num_warps=1 if hd <= 128 else 2,
+            HALF=hd // 2, BLOCK_H=next_pow2(hd // 2), USE_GDC=pdl(),
+            num_warps=1 if hd <= 128 else 2, launch_pdl=pdl(),
         )
     return q
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import FLOATS, check_device, check_last_contiguous, check_tensor
+from ._common import FLOATS, check_device, check_last_contiguous, check_tensor, pdl
 from ._tl import cast_rne, sigmoid
 
 
@@ -19,8 +19,11 @@ def _silu_mul_kernel(
     gu_ptr, y_ptr,                # pointers
     I,                            # sizes
     stride_gm, stride_ym,         # strides (last dim unit stride)
-    BLOCK: tl.constexpr,          # constexpr
+    BLOCK: tl.constexpr, USE_GDC: tl.constexpr,  # constexpr
 ):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -48,7 +51,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
             g2, y,
             I,
             g2.stride(0), y.stride(0),
-            BLOCK=BLOCK, num_warps=4,
+            BLOCK=BLOCK, USE_GDC=pdl(), num_warps=4, launch_pdl=pdl(),
         )
     return y.view(*gu.shape[:-1], I)
 

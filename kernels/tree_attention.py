@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FLOATS, INTS, check_device, check_last_contiguous, check_tensor,
-                      interpreting, next_pow2)
+                      interpreting, next_pow2, pdl)
 from ._tl import cast_rne, dot_acc
 
 
@@ -33,8 +33,11 @@ def _attn_split_kernel(
     s_mb, s_mt, s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,    # constexpr
     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     bk = tl.program_id(0)
     b = (bk // n_kv).to(tl.int64)
     kvh = (bk % n_kv).to(tl.int64)
@@ -98,7 +101,11 @@ def _attn_combine_kernel(
     s_pb, s_ph, s_pt, s_ps, s_lb, s_lh, s_lt,      # strides
     s_ob, s_oh, s_ot,
     HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,  # constexpr
+    USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     b = (row // (h * T)).to(tl.int64)
     hh = ((row // T) % h).to(tl.int64)
@@ -196,7 +203,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         m8.stride(0) if mask.shape[0] > 1 else 0, m8.stride(1),
         *so, *sl,
         HD=hd, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE=single,
-        HAS_KV_LEN=has_kv_len, DOT_PRECISION=prec, UPCAST=interpreting(), num_warps=4,
+        HAS_KV_LEN=has_kv_len, DOT_PRECISION=prec, UPCAST=interpreting(), USE_GDC=pdl(),
+        num_warps=4, launch_pdl=pdl(),
     )
     if not single:
         _attn_combine_kernel[(B * h * T,)](
@@ -204,7 +212,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             h, T, n_splits,
             *o_part.stride()[:4], *lse.stride()[:3],
             out.stride(0), out.stride(1), out.stride(2),
-            HD=hd, BLOCK_D=BLOCK_D, BLOCK_S=max(2, next_pow2(n_splits)), num_warps=1,
+            HD=hd, BLOCK_D=BLOCK_D, BLOCK_S=max(2, next_pow2(n_splits)), USE_GDC=pdl(),
+            num_warps=1, launch_pdl=pdl(),
         )
     return out
 

@@ -1,7 +1,8 @@
 """Compile every kernel for an H100 (sm_90) without a GPU: catches what the interpreter cannot
 (type errors in lowering, layouts, too much shared memory). Run with TRITON_INTERPRET unset;
 test_compile.py runs it in a subprocess. Prints one line per kernel, exits 1 on a failure,
-2 when this Triton cannot compile offline at all."""
+2 when this Triton cannot compile offline at all. Each kernel is compiled with USE_GDC off and
+on (PDL, kernels/_common.py)."""
 import os
 import sys
 
@@ -16,7 +17,7 @@ from kernels import linear  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_one(fn, types, constexprs, num_warps=4):
+def compile_one(fn, types, constexprs, num_warps=4, asm=False):
     names = fn.arg_names
     sig, const = {}, {}
     ti = iter(types)
@@ -29,7 +30,23 @@ def compile_one(fn, types, constexprs, num_warps=4):
     assert next(ti, None) is None, "too many types"
     src = ASTSource(fn=fn, signature=sig, constexprs=const)
     k = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
-    return k.metadata.shared
+    return k.asm["ptx"] if asm else k.metadata.shared
+
+
+def check_prefetch():
+    """The GEMV's PDL variant loads its W tile before griddepcontrol.wait (the point of PDL
+    here) and every USE_GDC=True kernel has the wait and the trigger."""
+    c = linear._config(1, 576, 576)
+    ptx = compile_one(linear._linear_kernel, ["*bf16"] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
+                      dict(HAS_NORM=True, HAS_BIAS=False, HAS_RESIDUAL=True, SILU=False, USE_DOT=False,
+                           EVEN_K=False, DOT_PRECISION="tf32", UPCAST=False, BLOCK_M=1,
+                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, USE_GDC=True), c.num_warps, asm=True)
+    wait = ptx.find("griddepcontrol.wait")
+    if wait < 0 or "griddepcontrol.launch_dependents" not in ptx:
+        return "no griddepcontrol.wait / launch_dependents in the GEMV's PTX"
+    if "ld.global" not in ptx[:wait]:
+        return "the GEMV loads no weights before griddepcontrol.wait"
+    return None
 
 
 def cases(dt):
@@ -67,20 +84,24 @@ def cases(dt):
 
 def main():
     try:
-        compile_one(swiglu._silu_mul_kernel, ["*fp32", "*fp32", "i32", "i32", "i32"], dict(BLOCK=128))
+        compile_one(swiglu._silu_mul_kernel, ["*fp32", "*fp32", "i32", "i32", "i32"],
+                    dict(BLOCK=128, USE_GDC=False))
     except Exception as e:  # this Triton build cannot compile without a GPU: nothing to check
         print(f"cannot compile offline: {type(e).__name__}: {e}")
         return 2
     failed = 0
-    for dt in ("bf16", "fp32"):
-        for name, fn, types, constexprs, nw in cases(dt):
-            try:
-                shared = compile_one(fn, types, constexprs, nw)
-                print(f"ok   {dt} {name}: {shared} B shared")
-            except Exception as e:
-                failed += 1
-                print(f"FAIL {dt} {name}: {type(e).__name__}: {str(e)[:2000]}")
-    return 1 if failed else 0
+    for gdc in (False, True):           # without and with PDL's wait/trigger (kernels/_common.py)
+        for dt in ("bf16", "fp32"):
+            for name, fn, types, constexprs, nw in cases(dt):
+                try:
+                    shared = compile_one(fn, types, dict(constexprs, USE_GDC=gdc), nw)
+                    print(f"ok   {dt} {name} USE_GDC={gdc}: {shared} B shared")
+                except Exception as e:
+                    failed += 1
+                    print(f"FAIL {dt} {name} USE_GDC={gdc}: {type(e).__name__}: {str(e)[:2000]}")
+    err = check_prefetch()
+    print(f"FAIL GEMV prefetch: {err}" if err else "ok   GEMV loads W before griddepcontrol.wait")
+    return 1 if failed or err else 0
 
 
 if __name__ == "__main__":

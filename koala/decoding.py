@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .graphs import capture
 from .model import Transformer
 from .sampling import SamplerState, sample, warp_probs
 
@@ -56,19 +57,10 @@ class PlainDecoder:
             return self.graphs[key]
         # warm up and capture at the window's last slot: the real step rewrites it before reading it
         saved = self.token.clone(), self.pos.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                self.step.zero_(); self.pos.fill_(L - 1)
-                self._step(greedy, L)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        self.step.zero_(); self.pos.fill_(L - 1)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(g, pool=self.pool):
-            self._step(greedy, L)
+
+        def reset():
+            self.step.zero_(); self.pos.fill_(L - 1)
+        (g,), self.pool = capture([lambda: self._step(greedy, L)], reset, self.pool)
         self.token.copy_(saved[0]); self.pos.copy_(saved[1])
         self.graphs[key] = g
         return g

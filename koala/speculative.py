@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HeadMismatchError, KoalaError
+from .graphs import capture
 from .model import Transformer, causal_mask, tree_mask
 from .sampling import SamplerState, warp_probs
 
@@ -451,21 +452,9 @@ class SpeculativeDecoder:
 
     def _capture(self, W):
         state = [x.clone() for x in (self.L, self.root, self.h_prev, self.cu_tok, self.cu_feat, self.cu_n)]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):  # warm-up (Triton compiles, cuBLAS picks kernels)
-                self.L.fill_(max(0, W - self.max_new_per_step - 1)); self.cu_n.fill_(1)
-                self.draft(W); self.verify(W)
-        torch.cuda.current_stream().wait_stream(s)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        self.L.fill_(max(0, W - self.max_new_per_step - 1)); self.cu_n.fill_(1)
-        gd, gv = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gd, pool=self.pool):
-            self.draft(W)
-        with torch.cuda.graph(gv, pool=self.pool):
-            self.verify(W)
+        def reset():
+            self.L.fill_(max(0, W - self.max_new_per_step - 1)); self.cu_n.fill_(1)
+        (gd, gv), self.pool = capture([lambda: self.draft(W), lambda: self.verify(W)], reset, self.pool)
         for x, v in zip((self.L, self.root, self.h_prev, self.cu_tok, self.cu_feat, self.cu_n), state):
             x.copy_(v)
         return gd, gv, [torch.cuda.Event(enable_timing=True) for _ in range(3)]

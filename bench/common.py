@@ -30,7 +30,17 @@ def environment() -> dict:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"device": dev, "date": datetime.date.today().isoformat(), "commit": commit(),
             "command": "python " + " ".join([sys.argv[0].replace(str(Path.cwd()) + "/", "")] + sys.argv[1:]),
-            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__}
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "kernels": os.environ.get("KOALA_KERNELS", "1") != "0", "pdl": _pdl()}
+
+
+def _pdl() -> bool:
+    """Whether the Triton kernels launch with Programmatic Dependent Launch in this process."""
+    try:
+        from kernels._common import pdl
+        return bool(pdl())
+    except Exception:
+        return False
 
 
 def write(name: str, data: dict) -> Path:
@@ -64,3 +74,16 @@ def mt_bench(path: str | None = None) -> list[dict]:
         if c and Path(c).is_file():
             return [json.loads(line) for line in Path(c).read_text().splitlines() if line.strip()]
     raise FileNotFoundError("mt_bench.jsonl not found: pass --questions or set KOALA_MT_BENCH")
+
+
+def plain_step_ms(lt, context: int, max_seq_len: int = 2048) -> float:
+    """Median ms of one graph-replayed plain decode step at `context` committed tokens."""
+    from koala import SpeculativeGenerator
+    plain = SpeculativeGenerator(lt, None, max_seq_len=max_seq_len)
+    dec = plain.plain
+    g = dec._graph(True, dec.window(context + 16))
+
+    def step():
+        dec.step.zero_(); dec.pos.fill_(context)
+        g.replay()
+    return cuda_time_ms(step, iters=100)

@@ -14,7 +14,8 @@ import argparse
 import torch
 
 from bench.common import write
-from bench.spec_cost import iteration_ms, plain_step_ms, random_head
+from bench.common import plain_step_ms
+from bench.spec_cost import iteration_ms, random_head
 from koala.config import ModelConfig
 from koala.loading import LoadedTarget
 from koala.model import Transformer

@@ -11,21 +11,9 @@ import argparse
 
 import torch
 
-from bench.common import cuda_time_ms, write
+from bench.common import cuda_time_ms, plain_step_ms, write
 from koala import SpeculativeGenerator, load_target
 from koala.heads import DraftConfig
-
-
-def plain_step_ms(lt, context: int, max_seq_len: int = 2048) -> float:
-    """Median ms of one graph-replayed plain decode step at `context` committed tokens."""
-    plain = SpeculativeGenerator(lt, None, max_seq_len=max_seq_len)
-    dec = plain.plain
-    g = dec._graph(True, dec.window(context + 16))
-
-    def step():
-        dec.step.zero_(); dec.pos.fill_(context)
-        g.replay()
-    return cuda_time_ms(step, iters=100)
 
 
 def iteration_ms(lt, head, opts: dict, context: int, max_seq_len: int = 2048):

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bench.common import cuda_time_ms, mt_bench, write
+from bench.common import mt_bench, plain_step_ms, write
 from koala import SpeculativeGenerator, load_target
 
 
@@ -39,15 +39,7 @@ def main():
         return gen, rows, sorted(r["decode_ms_per_token"] for r in rows)[len(rows) // 2]
     _, rows_pt, pytorch_ms = measure(False)
     gen, rows, koala_ms = measure(True)
-    # the bare step: one graph replay at a 512-slot window
-    dec = gen.plain
-    g = dec._graph(True, 512)
-
-    def ten_steps():
-        dec.step.zero_(); dec.pos.fill_(300)
-        for _ in range(10):
-            g.replay()
-    step_ms = cuda_time_ms(ten_steps, iters=30) / 10
+    step_ms = plain_step_ms(lt, 300)   # the bare step: one graph replay at 300 committed tokens
 
     from transformers import AutoModelForCausalLM
     from koala.loading import _gguf_to_cache, default_gguf_path
@@ -71,7 +63,7 @@ def main():
            "transformers_generate_ms_per_token": hf_ms, "speedup_vs_transformers": hf_ms / koala_ms,
            "target_ms_per_token": 1.0, "koala_rows": rows,
            "note": "koala: median over prompts of (wall - prefill) / (new_tokens - 1), 256 tokens, EOS ignored, "
-                   "one host sync per 16 tokens; graph step: one replay at a 512-slot window"}
+                   "one host sync per 16 tokens; graph step: one replay at 300 committed tokens"}
     path = write("vanilla.json", res)
     print(f"\n{'':28}{'ms/token':>10}\n{'koala PyTorch path (graph)':28}{pytorch_ms:10.3f}\n{'koala fused (CUDA graph)':28}{koala_ms:10.3f}\n{'koala bare graph step':28}{step_ms:10.3f}"
           f"\n{'transformers generate':28}{hf_ms:10.3f}\nspeedup {hf_ms / koala_ms:.1f}x -> {path}")

@@ -12,11 +12,13 @@ norm and the activation are launches of their own; here a layer's 11 launches be
 
 Two code paths, picked by `_config` from (M, N, K); neither autotunes, so both are safe to
 capture in a CUDA graph:
-  * GEMV (M <= 2): one row per program (grid over rows), a (BLOCK_N, BLOCK_K) tile of W per
-    iteration with 16-byte loads along K, fp32 products accumulated elementwise and reduced over
-    K once at the end. BLOCK_N is as small as 1-2 rows of W so that N = 576 still gives ~288
-    programs for the 132 SMs; further rows of x re-read W from L2, not HBM.
-  * MMA (M > 2): a (BLOCK_M >= 16, BLOCK_N) tile per program with tl.dot (fp32 accumulation).
+  * GEMV (M <= 8): a program holds a (BLOCK_N, BLOCK_K) tile of W (16-byte loads along K) and
+    applies it to ROWS = next_pow2(M) rows one after another, each exactly as a one-row program
+    would (fp32 products accumulated elementwise, reduced over K once at the end): a row's
+    output is bitwise the same whatever M is, and W leaves HBM once, so M = 8 reads what M = 1
+    reads. BLOCK_N is as small as 1-2 rows of W so that N = 576 still gives ~288 programs for
+    the 132 SMs. A grid over row groups extends it to any M (koala.model's exact mode).
+  * MMA (M > 8): a (BLOCK_M >= 16, BLOCK_N) tile per program with tl.dot (fp32 accumulation).
 With PDL (kernels/_common.py) the GEMV path loads its first K block of W (all of it for every
 SmolLM2 layer), its bias and its norm weights before waiting on the previous kernel: W, bias and
 norm_weight must therefore not be outputs of the launch just before. The MMA path waits first.
@@ -141,59 +143,15 @@ def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
 
 
 @triton.jit
-def _linear_kernel(
-    x_ptr, w_ptr, wu_ptr, b_ptr, r_ptr, nw_ptr, y_ptr,            # pointers (wu: up rows, SILU)
-    M, N, K, eps,                                                 # sizes (N: output columns)
-    stride_xm, stride_wn, stride_rm, stride_ym,                   # strides (last dims unit)
-    HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,  # constexpr
-    SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr,
-):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = rn < N
-    m_mask = rm < M
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm              # (BLOCK_M, 1)
-    w_rows = w_ptr + rn.to(tl.int64) * stride_wn                       # (BLOCK_N,)
-    # wu_ptr = W's up rows [N, 2N) (a host view: no int32 N * stride overflow)
-    wu_rows = wu_ptr + rn.to(tl.int64) * stride_wn
-    if not USE_DOT:
-        # GEMV: the constants of the first K block (all of this program's W when BLOCK_K >= K,
-        # as for every SmolLM2 layer) are loaded before the PDL wait, so their DRAM latency
-        # overlaps the previous kernel's tail. Done with USE_GDC off too: same code, same bits.
-        rk = tl.arange(0, BLOCK_K)
-        w0 = _w_tile(w_rows, n_mask, rk, K, EVEN_K, False)               # (BLOCK_N, BLOCK_K)
-        wu0 = _w_tile(wu_rows, n_mask, rk, K, EVEN_K, False) if SILU else w0
-        nw0 = _nw_tile(nw_ptr, rk, K, EVEN_K) if HAS_NORM else rk.to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
-    if HAS_NORM:
-        rstd = _row_rstd(x_rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
-    else:
-        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if USE_DOT:
-        acc = _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, HAS_NORM, EVEN_K,
-                           DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    else:
-        acc = _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
-                            HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
+def _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU: tl.constexpr):
+    """Bias, SwiGLU (up: the up product, unused unless SILU), residual, one rounding, store of
+    the (BLOCK_M, BLOCK_N) fp32 acc at rows rm, columns rn."""
     if HAS_BIAS:
         acc += bias[None, :]
     if SILU:
         # gate and up are rounded to the output dtype first, as the unfused w13 GEMM (whose
         # output is x's dtype) then silu_mul do
-        if USE_DOT:
-            up = _mma_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, HAS_NORM, EVEN_K,
-                              DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            up = _gemv_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, wu0, nw0,
-                               HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
         g = cast_rne(acc, y_ptr.dtype.element_ty).to(tl.float32)
         u = cast_rne(up, y_ptr.dtype.element_ty).to(tl.float32)
         acc = g * sigmoid(g) * u
@@ -205,6 +163,87 @@ def _linear_kernel(
              cast_rne(acc, y_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, wu_ptr, b_ptr, r_ptr, nw_ptr, y_ptr,            # pointers (wu: up rows, SILU)
+    M, N, K, eps,                                                 # sizes (N: output columns)
+    stride_xm, stride_wn, stride_rm, stride_ym,                   # strides (last dims unit)
+    HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,  # constexpr
+    SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+    USE_GDC: tl.constexpr,
+):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    w_rows = w_ptr + rn.to(tl.int64) * stride_wn                       # (BLOCK_N,)
+    # wu_ptr = W's up rows [N, 2N) (a host view: no int32 N * stride overflow)
+    wu_rows = wu_ptr + rn.to(tl.int64) * stride_wn
+    if USE_DOT:
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()          # before any read of activations or any store
+            tl.extra.cuda.gdc_launch_dependents()
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm          # (BLOCK_M, 1)
+        if HAS_NORM:
+            rstd = _row_rstd(x_rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
+        else:
+            rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, HAS_NORM, EVEN_K,
+                           DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        if SILU:
+            up = _mma_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, HAS_NORM, EVEN_K,
+                              DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            up = acc
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
+                  HAS_BIAS, HAS_RESIDUAL, SILU)
+    else:
+        # GEMV: the constants of the first K block (all of this program's W when BLOCK_K >= K,
+        # as for every SmolLM2 layer) are loaded once, before the PDL wait, so their DRAM
+        # latency overlaps the previous kernel's tail; then they serve each of the program's
+        # ROWS rows. Done with USE_GDC off too: same code, same bits.
+        rk = tl.arange(0, BLOCK_K)
+        w0 = _w_tile(w_rows, n_mask, rk, K, EVEN_K, False)               # (BLOCK_N, BLOCK_K)
+        wu0 = _w_tile(wu_rows, n_mask, rk, K, EVEN_K, False) if SILU else w0
+        nw0 = _nw_tile(nw_ptr, rk, K, EVEN_K) if HAS_NORM else rk.to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()          # before any read of activations or any store
+            tl.extra.cuda.gdc_launch_dependents()
+        # One row after another, each by the same code as a program of ROWS=1 (and the same
+        # tiles, so the same reduction order): a row's output does not depend on ROWS or M,
+        # which exact mode (koala.model._Fast) relies on. Only one accumulator is live at a
+        # time; K blocks after the first are re-read per row (from L1/L2).
+        for r in tl.static_range(ROWS):
+            row = tl.program_id(1) * ROWS + r
+            if row < M:
+                rm = row + tl.arange(0, 1)                               # (1,)
+                m_mask = rm < M
+                x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # (1, 1)
+                if HAS_NORM:
+                    rstd = _row_rstd(x_rows, m_mask, K, eps, 1, BLOCK_K)
+                else:
+                    rstd = tl.zeros((1,), dtype=tl.float32)
+                acc = _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
+                                    HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
+                if SILU:
+                    up = _gemv_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, wu0, nw0,
+                                       HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
+                else:
+                    up = acc
+                _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm,
+                          stride_ym, HAS_BIAS, HAS_RESIDUAL, SILU)
+
+
 class LinearConfig(NamedTuple):
     """Launch parameters; `_config` picks them, the benchmark may pass others to compare."""
     use_dot: bool
@@ -213,6 +252,10 @@ class LinearConfig(NamedTuple):
     BLOCK_K: int
     num_warps: int = 4
     num_stages: int = 3
+    ROWS: int = 1          # GEMV: rows per program, each W tile applied to all of them (1-8)
+
+
+GEMV_MAX_M = 8             # _config's GEMV path takes M <= this, in one program row of ROWS
 
 
 def _config(M: int, N: int, K: int) -> LinearConfig:
@@ -221,15 +264,18 @@ def _config(M: int, N: int, K: int) -> LinearConfig:
     Guesses from the H100's shape (132 SMs, ~3 MB in flight to saturate HBM), not yet tuned:
     bench/linear_bench.py times these against alternatives."""
     target = 2 * NUM_SMS_H100                 # programs: 2 per SM so one waits while one loads
-    if M <= 2:
-        # GEMV: BLOCK_N rows of W per program, as few as keep >= 2 programs per SM (576 -> 2,
+    if M <= GEMV_MAX_M:
+        # GEMV: all M rows in one program row (ROWS = next_pow2(M)), so W is read once whatever
+        # M is. BLOCK_N rows of W per program, as few as keep >= 2 programs per SM (576 -> 2,
         # 1728 -> 4, 4096 -> 8, 49152 -> 16), and BLOCK_K so that a tile is ~4096 elements:
-        # 32 per thread (four 16-byte loads in flight) at 4 warps
+        # 32 per thread (four 16-byte loads in flight) at 4 warps. The tiles depend on N and K
+        # only, never on M: a row's output is then bitwise the same at every M <= 8 (and in
+        # koala.model's exact mode, which reuses this config over groups of 8 rows).
         bn = 1
-        while bn < 16 and triton.cdiv(N, 2 * bn) * M >= target:
+        while bn < 16 and triton.cdiv(N, 2 * bn) >= target:
             bn *= 2
         bk = max(32, min(next_pow2(K), 4096 // bn))
-        return LinearConfig(False, 1, bn, bk, 4, 1)
+        return LinearConfig(False, 1, bn, bk, 4, 1, min(GEMV_MAX_M, next_pow2(M)))
     # MMA: tl.dot needs >= 16 rows; one M tile covers M <= 64
     bm = min(64, max(16, next_pow2(M)))
     mt = triton.cdiv(M, bm)
@@ -255,13 +301,15 @@ def _check(x, W, norm_weight, name_w="W"):
 def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
     M, K = x2.shape
     cfg = config or _config(M, N, K)
-    if not cfg.use_dot and cfg.BLOCK_M != 1:
-        raise ValueError(f"config {cfg}: the GEMV path takes BLOCK_M=1")
+    if not cfg.use_dot and (cfg.BLOCK_M != 1 or cfg.ROWS not in (1, 2, 4, 8)):
+        raise ValueError(f"config {cfg}: the GEMV path takes BLOCK_M=1 and ROWS in 1, 2, 4, 8")
+    if cfg.use_dot and cfg.ROWS != 1:
+        raise ValueError(f"config {cfg}: ROWS is the GEMV path's (the MMA path takes ROWS=1)")
     if M == 0 or N == 0:
         return
     if K == 0:
         raise ValueError("K=0: empty reduction")
-    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M))
+    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M if cfg.use_dot else cfg.ROWS))
     dummy = y                                            # pointer for absent operands (never read)
     _linear_kernel[grid](
         x2, W, W[N:] if silu else W, dummy if bias is None else bias, dummy if res2 is None else res2,
@@ -273,7 +321,8 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
         EVEN_K=K % cfg.BLOCK_K == 0,
         # fp32 inputs: exact fp32 products, not TF32 (which would be 10x the reference's error)
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_GDC=pdl(),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS=cfg.ROWS,
+        USE_GDC=pdl(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl(),
     )
 

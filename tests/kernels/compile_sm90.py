@@ -40,7 +40,8 @@ def check_prefetch():
     ptx = compile_one(linear._linear_kernel, ["*bf16"] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
                       dict(HAS_NORM=True, HAS_BIAS=False, HAS_RESIDUAL=True, SILU=False, USE_DOT=False,
                            EVEN_K=False, DOT_PRECISION="tf32", UPCAST=False, BLOCK_M=1,
-                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, USE_GDC=True), c.num_warps, asm=True)
+                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS, USE_GDC=True), c.num_warps,
+                      asm=True)
     wait = ptx.find("griddepcontrol.wait")
     if wait < 0 or "griddepcontrol.launch_dependents" not in ptx:
         return "no griddepcontrol.wait / launch_dependents in the GEMV's PTX"
@@ -71,15 +72,17 @@ def cases(dt):
                     DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False), 4)
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,
            dict(HD=64, BLOCK_D=64, BLOCK_S=16), 1)
-    # linear: the GEMV path (M <= 2) and the MMA path at the BLOCK_M extremes, norm/residual/silu
+    # linear: the GEMV path (M <= 8: ROWS 1, 4 and 8, one and several K blocks) and the MMA path
+    # at the BLOCK_M extremes, norm/residual/silu
     for (M, N, K), silu in (((1, 1728, 576), False), ((1, 4096, 4096), True), ((8, 576, 576), True),
+                            ((3, 1728, 576), False), ((8, 4096, 4096), False), ((16, 576, 576), True),
                             ((64, 576, 1536), False)):
         c = linear._config(M, N, K)
         yield (f"linear M={M} N={N} K={K} silu={silu}", linear._linear_kernel,
                [p] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
                dict(HAS_NORM=True, HAS_BIAS=not silu, HAS_RESIDUAL=not silu, SILU=silu, USE_DOT=c.use_dot,
                     EVEN_K=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False,
-                    BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K), c.num_warps)
+                    BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS), c.num_warps)
 
 
 def main():

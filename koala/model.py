@@ -22,21 +22,23 @@ from .config import ModelConfig, rope_inv_freq
 class _Fast:
     """The fused Triton path (kernels/), used on CUDA. `on` is set by Transformer.use_kernels();
     the PyTorch code beside it stays the reference.
-    `exact`: batch-invariant kernels for every forward of <= 64 tokens: each row goes through the
-    same per-row GEMV program and the attention uses a fixed row tile and a split count that
-    depends on the context only, so a token's bf16 logits do not depend on how many tokens are
-    verified beside it, and speculative greedy output equals plain greedy output bit for bit.
-    Off, verification uses cuBLAS (faster for trees, but its bf16 rounding differs from the
-    one-token step's, so greedy outputs drift apart after a near-tie)."""
+    `exact`: batch-invariant kernels for every forward of <= 128 tokens (EXACT_M): each row goes
+    through the same per-row GEMV code (up to 8 rows to a program) and the attention uses a fixed
+    row tile and a split count that depends on the context only, so a token's bf16 logits do not
+    depend on how many tokens are verified beside it, and speculative greedy output equals plain
+    greedy output bit for bit. Off, forwards of more than 8 tokens (SMALL_M) use cuBLAS (faster
+    for trees, but its bf16 rounding differs from the one-token step's, so greedy outputs drift
+    apart after a near-tie) and the attention picks its tiles by size."""
     on = False
     exact = True
 
 
-def _row_config(W, silu=False):
-    """The GEMV configuration a single row would get, for any number of rows (exact mode)."""
-    from kernels.linear import _config
+def _row_config(W, M, silu=False):
+    """The GEMV configuration for M rows in exact mode: the tiles a single row gets, over groups
+    of up to 8 rows (kernels/linear.py: a row's output does not depend on its group's size)."""
+    from kernels.linear import GEMV_MAX_M, _config
     n = W.shape[0] // 2 if silu else W.shape[0]
-    return _config(1, n, W.shape[1])
+    return _config(min(M, GEMV_MAX_M), n, W.shape[1])
 
 
 def _linear_residual(x, y, lin: nn.Linear):
@@ -192,18 +194,21 @@ class Block(nn.Module):
         where cuBLAS took 5-8 us per tiny GEMM plus separate norm and activation launches."""
         from kernels.linear import linear, linear_silu
         a, f, n1, n2 = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
-        cf = _row_config if _Fast.exact else (lambda W, silu=False: None)
+        M = x.shape[0] * x.shape[1]
+        cf = (lambda W, silu=False: _row_config(W, M, silu)) if _Fast.exact else (lambda W, silu=False: None)
         qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps, config=cf(a.wqkv.weight))
         x = linear(a.attend(qkv, cos, sin, slots, mask), a.wo.weight, residual=x, config=cf(a.wo.weight))
         g = linear_silu(x, f.w13.weight, n2.weight, n2.eps, config=cf(f.w13.weight, True))
         return linear(g, f.w2.weight, residual=x, config=cf(f.w2.weight))
 
 
-# rows up to which kernels/linear.py replaces cuBLAS: its GEMV path wins at M <= 2 (decode, chain
-# drafting: 2.4 vs 4.8 us at 576x576 on the H100), its MMA path loses from M = 8 on (10.9 vs 7.7 us
-# for w13 at M = 8; bench/results/linear.json), so without exact mode verification keeps cuBLAS;
-# in exact mode every forward of up to 128 tokens runs row by row through the GEMV program
-SMALL_M = 2
+# rows up to which kernels/linear.py replaces cuBLAS: its GEMV path reads each W tile once for up
+# to 8 rows (ROWS per program), so verifying a chain of depth <= 7 reads the weights once, as a
+# decode step does (at M = 1: 2.4 vs cuBLAS's 4.8 us at 576x576 on the H100); its MMA path
+# loses to cuBLAS from M = 8 on (10.9 vs 7.7 us for w13; bench/results/linear.json), so without
+# exact mode bigger forwards keep cuBLAS; in exact mode every forward of up to 128 tokens runs
+# through the GEMV program, 8 rows per program, bitwise as one row alone
+SMALL_M = 8
 EXACT_M = 128  # the largest tree SpeculativeDecoder accepts
 
 
@@ -299,7 +304,7 @@ class Transformer(CachedStack, nn.Module):
         h = hidden if logits_index is None else hidden.index_select(1, logits_index)
         if _Fast.on and h.is_cuda and h.shape[0] * h.shape[1] <= _small_m() and slots is not None:
             from kernels.linear import linear
-            cfg = _row_config(self.output.weight) if _Fast.exact else None
+            cfg = _row_config(self.output.weight, h.shape[0] * h.shape[1]) if _Fast.exact else None
             return linear(h, self.output.weight, config=cfg), hidden
         return self.output(h), hidden
 

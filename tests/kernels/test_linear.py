@@ -4,8 +4,8 @@ import torch
 from conftest import DEVICE, ON_GPU, assert_close_to_baseline, poison
 from kernels import linear as L
 
-# (M, N, K): both paths (GEMV at M <= 2, MMA above), odd sizes, K spanning several BLOCK_K
-CASES = [(1, 77, 123), (2, 40, 300), (3, 77, 123), (17, 24, 64)]
+# (M, N, K): both paths (GEMV at M <= 8, MMA above), odd sizes, K spanning several BLOCK_K
+CASES = [(1, 77, 123), (2, 40, 300), (3, 37, 123), (9, 24, 64), (17, 24, 64)]
 if ON_GPU:
     CASES += [(1, 576, 576), (8, 1728, 576), (64, 576, 1536), (1, 4096, 4096), (33, 3000, 4100)]
 # (bias, residual, norm)
@@ -41,13 +41,98 @@ def test_linear_matches_reference(M, N, K, opts, dtype):
     _run_linear(M, N, K, dtype, opts)
 
 
-@pytest.mark.parametrize("use_dot,BM,BN,BK", [(False, 1, 4, 32), (True, 16, 16, 64), (True, 32, 32, 32)])
+@pytest.mark.parametrize("use_dot,BM,BN,BK,ROWS", [(False, 1, 4, 32, 1), (False, 1, 4, 32, 2),
+                                                   (True, 16, 16, 64, 1), (True, 32, 32, 32, 1)])
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_forced_configs(use_dot, BM, BN, BK, M, dtype):
-    # every path must be right at any M (the benchmark compares them), EVEN_K included (K=64)
-    _run_linear(M, 37, 64, dtype, (True, True, True), L.LinearConfig(use_dot, BM, BN, BK))
-    _run_linear(M, 37, 70, dtype, (False, False, True), L.LinearConfig(use_dot, BM, BN, BK))
+def test_linear_forced_configs(use_dot, BM, BN, BK, ROWS, M, dtype):
+    # every path must be right at any M (the benchmark compares them), EVEN_K included (K=64);
+    # ROWS=2 at M=5: three row groups, the last one half masked
+    cfg = L.LinearConfig(use_dot, BM, BN, BK, ROWS=ROWS)
+    _run_linear(M, 37, 64, dtype, (True, True, True), cfg)
+    _run_linear(M, 37, 70, dtype, (False, False, True), cfg)
+
+
+# Multi-row GEMV (ROWS rows per program). BK=32 < K: the prefetched first K block, then the loop
+# re-read per row; odd N and K (EVEN_K False); N=9 at BN=4: a masked last column tile
+GEMV_SMALL_K = L.LinearConfig(False, 1, 4, 32, 4, 1)
+
+
+def _rows_config(M, base):
+    """base with the ROWS _config gives M (M > 8: groups of 8, as koala.model's exact mode)."""
+    return base._replace(ROWS=min(8, L.next_pow2(M)))
+
+
+def test_gemv_config_tiles_do_not_depend_on_M():
+    # the bitwise promise below needs the same tiles at every M; exact mode reuses them for M > 8
+    for N, K in ((576, 576), (1728, 576), (1536, 576), (576, 1536), (49152, 576), (11008, 4096), (77, 123)):
+        one = L._config(1, N, K)
+        assert not one.use_dot and one.ROWS == 1
+        for M in range(2, 9):
+            assert L._config(M, N, K) == one._replace(ROWS=L.next_pow2(M)), (M, N, K)
+        assert L._config(9, N, K).use_dot
+    # N = 576 (SmolLM2's wo and w2) still gives >= 2 programs per SM on the H100's 132
+    assert 576 // L._config(8, 576, 576).BLOCK_N >= 2 * L.NUM_SMS_H100
+    from koala.model import _row_config
+    W, W13 = torch.empty(576, 1536), torch.empty(2 * 1536, 576)
+    for M in (1, 3, 8, 9, 64, 128):
+        assert _row_config(W, M) == L._config(1, 576, 1536)._replace(ROWS=min(8, L.next_pow2(M)))
+        assert _row_config(W13, M, True) == L._config(min(M, 8), 1536, 576)
+
+
+@pytest.mark.parametrize("M", range(1, 10))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_rows_match_reference(M, dtype):
+    # M <= 8: _config's own choice (one K block); then the small-K config at every M (M = 9: 8+1)
+    if M <= 8:
+        _run_linear(M, 11, 45, dtype, (True, True, True))
+    _run_linear(M, 9, 70, dtype, [(False, False, False), (True, False, True), (False, True, True)][M % 3],
+                _rows_config(M, GEMV_SMALL_K))
+
+
+@pytest.mark.parametrize("M", [3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_silu_rows_match_reference(M, dtype):
+    x, W13, _, _, nw = _inputs(M, 2 * 9, 70, dtype, scale=3.0)
+    W13 = W13 * 2
+    for cfg in (None, _rows_config(M, GEMV_SMALL_K)):
+        y = L.linear_silu(x, W13, nw, 1e-5, config=cfg)
+        exact = L.linear_silu_ref(x.double(), W13.double(), nw.double(), 1e-5)
+        assert_close_to_baseline(y, exact, L.linear_silu_ref(x, W13, nw, 1e-5), floor=1e-5,
+                                 what=f"linear_silu M={M} {cfg}")
+
+
+def _assert_rows_bitwise_alone(M, N, K, dtype, silu, cfg_m, cfg_1):
+    """Each row of an M-row call (config cfg_m) equals bitwise that row computed alone (cfg_1)."""
+    x, W, b, r, nw = _inputs(M, 2 * N if silu else N, K, dtype, scale=3.0)
+    if silu:
+        call = lambda xs, rs, cfg: L.linear_silu(xs, W, nw, 1e-5, config=cfg)  # noqa: E731
+    else:
+        call = lambda xs, rs, cfg: L.linear(xs, W, b, rs, nw, 1e-5, config=cfg)  # noqa: E731
+    r = r[:, :N]
+    many = call(x, r, cfg_m)
+    for i in range(M):
+        one = call(x[i:i + 1], r[i:i + 1], cfg_1)
+        assert torch.equal(many[i:i + 1], one), f"row {i} of M={M} N={N} K={K} {dtype} silu={silu}"
+
+
+# (M, N, K): odd sizes (N=9 or 5 at BN=4: a masked column tile); M = 10: two row groups (exact
+# mode's ROWS=8 over groups), the second one 3/4 masked
+BITWISE = [(3, 9, 70), (10, 5, 70)]
+if ON_GPU:
+    BITWISE += [(M, N, K) for M in (2, 5, 8, 9, 20) for N, K in ((1728, 576), (576, 1536), (49152, 576),
+                                                             (4096, 4100))]
+
+
+@pytest.mark.parametrize("M,N,K", BITWISE)
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_row_is_bitwise_the_same_alone(M, N, K, silu, dtype):
+    # the property exact mode needs: a row's output does not depend on M or ROWS; with
+    # _config's tiles (as koala.model._row_config picks them) and with several K blocks
+    _assert_rows_bitwise_alone(M, N, K, dtype, silu, L._config(min(M, 8), N, K), None)
+    if not ON_GPU or K <= 576:
+        _assert_rows_bitwise_alone(M, N, K, dtype, silu, _rows_config(M, GEMV_SMALL_K), GEMV_SMALL_K)
 
 
 @pytest.mark.parametrize("M,I,K", [(1, 40, 123), (3, 24, 64), (2, 33, 70)])

@@ -195,7 +195,9 @@ class Block(nn.Module):
         from kernels.linear import linear, linear_silu
         a, f, n1, n2 = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
         M = x.shape[0] * x.shape[1]
-        cf = (lambda W, silu=False: _row_config(W, M, silu)) if _Fast.exact else (lambda W, silu=False: None)
+
+        def cf(W, silu=False):        # exact mode: M = 1's tiles, up to 8 rows a program
+            return _row_config(W, M, silu) if _Fast.exact else None
         qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps, config=cf(a.wqkv.weight))
         x = linear(a.attend(qkv, cos, sin, slots, mask), a.wo.weight, residual=x, config=cf(a.wo.weight))
         g = linear_silu(x, f.w13.weight, n2.weight, n2.eps, config=cf(f.w13.weight, True))

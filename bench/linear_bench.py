@@ -2,12 +2,15 @@
 
     PYTHONPATH=. python3 bench/linear_bench.py            # on the H100, about 1 minute
     PYTHONPATH=. python3 bench/linear_bench.py --sweep    # + other tile configs, a few minutes
+    PYTHONPATH=. python3 bench/linear_bench.py --only smollm2 --ms 1,2,4,5,8   # verify sizes
 
-Per row (bf16, M = 1, 8, 64 rows), microseconds per call, each the median of 20 replays of one
-CUDA graph holding n calls, divided by n:
-  * kernel_us: linear / linear_silu with the fused norm, residual or SiLU.
-  * runtime_us: what koala.model's fused path runs today: Triton rms_norm + cuBLAS F.linear
-    (addmm for the residual) + Triton silu_mul; 1 to 3 launches.
+Per row (bf16, M = 1, 2, 4, 5, 8, 64 rows by default: decode, chain verification of depth
+M - 1 through the multi-row GEMV, a tree through the MMA path), microseconds per call, each the
+median of 20 replays of one CUDA graph holding n calls, divided by n:
+  * kernel_us: linear / linear_silu with the fused norm, residual or SiLU; the config column
+    is _config's choice (gemv BLOCK_M x BLOCK_N x BLOCK_K and ROWS, rows per program).
+  * runtime_us: what koala.model's fused path runs above SMALL_M (non-exact mode): Triton
+    rms_norm + cuBLAS F.linear (addmm for the residual) + Triton silu_mul; 1 to 3 launches.
   * cublas_us: the GEMM alone (F.linear, or addmm with the residual).
   * kernel_l2_us: the kernel on one W 20 times (W stays in the 50 MB L2); the others rotate over
     enough copies of W (>= 150 MB in all) that every call reads W from HBM, as a decode step does
@@ -40,7 +43,7 @@ DT = torch.bfloat16
 EPS = 1e-5
 CEILING_GBS = 3000.0
 COLD_BYTES = 150e6          # weight copies per row: 3x the H100's 50 MB L2
-MS = (1, 8, 64)
+MS = (1, 2, 4, 5, 8, 64)  # default --ms
 # (model, op, K, N, kind): N is the output width (I for silu, whose weight is (2I, K))
 OPS = [
     ("smollm2", "wqkv+norm", 576, 1728, "norm"),
@@ -97,13 +100,16 @@ def timed(row: dict, key: str, fn, Ws, n_calls: int):
 
 
 def candidates(M: int, N: int, K: int) -> list[LinearConfig]:
-    """Alternatives to _config for --sweep: GEMV at several BLOCK_N (M <= 8), MMA tile shapes."""
+    """Alternatives to _config for --sweep: GEMV at several BLOCK_N and ROWS (M <= 8), MMA tile
+    shapes."""
     out = []
     if M <= 8:
-        for bn in (1, 2, 4, 8, 16, 32):
-            if 64 <= math.ceil(N / bn) * M <= 16384:
-                for e in (4096, 2048):
-                    out.append(LinearConfig(False, 1, bn, max(32, min(next_pow2(K), e // bn)), 4, 1))
+        for rows in sorted({1, min(8, next_pow2(M))}):
+            for bn in (1, 2, 4, 8, 16, 32):
+                if 64 <= math.ceil(N / bn) * math.ceil(M / rows) <= 16384:
+                    for e in (4096, 2048):
+                        bk = max(32, min(next_pow2(K), e // bn))
+                        out.append(LinearConfig(False, 1, bn, bk, 4, 1, rows))
     bm = min(64, max(16, next_pow2(M)))
     for bn, bk, st in ((16, 64, 3), (16, 128, 3), (16, 256, 3), (32, 64, 3), (32, 128, 3),
                        (64, 64, 3), (16, 128, 4), (32, 128, 4)):
@@ -117,7 +123,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also time the candidates() configs")
     ap.add_argument("--only", default="", help="run only rows whose model/op contains this")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated row counts M")
     args = ap.parse_args()
+    ms = tuple(int(m) for m in args.ms.split(","))
     torch.manual_seed(0)
     ops = [o for o in OPS if args.only in f"{o[0]}/{o[1]}"]
 
@@ -130,7 +138,7 @@ def main():
         Ws = list(W0.unsqueeze(0).repeat(nc, 1, 1).unbind(0))
         nw = (1 + 0.1 * torch.randn(K, device=DEV)).to(DT)
         per_m = {M: (torch.randn(M, K, device=DEV, dtype=DT), torch.randn(M, N, device=DEV, dtype=DT))
-                 for M in MS}
+                 for M in ms}
         inputs[(model, op)] = (Ws, nw, per_m)
     torch.cuda.synchronize()
 
@@ -140,7 +148,7 @@ def main():
     for model, op, K, N, kind in ops:
         Ws, nw, per_m = inputs[(model, op)]
         n_cold = max(20, len(Ws))
-        for M in MS:
+        for M in ms:
             x, r = per_m[M]
             kern = {
                 "norm": lambda W, cfg=None: linear(x, W, norm_weight=nw, eps=EPS, config=cfg),
@@ -189,22 +197,26 @@ def main():
             print(f"{model:<8} {op:<15} {M:>3} {N:>6} {K:>6} {f(k_us)} {f(row.get('kernel_GBs'), 6, 0)} "
                   f"{f(row.get('kernel_pct_ceiling'), 5, 0)} {f(row['runtime_us'])} {f(row['cublas_us'])} "
                   f"{f(row.get('speedup_vs_runtime'), 5, 2)} {f(row['kernel_l2_us'], 7)}  "
-                  f"{'mma' if cfg.use_dot else 'gemv'} {cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}{extra}",
+                  f"{'mma' if cfg.use_dot else 'gemv'} {cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
+                  f"{'' if cfg.use_dot else f' ROWS={cfg.ROWS}'}{extra}",
                   flush=True)
         del inputs[(model, op)]
         torch.cuda.empty_cache()
 
-    # SmolLM2 decode (M=1): the four layer GEMMs x 30 layers + the LM head, kernel vs runtime
+    # SmolLM2 per forward: the four layer GEMMs x 30 layers + the LM head, kernel vs runtime, at
+    # each M timed (M=1: a decode step; M = d+1: verifying a chain of depth d)
     summary = {}
-    sm = {r["op"]: r for r in rows if r["model"] == "smollm2" and r["M"] == 1}
     layer_ops = ("wqkv+norm", "wo+residual", "w13+norm+silu", "w2+residual")
-    for key in ("kernel_us", "runtime_us"):
-        if all(sm.get(o, {}).get(key) for o in layer_ops + ("lm_head",)):
-            summary[f"smollm2_M1_gemms_ms_{key[:-3]}"] = (30 * sum(sm[o][key] for o in layer_ops)
-                                                          + sm["lm_head"][key]) / 1e3
-    if summary:
-        print("SmolLM2 M=1, 30 layers' GEMMs (+norm/silu) + LM head per token: "
-              + ", ".join(f"{k.split('_')[-1]} {v:.3f} ms" for k, v in summary.items()))
+    for M in ms:
+        sm = {r["op"]: r for r in rows if r["model"] == "smollm2" and r["M"] == M}
+        got = {}
+        for key in ("kernel_us", "runtime_us"):
+            if all(sm.get(o, {}).get(key) for o in layer_ops + ("lm_head",)):
+                got[key[:-3]] = (30 * sum(sm[o][key] for o in layer_ops) + sm["lm_head"][key]) / 1e3
+                summary[f"smollm2_M{M}_gemms_ms_{key[:-3]}"] = got[key[:-3]]
+        if got:
+            print(f"SmolLM2 M={M}, 30 layers' GEMMs (+norm/silu) + LM head per forward: "
+                  + ", ".join(f"{k} {v:.3f} ms" for k, v in got.items()))
     path = write("linear.json", dict(dtype="bfloat16", ceiling_GBs=CEILING_GBS, cold_bytes=COLD_BYTES,
                                      sweep=args.sweep, summary=summary, rows=rows))
     print(f"wrote {path}")

@@ -225,13 +225,14 @@ def test_accept_compact_chain(graph):
         table = A.make_cache_table(caches)
         q = torch.randn(1, 3 * nkv, 1, hd, device=DEVICE).to(torch.bfloat16)
         mask = torch.ones(1, 1, S, dtype=torch.bool, device=DEVICE)
+        prefix = torch.tensor(L0, device=DEVICE)   # a device tensor: graph capture cannot copy a host int
 
         def step():
             for c, c_ in zip(caches, c0):
                 c.copy_(c_)
             target = (L.linear(x, W) + boost).argmax(-1)
             n_acc, path, bonus, toks = A.accept_greedy(draft, parents, depth, target, 3)
-            A.compact_kv(table, path, n_acc, L0)
+            A.compact_kv(table, path, n_acc, prefix)
             o = TA.tree_attention(q, caches[0], caches[1], mask)
             return [target, n_acc, path, bonus, toks, o] + caches
         return step

@@ -132,11 +132,17 @@ def _n_splits(programs: int, S: int) -> int:
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    mask: torch.Tensor, kv_len=None, scale: float | None = None,
-                   n_splits: int | None = None, block_m: int | None = None) -> torch.Tensor:
+                   n_splits: int | None = None, block_m: int | None = None,
+                   block_s: int | None = None) -> torch.Tensor:
     """q (B, h, T, hd); k_cache, v_cache (B, n_kv, S, hd), h a multiple of n_kv; mask (B|1, T, S)
     bool, True where a query may see a slot; kv_len: None (= S), an int, or an int tensor () or
     (B,): only slots < kv_len are read (and they must cover every visible slot). Every last dim
-    needs unit stride. Returns (B, h, T, hd) in q's dtype; softmax scale defaults to hd**-0.5."""
+    needs unit stride. Returns (B, h, T, hd) in q's dtype; softmax scale defaults to hd**-0.5.
+    Batch-invariant use (koala's exact mode): a fixed block_m, n_splits = S / 128 (128-slot
+    splits whatever S is) and a fixed block_s (the combine's tile over splits, a power of two
+    >= n_splits). The combine's sum then has one reduction order for every window S, and the
+    splits past the ones a query sees add exact zeros, so a query's result does not depend on
+    the window or on how many rows share the launch."""
     check_tensor("q", q, ndim=4, dtypes=FLOATS)
     B, h, T, hd = q.shape
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOATS, shape=(B, None, None, hd))
@@ -176,6 +182,11 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     row_blocks = triton.cdiv(G * T, BLOCK_M)
     if n_splits is None:
         n_splits = _n_splits(B * n_kv * row_blocks, S)
+    BLOCK_S = max(2, next_pow2(n_splits))
+    if block_s is not None:
+        if block_s < n_splits or block_s & (block_s - 1) or block_s < 2:
+            raise ValueError(f"block_s must be a power of two >= max(2, n_splits={n_splits}), got {block_s}")
+        BLOCK_S = block_s
     # fp32 tiles at hd=128, BLOCK_N=64 need 180 KB of shared memory (of 227 KB on an H100)
     BLOCK_N = 64 if hd <= 128 and q.dtype != torch.float32 else 32
     BLOCK_D = max(16, next_pow2(hd))
@@ -212,7 +223,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             h, T, n_splits,
             *o_part.stride()[:4], *lse.stride()[:3],
             out.stride(0), out.stride(1), out.stride(2),
-            HD=hd, BLOCK_D=BLOCK_D, BLOCK_S=max(2, next_pow2(n_splits)), USE_GDC=pdl(),
+            HD=hd, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, USE_GDC=pdl(),
             num_warps=1, launch_pdl=pdl(),
         )
     return out

@@ -79,3 +79,49 @@ def test_tree_attention_empty_splits_and_fully_masked_row(n_splits):
     ref = tree_attention_ref(q, k, v, mask)
     torch.testing.assert_close(out[:, :, 0], ref[:, :, 0], atol=1e-5, rtol=1e-5)
     assert (out[:, :, 1] == 0).all()                      # torch 2.13's SDPA gives 0 too, older NaN
+
+
+def test_tree_attention_fixed_combine_tile():
+    B, h, n_kv, T, hd, S = 1, 4, 2, 3, 16, 96
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, h, T, hd, generator=gen).to(DEVICE)
+    k, v = torch.randn(2, B, n_kv, S, hd, generator=gen).to(DEVICE)
+    mask = tree_case(B, T, S, 50, gen)
+    ref = tree_attention_ref(q, k, v, mask)
+    out = tree_attention(q, k, v, mask, n_splits=3, block_s=16)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for bad in (2, 6, 1):                                  # below n_splits, not a power of two
+        with pytest.raises(ValueError, match="block_s"):
+            tree_attention(q, k, v, mask, n_splits=3, block_s=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float32] if ON_GPU else []))
+def test_exact_attention_is_window_invariant(dtype):
+    """koala's exact mode: the plain step (1 query, a 256-slot window) and a verify forward
+    (6 queries, a 512-slot window) give the same query bitwise equal results, with 128-slot
+    splits and one combine tile (block_s) for every window. (The GPU is where a window-dependent
+    combine tile would change the bits; on the CPU the interpreter's fp32 products go through
+    BLAS, whose result for a row depends on where the row sits in the tile, so fp32 runs on the
+    GPU only.)"""
+    from kernels.tree_attention import _n_splits
+    h, n_kv, hd, S_max, p = 9, 3, 64, 1024, 200
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(2, 1, n_kv, S_max, hd, generator=gen) * 2).to(dtype).to(DEVICE)
+    qs = torch.randn(1, h, 6, hd, generator=gen).to(dtype).to(DEVICE)   # queries at p .. p+5
+    block_s = max(2, triton_next_pow2(_n_splits(n_kv, S_max)))
+
+    def run(q, first_pos, L):
+        T = q.shape[2]
+        mask = torch.zeros(1, T, L, dtype=torch.bool)
+        for t in range(T):
+            mask[0, t, :first_pos + t + 1] = True
+        return tree_attention(q, k[:, :, :L], v[:, :, :L], mask.to(DEVICE), n_splits=_n_splits(n_kv, L),
+                              block_m=64, block_s=block_s)
+    plain = run(qs[:, :, 2:3], p + 2, 256)                  # the query at position p+2 alone
+    verify = run(qs, p, 512)                                # inside a 6-token chain
+    assert torch.equal(plain[:, :, 0], verify[:, :, 2])
+
+
+def triton_next_pow2(n):
+    from kernels._common import next_pow2
+    return next_pow2(n)

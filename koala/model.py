@@ -26,9 +26,10 @@ class _Fast:
     through the same per-row GEMV code (up to 8 rows to a program) and the attention uses a fixed
     row tile and a split count that depends on the context only, so a token's bf16 logits do not
     depend on how many tokens are verified beside it, and speculative greedy output equals plain
-    greedy output bit for bit. Off, forwards of more than 8 tokens (SMALL_M) use cuBLAS (faster
-    for trees, but its bf16 rounding differs from the one-token step's, so greedy outputs drift
-    apart after a near-tie) and the attention picks its tiles by size."""
+    greedy output bit for bit. Off, forwards of more than 4 tokens (SMALL_M; LM heads of more
+    than one row) use cuBLAS (faster there, but its bf16 rounding differs from the one-token
+    step's, so greedy outputs drift apart after a near-tie) and the attention picks its tiles
+    by size."""
     on = False
     exact = True
 
@@ -140,9 +141,13 @@ class Attention(nn.Module):
         q = rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads, self.n_kv)
         L = mask.shape[-1]
         if _Fast.exact:
+            from kernels._common import next_pow2
             from kernels.tree_attention import _n_splits
+            # one combine tile for every window (sized for the whole cache): the plain step and
+            # a verify forward use different windows, and must still sum a query's splits alike
             y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask, n_splits=_n_splits(B * self.n_kv, L),
-                               block_m=64)
+                               block_m=64,
+                               block_s=max(2, next_pow2(_n_splits(B * self.n_kv, c.k.shape[2]))))
         else:
             y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask)      # (B, h, T, hd)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
@@ -204,13 +209,18 @@ class Block(nn.Module):
         return linear(g, f.w2.weight, residual=x, config=cf(f.w2.weight))
 
 
-# rows up to which kernels/linear.py replaces cuBLAS: its GEMV path reads each W tile once for up
-# to 8 rows (ROWS per program), so verifying a chain of depth <= 7 reads the weights once, as a
-# decode step does (at M = 1: 2.4 vs cuBLAS's 4.8 us at 576x576 on the H100); its MMA path
-# loses to cuBLAS from M = 8 on (10.9 vs 7.7 us for w13; bench/results/linear.json), so without
-# exact mode bigger forwards keep cuBLAS; in exact mode every forward of up to 128 tokens runs
-# through the GEMV program, 8 rows per program, bitwise as one row alone
-SMALL_M = 8
+# rows up to which kernels/linear.py replaces cuBLAS outside exact mode. Its GEMV path reads each
+# W tile once for up to 8 rows, but handles the rows one after another, so its cost grows with M:
+# on the H100 a SmolLM2 layer's four products take, summed over 30 layers, 0.26 / 0.37 / 0.57 /
+# 0.70 / 1.06 ms at M = 1 / 2 / 4 / 5 / 8 against 0.72 for cuBLAS with its separate norm and
+# SwiGLU launches at any of these M
+# (bench/results/linear.json, commit f13d795): the GEMV wins up to M = 4 and loses from 8.
+# The LM head (49152 x 576) is a bandwidth-bound 57 MB read where cuBLAS already reaches 80% of
+# the ceiling; the GEMV matches it at M = 1 (22.2 vs 22.9 us) and loses from M = 2 (29.6 vs
+# 23.1), so only one-row LM heads use it. In exact mode every forward of up to 128 tokens runs
+# through the GEMV program (8 rows per program), bitwise as one row alone, whatever it costs.
+SMALL_M = 4
+LM_HEAD_M = 1
 EXACT_M = 128  # the largest tree SpeculativeDecoder accepts
 
 
@@ -304,7 +314,8 @@ class Transformer(CachedStack, nn.Module):
             x = layer(x, cos, sin, slots, mask)
         hidden = self.norm(x)
         h = hidden if logits_index is None else hidden.index_select(1, logits_index)
-        if _Fast.on and h.is_cuda and h.shape[0] * h.shape[1] <= _small_m() and slots is not None:
+        lm_m = EXACT_M if _Fast.exact else LM_HEAD_M
+        if _Fast.on and h.is_cuda and h.shape[0] * h.shape[1] <= lm_m and slots is not None:
             from kernels.linear import linear
             cfg = _row_config(self.output.weight, h.shape[0] * h.shape[1]) if _Fast.exact else None
             return linear(h, self.output.weight, config=cfg), hidden

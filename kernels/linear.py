@@ -261,8 +261,10 @@ GEMV_MAX_M = 8             # _config's GEMV path takes M <= this, in one program
 def _config(M: int, N: int, K: int) -> LinearConfig:
     """Fixed tile sizes as a function of the shape (no autotuning: graph-capture safe).
     N: output columns (I for linear_silu, whose programs read a gate and an up tile each).
-    Guesses from the H100's shape (132 SMs, ~3 MB in flight to saturate HBM), not yet tuned:
-    bench/linear_bench.py times these against alternatives."""
+    Chosen from the H100's shape (132 SMs, ~3 MB in flight to saturate HBM), not swept;
+    bench/linear_bench.py times them against cuBLAS (bench/results/linear.json, f13d795: the GEMV
+    wins up to M = 4 and loses from M = 8, and the 49152-row LM head loses from M = 2, which is
+    where koala.model stops using it outside exact mode)."""
     target = 2 * NUM_SMS_H100                 # programs: 2 per SM so one waits while one loads
     if M <= GEMV_MAX_M:
         # GEMV: all M rows in one program row (ROWS = next_pow2(M)), so W is read once whatever

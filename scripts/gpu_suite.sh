@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU measurements, one step per device call, so that calls can follow each other without
+# thinking time (the machine goes cold after 30 s idle). Run on the GPU machine from the
+# repository root after the staging of scripts/device_stage.sh (call 4 sources install.sh):
+#     KOALA_COMMIT=<sha> bash scripts/gpu_suite.sh <step> [args]
+# Every step writes its result files and a log to $OUT (default: bench/results) and prints a
+# short tail. Steps and their rough wall time on the H100:
+#   check              GPU tests (-m gpu) and the PDL chain check                      ~3 min
+#   plain              bench.vanilla with PDL on and off, linear kernels, profiles     ~2.5 min
+#   cost               bench.spec_cost (full sweep) and bench.scale (7B shape)          ~2 min
+#   mtbench            shipped heads, greedy, chain and tree, transformers peers        ~5 min
+#   sampling <kind>    shipped <eagle|medusa> head at T = 0.7 and 1.0, chain and tree  ~5 min
+#   ablation-train <steps> <names>   train.ablation --only <names> (comma-separated)
+#                      on runs/data/sharegpt-sd (carry it; python -m train.selfdistill makes it)
+#   ablation-eval <names>            MT-bench, chain, greedy, of those trained heads
+set -euo pipefail
+: "${KOALA_COMMIT:?set KOALA_COMMIT to the commit being measured}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+export OUT
+step="${1:?step: check|plain|cost|mtbench|sampling|ablation-train|ablation-eval}"
+shift
+log="$OUT/suite_${step}.log"
+quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
+
+case "$step" in
+  check)
+    python -m pytest -q -m gpu tests/ -p no:cacheprovider > "$log" 2>&1 || true
+    python -m kernels.pdl_check >> "$log" 2>&1 || true
+    tail -n 12 "$log"
+    ;;
+  plain)
+    KOALA_PDL=0 python -m bench.vanilla > "$log" 2>&1
+    mv "$OUT/vanilla.json" "$OUT/vanilla_pdl_off.json"
+    python -m bench.vanilla >> "$log" 2>&1
+    python bench/linear_bench.py --only smollm2 --ms 1,2,4,5,8 >> "$log" 2>&1
+    { python -m bench.profile_step
+      python -m bench.profile_step --spec eagle --layers 2 --mode chain --depth 4
+      python -m bench.profile_step --spec eagle --layers 2 --mode tree; } > "$OUT/profile_step.txt" 2>&1
+    quiet "$log" | tail -n 20; grep "==" "$OUT/profile_step.txt"
+    ;;
+  cost)
+    python -m bench.spec_cost > "$log" 2>&1
+    python -m bench.scale >> "$log" 2>&1
+    quiet "$log" | tail -n 30
+    ;;
+  mtbench)
+    python -m bench.mtbench --modes chain,tree --peer-questions 3 --time-budget 480 --no-progress \
+        --out mtbench.json > "$log" 2>&1
+    quiet "$log" | tail -n 10
+    ;;
+  sampling)
+    kind="${1:?sampling needs eagle or medusa}"
+    python -m bench.mtbench --heads "koala/default_heads/$kind" --modes chain,tree --temperatures 0.7,1.0 \
+        --seed 0 --time-budget 420 --no-progress --out "mtbench_sampling_$kind.json" > "$log" 2>&1
+    quiet "$log" | tail -n 8
+    ;;
+  ablation-train)
+    steps="${1:?ablation-train needs the steps per head}"; names="${2:?and the head names}"
+    python -m train.ablation --data runs/data/sharegpt-sd --out /tmp/ablation --steps "$steps" --batch-size 16 \
+        --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress --only "$names" > "$log" 2>&1
+    cp /tmp/ablation/ablation.json "$OUT/ablation_$(echo "$names" | tr ',' '_').json"
+    quiet "$log" | tail -n 14
+    ;;
+  ablation-eval)
+    names="${1:?ablation-eval needs the head names}"
+    heads=$(echo "$names" | tr ',' '\n' | sed 's|^|/tmp/ablation/|; s|$|/head|' | paste -sd, -)
+    python -m bench.mtbench --heads "$heads" --modes chain --time-budget 520 --no-progress \
+        --out "mtbench_ablation_$(echo "$names" | tr ',' '_').json" > "$log" 2>&1
+    quiet "$log" | tail -n 10
+    ;;
+  *)
+    echo "unknown step $step" >&2; exit 2 ;;
+esac

@@ -26,13 +26,14 @@ ARCHS = {
 }
 
 
-def make_hf_checkpoint(tmp: Path, arch: str, seed: int = 0, vocab: int = 128, scale: float = 1.0):
+def make_hf_checkpoint(tmp: Path, arch: str, seed: int = 0, vocab: int = 128, scale: float = 1.0,
+                       max_positions: int = 256):
     from transformers import AutoConfig, AutoModelForCausalLM
     spec = dict(ARCHS[arch])
     mt = spec.pop("model_type")
     scaling = spec.pop("rope_scaling", None)
     cfg = AutoConfig.for_model(mt, vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                                rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, **spec)
     if scaling is not None:  # transformers 4.x and 5.x spell rope settings differently
         if hasattr(cfg, "rope_parameters") and cfg.rope_parameters is not None:
@@ -49,7 +50,7 @@ def make_hf_checkpoint(tmp: Path, arch: str, seed: int = 0, vocab: int = 128, sc
     if scale != 1.0:  # sharper or flatter next-token distributions
         with torch.no_grad():
             model.lm_head.weight.mul_(scale)
-    path = tmp / f"{arch}-{vocab}-{seed}"
+    path = tmp / f"{arch}-{vocab}-{seed}" if max_positions == 256 else tmp / f"{arch}-{vocab}-{seed}-{max_positions}"
     model.save_pretrained(path)
     word_tokenizer(vocab).save_pretrained(path)
     return path, model

@@ -280,3 +280,26 @@ def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, tmp_path):
         head.dec = gen.spec
     res = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
     assert res.token_ids == ref.token_ids and res.stats.tau > 1.8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,opts", [MODES[0], MODES[2]], ids=["medusa-chain", "eagle-chain"])
+def test_bf16_exact_mode_across_window_boundaries(kind, opts, tmp_path):
+    """Exact mode across attention windows: the plain step and the speculative verify pick their
+    windows (256, 512, ... slots) from different lengths, so around 256 they attend over windows
+    of different sizes; a query's result must not depend on that (kernels/tree_attention.py's
+    block_s). MT-bench at f13d795 found 4% of turns differing before the fix."""
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3, max_positions=1024)
+    lt = load_target(path, device="cuda", dtype=torch.bfloat16)
+    plain = SpeculativeGenerator(lt, None, max_seq_len=1024)
+    n = len(plain.encode(PROMPT, chat=False))
+    prompt = " ".join([PROMPT] * (1 + 200 // n))                       # ~200 tokens: 256 is crossed
+    assert 200 <= len(plain.encode(prompt, chat=False)) < 256
+    ref = plain.generate(prompt, max_new_tokens=120, chat=False, ignore_eos=True)
+    head = (OracleMedusa if kind == "medusa" else OracleEagle)(DraftConfig(kind=kind), lt.model, "tiny")
+    gen = SpeculativeGenerator(lt, head, max_seq_len=1024, **opts)
+    head.ref = torch.tensor(plain.encode(prompt, chat=False) + ref.token_ids, device="cuda")
+    if kind == "medusa":
+        head.dec = gen.spec
+    res = gen.generate(prompt, max_new_tokens=120, chat=False, ignore_eos=True)
+    assert res.token_ids == ref.token_ids and res.stats.tau > 1.8

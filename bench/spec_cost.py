@@ -25,7 +25,7 @@ def iteration_ms(lt, head, opts: dict, context: int, max_seq_len: int = 2048):
     W = spec.window(context)
     spec.L.fill_(context); spec.cu_n.fill_(1)
     spec._run(W)
-    gd, gv, _ = spec.graphs[W]
+    gd, gv, _ = spec.graphs[(True, W)]
 
     def reset():
         spec.L.fill_(context); spec.cu_n.fill_(1)

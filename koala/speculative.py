@@ -162,7 +162,7 @@ class SpeculativeDecoder:
         self.noise_u = torch.zeros(self.depth + 1, max(self.k, 8), device=dev)  # acceptance draws
         self.noise_bonus = torch.ones(V, device=dev)                    # Exp(1) for the bonus token
         self.tree: dict | None = None
-        self.graphs = {}
+        self.graphs: dict[tuple[bool, int], tuple] = {}   # (greedy, window) -> draft, verify graphs
         self.pool = None
 
     # ------------------------------------------------------------------ helpers
@@ -213,8 +213,10 @@ class SpeculativeDecoder:
         d = self.m_depth
         tok = rank_tok[(d - 1).clamp_min(0), self.m_rank]                 # (N,)
         tok = torch.where(d == 0, self.root, tok)
-        q = logq.exp()                                                    # children of depth-j nodes ~ head j
-        Q = q[d.clamp_max(q.shape[0] - 1)]                                # (N, V)
+        Q = None                                                          # greedy acceptance needs no q
+        if not self.greedy:
+            q = logq.exp()                                                # children of depth-j nodes ~ head j
+            Q = q[d.clamp_max(q.shape[0] - 1)]                            # (N, V)
         return dict(tokens=tok, parents=self.m_parents, depth=d, anc=self.m_anc, Q=Q)
 
     def _catch_up(self, W):
@@ -263,7 +265,9 @@ class SpeculativeDecoder:
         pool_score = torch.full((P,), NEG, device=self.dev)
         pool_parent = torch.full((P,), -1, dtype=torch.long, device=self.dev)   # -1 = the root
         pool_anc = torch.zeros(P, P, dtype=torch.bool, device=self.dev)
-        pool_Q = torch.zeros(P, logq_root.shape[-1], device=self.dev)
+        # q of every expanded node, for sampling's acceptance only (a P x V buffer: 64 MB for
+        # SmolLM2's vocabulary at P = 328, so greedy drafting does without it)
+        pool_Q = None if self.greedy else torch.zeros(P, logq_root.shape[-1], device=self.dev)
         tok, lq = self._children(logq_root, self.noise_gumbel[0:1], k)    # (1, k)
         score = lq[0] if self.greedy else lq[0].cummin(0).values
         pool_tok[:k], pool_score[:k] = tok[0], score
@@ -277,7 +281,8 @@ class SpeculativeDecoder:
             lg, feat = head(pool_tok[frontier].view(1, k), parent_feat.view(1, k, -1), posj.view(1, k), slots,
                             tree_mask(L, L + ar_P, pool_anc[frontier], W))
             logq = self._logq(lg[0])                                      # (k, V)
-            pool_Q[frontier] = logq.exp()
+            if pool_Q is not None:
+                pool_Q[frontier] = logq.exp()
             ctok, clq = self._children(logq, self.noise_gumbel[j:j + 1], k)   # (k, k)
             if not self.greedy:
                 clq = clq.cummin(-1).values          # siblings in draw order: scores never rise
@@ -310,7 +315,7 @@ class SpeculativeDecoder:
         anc[1:, 1:] = pool_anc[sel][:, sel]
         depth = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), depth_pool[sel]])
         tokens = torch.cat([self.root.view(1), pool_tok[sel]])
-        Q = torch.cat([logq_root.exp(), pool_Q[sel]])
+        Q = None if pool_Q is None else torch.cat([logq_root.exp(), pool_Q[sel]])
         return dict(tokens=tokens, parents=parents, depth=depth, anc=anc, Q=Q)
 
     def _exact(self):
@@ -439,10 +444,12 @@ class SpeculativeDecoder:
                 self.draft(W)
                 self.verify(W)
             return None
-        if W not in self.graphs:
+        # greedy and sampling trace different code (argmax vs draws, Q or none): one graph each
+        key = (self.greedy, W)
+        if key not in self.graphs:
             with self._exact():
-                self.graphs[W] = self._capture(W)
-        gd, gv, ev = self.graphs[W]
+                self.graphs[key] = self._capture(W)
+        gd, gv, ev = self.graphs[key]
         ev[0].record()
         gd.replay()
         ev[1].record()

@@ -303,3 +303,24 @@ def test_bf16_exact_mode_across_window_boundaries(kind, opts, tmp_path):
         head.dec = gen.spec
     res = gen.generate(prompt, max_new_tokens=120, chat=False, ignore_eos=True)
     assert res.token_ids == ref.token_ids and res.stats.tau > 1.8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,opts", MODES, ids=IDS)
+def test_cuda_graphs_switch_between_greedy_and_sampling(kind, opts, tmp_path):
+    """One generator, greedy then sampled then greedy again: each call must replay graphs of its
+    own kind (they were keyed by window only, so a sampled call after a greedy one replayed the
+    greedy graphs)."""
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.float32)
+    torch.manual_seed(0)
+    head = DraftConfig(kind=kind, layers=1).build(lt)
+    plain = SpeculativeGenerator(lt, None, max_seq_len=256)
+    ref = plain.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True).token_ids
+    gen = SpeculativeGenerator(lt, head, max_seq_len=256, **opts)
+    assert gen.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True).token_ids == ref
+    sampled = gen.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True, temperature=1.0, seed=7)
+    fresh = SpeculativeGenerator(lt, head, max_seq_len=256, **opts)
+    again = fresh.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True, temperature=1.0, seed=7)
+    assert sampled.token_ids == again.token_ids                       # sampled, not a greedy replay
+    assert gen.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True).token_ids == ref

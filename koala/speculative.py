@@ -287,18 +287,19 @@ class SpeculativeDecoder:
             if not self.greedy:
                 clq = clq.cummin(-1).values          # siblings in draw order: scores never rise
             cscore = pool_score[frontier].unsqueeze(1) + clq               # (k, k)
-            idx = start + torch.arange(k * k, device=self.dev)
-            pool_tok[idx] = ctok.reshape(-1)
-            pool_score[idx] = cscore.reshape(-1)
-            par = frontier.repeat_interleave(k)
-            pool_parent[idx] = par
-            pool_anc[idx] = pool_anc[par]
-            pool_anc[idx, idx] = self._true   # a device scalar: graph capture forbids host copies
+            # this level's k*k children fill pool rows start .. end-1 (slices: no index kernels)
+            end = start + k * k
+            pool_tok[start:end] = ctok.reshape(-1)
+            pool_score[start:end] = cscore.reshape(-1)
+            par = frontier.view(k, 1).expand(k, k).reshape(-1)            # each child's parent
+            pool_parent[start:end] = par
+            pool_anc[start:end] = pool_anc[par]
+            pool_anc[start:end, start:end].diagonal().fill_(True)         # ancestor-or-self
             # the next frontier: the k most likely of this level's k*k children
             best = cscore.reshape(-1).topk(k).indices
-            frontier = idx[best]
+            frontier = best + start
             parent_feat = feat[0][best // k]
-            start += k * k
+            start = end
         # 3. rerank: the N-1 most likely drafted nodes (ancestor-closed: a child never scores
         # above its parent; ties broken towards shallower, earlier-drawn nodes)
         depth_pool = pool_anc.sum(-1)                                     # 1 for level-1 nodes

@@ -57,11 +57,13 @@ def cost_vs_k(src="spec_cost.json", out=RESULTS / "cost_vs_k.png"):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, kind in zip(axes, ("medusa", "eagle")):
         for depth, style in ((1, "o-"), (4, "s-"), (8, "^-")):
-            rows = sorted((x for x in r["rows"] if x["kind"] == kind and x["mode"] == "chain" and x["depth"] == depth),
+            rows = sorted((x for x in r["rows"] if x["kind"] == kind and x["mode"] == "chain" and x["depth"] == depth
+                           and x.get("kernels", True)),
                           key=lambda x: x["K"])
             if rows:
                 ax.plot([x["K"] for x in rows], [x["draft_ms"] / plain for x in rows], style, label=f"draft, chain d={depth}")
-        rows = sorted((x for x in r["rows"] if x["kind"] == kind and x["mode"] == "tree" and x["tree_size"] == 64),
+        rows = sorted((x for x in r["rows"] if x["kind"] == kind and x["mode"] == "tree" and x["tree_size"] == 64
+                       and x.get("kernels", True)),
                       key=lambda x: x["K"])
         ax.plot([x["K"] for x in rows], [x["iteration_ms"] / plain for x in rows], "k--", label="whole iteration, tree N=64")
         ax.set_title(f"{kind}: cost against K (SmolLM2, H100)")

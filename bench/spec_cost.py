@@ -1,13 +1,16 @@
 """Per-iteration cost of drafting and verifying against one plain decode step, on SmolLM2
-(bf16, H100), for Medusa and EAGLE heads with K = 1, 2, 3, chain depths 1..8 and tree sizes up
+(bf16, H100), for Medusa and EAGLE heads with K = 1..4, chain depths 1..8 and tree sizes up
 to 64. Untrained heads: acceptance is not measured here, only cost. Each iteration runs as two
 CUDA graphs (draft, verify+accept+commit); times are CUDA-event medians of graph replays.
+With --unfused, the depth-4 chain iteration of every kind and K is measured again on the PyTorch
+path (KOALA_KERNELS=0, still graph-captured): the fused draft against the unfused head.
 
-    python -m bench.spec_cost [--quick]
+    python -m bench.spec_cost [--quick] [--ks 1,2,3,4] [--unfused]
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -48,7 +51,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--context", type=int, default=300, help="committed tokens when timing")
+    ap.add_argument("--ks", default="1,2,3,4", help="layers per head")
+    ap.add_argument("--unfused", action="store_true", help="also the depth-4 chains on the PyTorch path")
     a = ap.parse_args()
+    ks = [int(k) for k in a.ks.split(",")]
     lt = load_target("smollm2-135m-instruct", device="cuda", dtype=torch.bfloat16)
     plain_ms = plain_step_ms(lt, a.context)
     rows = []
@@ -56,7 +62,7 @@ def main():
     trees = [16, 64] if a.quick else [8, 16, 32, 64]
     configs = []
     for kind in ("medusa", "eagle"):
-        for K in (1, 2, 3):
+        for K in ks:
             for d in depths:
                 if kind == "medusa" and d > 5:
                     continue  # 5 Medusa heads
@@ -64,15 +70,21 @@ def main():
             for n in trees:
                 configs.append((kind, K, dict(mode="tree", tree_size=n, top_k=8 if kind == "eagle" else 10,
                                               depth=6 if kind == "eagle" else 5)))
-    for kind, K, opts in configs:
+    configs = [(kind, K, opts, True) for kind, K, opts in configs]
+    if a.unfused:
+        configs += [(kind, K, dict(mode="chain", depth=4), False) for kind in ("medusa", "eagle") for K in ks]
+    for kind, K, opts, fused in configs:
+        os.environ["KOALA_KERNELS"] = "1" if fused else "0"   # read when the generator is built
         draft_ms, verify_ms, N = iteration_ms(lt, random_head(lt, kind, K), opts, a.context)
-        row = {"kind": kind, "K": K, **opts, "draft_ms": draft_ms, "verify_ms": verify_ms,
+        row = {"kind": kind, "K": K, **opts, "kernels": fused, "draft_ms": draft_ms, "verify_ms": verify_ms,
                "iteration_ms": draft_ms + verify_ms, "iteration_over_plain_step": (draft_ms + verify_ms) / plain_ms,
                "draft_over_plain_step": draft_ms / plain_ms}
         rows.append(row)
-        print(f"{kind:7}K={K} {opts['mode']:5} depth={opts.get('depth')} N={N:3}  draft {draft_ms:7.3f} ms  "
+        print(f"{kind:7}K={K} {opts['mode']:5} depth={opts.get('depth')} N={N:3} {'fused  ' if fused else 'unfused'} "
+              f"draft {draft_ms:7.3f} ms  "
               f"verify {verify_ms:7.3f} ms  = {row['iteration_over_plain_step']:5.2f} x plain step", flush=True)
         torch.cuda.empty_cache()
+    os.environ["KOALA_KERNELS"] = "1"
     path = write("spec_cost.json", {"model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "context": a.context,
                                     "plain_step_ms": plain_ms, "rows": rows,
                                     "note": "untrained heads with random weights; median of CUDA-graph replays; "

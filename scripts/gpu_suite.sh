@@ -7,7 +7,7 @@
 # short tail. Steps and their rough wall time on the H100:
 #   check              GPU tests (-m gpu) and the PDL chain check                      ~3 min
 #   plain              bench.vanilla with PDL on and off, linear kernels, profiles     ~2.5 min
-#   cost               bench.spec_cost (full sweep) and bench.scale (7B shape)          ~2 min
+#   cost               bench.spec_cost (K = 1..4, fused and unfused) and bench.scale   ~3 min
 #   mtbench            shipped heads, greedy, chain and tree, transformers peers        ~5 min
 #   sampling <kind>    shipped <eagle|medusa> head at T = 0.7 and 1.0, chain and tree  ~5 min
 #   ablation-train <steps> <names>   train.ablation --only <names> (comma-separated)
@@ -41,7 +41,7 @@ case "$step" in
     quiet "$log" | tail -n 20; grep "==" "$OUT/profile_step.txt"
     ;;
   cost)
-    python -m bench.spec_cost > "$log" 2>&1
+    python -m bench.spec_cost --unfused > "$log" 2>&1
     python -m bench.scale >> "$log" 2>&1
     quiet "$log" | tail -n 30
     ;;

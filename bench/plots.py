@@ -31,6 +31,20 @@ LABEL = {"medusa": "Medusa", "eagle": "EAGLE"}
 KINDS = ("medusa", "eagle")
 
 
+def _save(fig, out, title: str, fontsize: int):
+    """Title the figure with its provenance, write the PNG and free the figure."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _first_eval(heads_json: dict) -> dict:
+    """The first MT-bench file heads.json was built from (its device and commit stamp the figure)."""
+    return (heads_json.get("sources", {}).get("evals") or [{}])[0]
+
+
 def _find(path) -> Path:
     p = Path(path)
     return p if p.exists() or p.is_absolute() else RESULTS / p
@@ -72,11 +86,7 @@ def cost_vs_k(src="spec_cost.json", out=RESULTS / "cost_vs_k.png"):
         ax.set_xticks([1, 2, 3])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"commit {r['commit'][:7]}, plain step {plain:.3f} ms", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, f"commit {r['commit'][:7]}, plain step {plain:.3f} ms", 9)
 
 
 def mtbench_heads(src="mtbench.json", out=RESULTS / "mtbench_heads.png"):
@@ -94,12 +104,8 @@ def mtbench_heads(src="mtbench.json", out=RESULTS / "mtbench_heads.png"):
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"MT-bench, {r['settings']['questions']} questions x 2 turns, greedy, H100 "
-                 f"(commit {r['commit'][:7]})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, f"MT-bench, {r['settings']['questions']} questions x 2 turns, greedy, H100 "
+                 f"(commit {r['commit'][:7]})", 9)
 
 
 # ------------------------------------------------------------------ the paper's figures (heads.json)
@@ -169,12 +175,8 @@ def fig4_speedup(heads_src="heads.json", defaults_src=(), out=RESULTS / "fig4_sp
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("MT-bench speedup, greedy; ablation heads in chain mode: K=1 w/o adv. vs best K>=2 w/ adv.",
                  fontsize=9)
-    ev = (r.get("sources", {}).get("evals") or [{}])[0]
-    fig.suptitle(f"ablation heads: {_stamp(ev)}{note}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    ev = _first_eval(r)
+    return _save(fig, out, f"ablation heads: {_stamp(ev)}{note}", 8)
 
 
 def fig5_speedup_vs_k(heads_src="heads.json", out=RESULTS / "fig5_speedup_vs_k.png"):
@@ -203,12 +205,8 @@ def fig5_speedup_vs_k(heads_src="heads.json", out=RESULTS / "fig5_speedup_vs_k.p
         print("fig5_speedup_vs_k.png: skipped (no evaluated heads in heads.json)")
         return None
     axes[0].axhline(1.0, color="k", lw=0.8)
-    ev = (r.get("sources", {}).get("evals") or [{}])[0]
-    fig.suptitle(f"MT-bench, greedy, chain drafting: speedup and tau against K ({_stamp(ev)})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    ev = _first_eval(r)
+    return _save(fig, out, f"MT-bench, greedy, chain drafting: speedup and tau against K ({_stamp(ev)})", 9)
 
 
 def fig6_adversarial(heads_src="heads.json", out=RESULTS / "fig6_adversarial.png"):
@@ -241,12 +239,8 @@ def fig6_adversarial(heads_src="heads.json", out=RESULTS / "fig6_adversarial.png
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     axes[1].axhline(1.0, color="k", lw=0.8)
-    ev = (r.get("sources", {}).get("evals") or [{}])[0]
-    fig.suptitle(f"without and with adversarial learning, MT-bench, greedy, chain ({_stamp(ev)})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    ev = _first_eval(r)
+    return _save(fig, out, f"without and with adversarial learning, MT-bench, greedy, chain ({_stamp(ev)})", 9)
 
 
 def sampling(srcs=("mtbench_sampling.json",), out=RESULTS / "sampling.png"):
@@ -280,11 +274,7 @@ def sampling(srcs=("mtbench_sampling.json",), out=RESULTS / "sampling.png"):
         ax.set_xlabel("temperature")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"MT-bench under sampling ({'; '.join(sorted(set(stamps)))})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, f"MT-bench under sampling ({'; '.join(sorted(set(stamps)))})", 9)
 
 
 FIGURES = ("cost_vs_k", "mtbench_heads", "fig4", "fig5", "fig6", "sampling")

@@ -39,3 +39,14 @@ def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def pdl_wait(USE_GDC: tl.constexpr):
+    """Programmatic Dependent Launch (kernels/_common.py): wait until the previous grid in the
+    stream has finished and its writes are visible, then let the next grid start launching. Call
+    it before any read of activations and before any store; only constant weights may be loaded
+    before it. A no-op when USE_GDC is off (the interpreter, pre-sm_90 devices, KOALA_PDL=0)."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

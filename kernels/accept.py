@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLOATS, INTS, check_device, check_last_contiguous, check_tensor, next_pow2, pdl
+from ._tl import pdl_wait
 
 
 @triton.jit
@@ -37,9 +38,7 @@ def _accept_greedy_kernel(
     MAX_DEPTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,  # constexpr
     USE_GDC: tl.constexpr,
 ):
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     bid = tl.program_id(0).to(tl.int64)
     draft_ptr += bid * s_draft
     parents_ptr += bid * s_par
@@ -209,9 +208,7 @@ def _compact_kv_kernel(
     s_b, s_h, s_s, s_path,                                    # strides
     P: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr,  # constexpr
 ):
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     # program (cache c, sequence b * n_kv + head); it moves the P path rows one after another in
     # increasing order: row i reads slot L+path[i] >= L+i, never a slot an earlier row wrote
     # (those are < L+i), so the in-place move needs no barrier and no scratch copy

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._common import (FLOATS, check_device, check_last_contiguous, check_tensor, interpreting,
                       next_pow2, pdl)
-from ._tl import cast_rne, dot_acc, sigmoid
+from ._tl import cast_rne, dot_acc, pdl_wait, sigmoid
 from .rmsnorm import rms_norm_ref
 from .swiglu import silu_mul_ref
 
@@ -180,9 +180,7 @@ def _linear_kernel(
     # wu_ptr = W's up rows [N, 2N) (a host view: no int32 N * stride overflow)
     wu_rows = wu_ptr + rn.to(tl.int64) * stride_wn
     if USE_DOT:
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()          # before any read of activations or any store
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_wait(USE_GDC)              # before any read of activations or any store
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm          # (BLOCK_M, 1)
@@ -216,9 +214,7 @@ def _linear_kernel(
             bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()          # before any read of activations or any store
-            tl.extra.cuda.gdc_launch_dependents()
+        pdl_wait(USE_GDC)              # before any read of activations or any store
         # One row after another, each by the same code as a program of ROWS=1 (and the same
         # tiles, so the same reduction order): a row's output does not depend on ROWS or M,
         # which exact mode (koala.model._Fast) relies on. Only one accumulator is live at a

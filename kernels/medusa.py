@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._common import (FLOATS, check_device, check_last_contiguous, check_tensor, interpreting,
                       next_pow2, pdl)
-from ._tl import cast_rne, dot_acc, sigmoid
+from ._tl import cast_rne, dot_acc, pdl_wait, sigmoid
 
 
 @triton.jit
@@ -34,9 +34,7 @@ def _resblock_layer_kernel(
 ):
     # an MMA kernel (BLOCK_M >= 16, W streamed over a pipelined K loop), not a GEMV: it waits at
     # the start; layer k+1 reads layer k's output, so the wait also orders the K launches
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     h = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     m0 = tl.program_id(2) * BLOCK_M

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLOATS, check_device, check_last_contiguous, check_tensor, next_pow2, pdl
-from ._tl import cast_rne
+from ._tl import cast_rne, pdl_wait
 
 
 @triton.jit
@@ -25,9 +25,7 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)   # a constant: before the wait
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     # round to x's dtype before the weight, as the reference does (bit-identical in bf16)
@@ -85,9 +83,7 @@ def _add_rms_norm_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)   # a constant: before the wait
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
     # the residual sum is rounded to its dtype first, as `x + r` in PyTorch is

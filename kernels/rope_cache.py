@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLOATS, INTS, check_device, check_last_contiguous, check_tensor, next_pow2, pdl
-from ._tl import cast_rne
+from ._tl import cast_rne, pdl_wait
 
 
 @triton.jit
@@ -30,9 +30,7 @@ def _rope_cache_kernel(
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,        # constexpr
 ):
     # cos/sin are per-step inputs (positions), not constants: everything waits
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     # one program per (token, head): h query heads then n_kv kv heads; a head is <= 256 values
     bt = tl.program_id(0)
     head = tl.program_id(1)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import FLOATS, check_device, check_last_contiguous, check_tensor, pdl
-from ._tl import cast_rne, sigmoid
+from ._tl import cast_rne, pdl_wait, sigmoid
 
 
 @triton.jit
@@ -21,9 +21,7 @@ def _silu_mul_kernel(
     stride_gm, stride_ym,         # strides (last dim unit stride)
     BLOCK: tl.constexpr, USE_GDC: tl.constexpr,  # constexpr
 ):
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._common import (FLOATS, INTS, check_device, check_last_contiguous, check_tensor,
                       interpreting, next_pow2, pdl)
-from ._tl import cast_rne, dot_acc
+from ._tl import cast_rne, dot_acc, pdl_wait
 
 
 @triton.jit
@@ -35,9 +35,7 @@ def _attn_split_kernel(
     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     bk = tl.program_id(0)
     b = (bk // n_kv).to(tl.int64)
     kvh = (bk % n_kv).to(tl.int64)
@@ -103,9 +101,7 @@ def _attn_combine_kernel(
     HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,  # constexpr
     USE_GDC: tl.constexpr,
 ):
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()              # before any read of activations or any store
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(USE_GDC)              # before any read of activations or any store
     row = tl.program_id(0)
     b = (row // (h * T)).to(tl.int64)
     hh = ((row // T) % h).to(tl.int64)

@@ -217,3 +217,18 @@ def test_parse_temperatures():
     for bad in ("0,0", "-1", "a"):
         with pytest.raises(SystemExit):
             bm.parse_temperatures(bad, 0.0)
+
+
+def test_bench_dispatcher_lists_and_runs(capsys):
+    from pathlib import Path
+
+    from bench.__main__ import BENCHES, main
+    here = Path(__file__).resolve().parents[1] / "bench"
+    assert all((here / f"{name}.py").is_file() for name in BENCHES)   # the list cannot go stale
+    assert main([]) == 0 and all(name in capsys.readouterr().out for name in BENCHES)
+    assert main(["no-such-bench"]) == 2
+    try:
+        main(["heads", "--help"])
+    except SystemExit as e:                       # argparse's --help exits 0 after printing usage
+        assert e.code == 0
+    assert "--ablation" in capsys.readouterr().out

@@ -4,7 +4,6 @@ bench/results/ (or $OUT) with device, date, commit, command and settings; see be
 from __future__ import annotations
 
 import importlib
-import runpy
 import sys
 
 BENCHES = {
@@ -31,11 +30,13 @@ def main(argv=None) -> int:
     if name not in BENCHES:
         print(f"no benchmark {argv[0]!r}; choose one of: {', '.join(BENCHES)}", file=sys.stderr)
         return 2
-    module = f"bench.{name}"
-    importlib.import_module("bench")             # the package first, so relative paths resolve
-    sys.argv = [module] + rest
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-    return 0
+    module = importlib.import_module(f"bench.{name}")
+    saved, sys.argv = sys.argv, [f"bench/{name}.py"] + rest    # each main() parses sys.argv
+    try:
+        out = module.main()
+    finally:
+        sys.argv = saved
+    return out if isinstance(out, int) else 0
 
 
 if __name__ == "__main__":

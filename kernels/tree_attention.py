@@ -126,6 +126,15 @@ def _n_splits(programs: int, S: int) -> int:
     return max(1, min(triton.cdiv(264, programs), triton.cdiv(S, 128), 64))
 
 
+def exact_tiles(kv_programs: int, S: int, S_max: int) -> dict:
+    """tree_attention's keyword arguments for batch-invariant use over a cache of S_max slots
+    read through a window of S <= S_max: a fixed row tile, 128-slot splits (n_splits grows with
+    S, up to S = 8192) and one combine tile sized for S_max. A query's result is then the same
+    bits whatever the window and however many rows share the launch (koala's exact mode)."""
+    return dict(n_splits=_n_splits(kv_programs, S), block_m=64,
+                block_s=max(2, next_pow2(_n_splits(kv_programs, S_max))))
+
+
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    mask: torch.Tensor, kv_len=None, scale: float | None = None,
                    n_splits: int | None = None, block_m: int | None = None,

@@ -135,21 +135,15 @@ class Attention(nn.Module):
         """Fused path from the q|k|v projection: RoPE + cache write, then masked attention over
         the first mask.shape[-1] slots. qkv (B, T, (h+2nkv)*hd) -> (B, T, h*hd)."""
         from kernels.rope_cache import rope_and_cache_write
-        from kernels.tree_attention import tree_attention
+        from kernels.tree_attention import exact_tiles, tree_attention
         B, T, _ = qkv.shape
         c = self.kv_cache
         q = rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads, self.n_kv)
         L = mask.shape[-1]
-        if _Fast.exact:
-            from kernels._common import next_pow2
-            from kernels.tree_attention import _n_splits
-            # one combine tile for every window (sized for the whole cache): the plain step and
-            # a verify forward use different windows, and must still sum a query's splits alike
-            y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask, n_splits=_n_splits(B * self.n_kv, L),
-                               block_m=64,
-                               block_s=max(2, next_pow2(_n_splits(B * self.n_kv, c.k.shape[2]))))
-        else:
-            y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask)      # (B, h, T, hd)
+        # exact mode: the plain step and a verify forward read through different windows L and
+        # must still give a query the same bits, so the tiles follow the whole cache, not L
+        tiles = exact_tiles(B * self.n_kv, L, c.k.shape[2]) if _Fast.exact else {}
+        y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask, **tiles)    # (B, h, T, hd)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
 
     def _forward_fused(self, x, cos, sin, slots, mask, residual):

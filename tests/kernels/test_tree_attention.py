@@ -103,25 +103,19 @@ def test_exact_attention_is_window_invariant(dtype):
     combine tile would change the bits; on the CPU the interpreter's fp32 products go through
     BLAS, whose result for a row depends on where the row sits in the tile, so fp32 runs on the
     GPU only.)"""
-    from kernels.tree_attention import _n_splits
+    from kernels.tree_attention import exact_tiles
     h, n_kv, hd, S_max, p = 9, 3, 64, 1024, 200
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(2, 1, n_kv, S_max, hd, generator=gen) * 2).to(dtype).to(DEVICE)
     qs = torch.randn(1, h, 6, hd, generator=gen).to(dtype).to(DEVICE)   # queries at p .. p+5
-    block_s = max(2, triton_next_pow2(_n_splits(n_kv, S_max)))
 
     def run(q, first_pos, L):
         T = q.shape[2]
         mask = torch.zeros(1, T, L, dtype=torch.bool)
         for t in range(T):
             mask[0, t, :first_pos + t + 1] = True
-        return tree_attention(q, k[:, :, :L], v[:, :, :L], mask.to(DEVICE), n_splits=_n_splits(n_kv, L),
-                              block_m=64, block_s=block_s)
+        return tree_attention(q, k[:, :, :L], v[:, :, :L], mask.to(DEVICE), **exact_tiles(n_kv, L, S_max))
     plain = run(qs[:, :, 2:3], p + 2, 256)                  # the query at position p+2 alone
     verify = run(qs, p, 512)                                # inside a 6-token chain
     assert torch.equal(plain[:, :, 0], verify[:, :, 2])
 
-
-def triton_next_pow2(n):
-    from kernels._common import next_pow2
-    return next_pow2(n)

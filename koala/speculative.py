@@ -27,12 +27,14 @@ replacement (Gumbel-top-k), renormalising q after each rejected sibling.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
 from .errors import HeadMismatchError, KoalaError
 from .graphs import capture
-from .model import Transformer, causal_mask, tree_mask
+from .model import Transformer, _Fast, causal_mask, tree_mask
 from .sampling import SamplerState, warp_probs
 
 NEG = -1e30
@@ -319,25 +321,19 @@ class SpeculativeDecoder:
         Q = None if pool_Q is None else torch.cat([logq_root.exp(), pool_Q[sel]])
         return dict(tokens=tokens, parents=parents, depth=depth, anc=anc, Q=Q)
 
+    @contextmanager
     def _exact(self):
         """Batch-invariant kernels (koala.model._Fast.exact) while this decoder runs: they make a
         chain's bf16 verification bit-identical to one-token steps, because a chain's nodes sit in
         the same cache slots as plainly decoded tokens would. A tree's nodes do not (a depth-2
         node may sit at slot L+7), so attention sums its keys in another order and no kernel
         choice makes trees bit-exact in bf16; they keep the faster cuBLAS verification."""
-        from contextlib import contextmanager
-
-        from .model import _Fast
-
-        @contextmanager
-        def ctx():
-            saved = _Fast.exact
-            _Fast.exact = saved and self.mode == "chain"
-            try:
-                yield
-            finally:
-                _Fast.exact = saved
-        return ctx()
+        saved = _Fast.exact
+        _Fast.exact = saved and self.mode == "chain"
+        try:
+            yield
+        finally:
+            _Fast.exact = saved
 
     def draft(self, W):
         self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
@@ -384,7 +380,6 @@ class SpeculativeDecoder:
         self.root.copy_(bonus)
 
     def _fast(self):
-        from .model import _Fast
         return _Fast.on and self.dev.type == "cuda"
 
     def _cache_table(self):

@@ -100,22 +100,24 @@ def timed(row: dict, key: str, fn, Ws, n_calls: int):
 
 
 def candidates(M: int, N: int, K: int) -> list[LinearConfig]:
-    """Alternatives to _config for --sweep: GEMV at several BLOCK_N and ROWS (M <= 8), MMA tile
-    shapes."""
+    """Alternatives to _config for --sweep: GEMV at several BLOCK_N and ROWS (any M: ROWS=1
+    spreads the rows over programs, each re-reading W from L2, and is bitwise what M=1 gives),
+    MMA tile shapes at BLOCK_M = 16 (a tile that does not depend on M) and at _config's BLOCK_M."""
     out = []
-    if M <= 8:
-        for rows in sorted({1, min(8, next_pow2(M))}):
-            for bn in (1, 2, 4, 8, 16, 32):
-                if 64 <= math.ceil(N / bn) * math.ceil(M / rows) <= 16384:
-                    for e in (4096, 2048):
-                        bk = max(32, min(next_pow2(K), e // bn))
-                        out.append(LinearConfig(False, 1, bn, bk, 4, 1, rows))
-    bm = min(64, max(16, next_pow2(M)))
-    for bn, bk, st in ((16, 64, 3), (16, 128, 3), (16, 256, 3), (32, 64, 3), (32, 128, 3),
-                       (64, 64, 3), (16, 128, 4), (32, 128, 4)):
-        if bm == 64 and bk * (bm + bn) > 16384:
+    for rows in sorted({1, 2, min(8, next_pow2(M))}):
+        if rows > next_pow2(M):
             continue
-        out.append(LinearConfig(True, bm, bn, min(bk, next_pow2(K)), 4, st))
+        for bn in (1, 2, 4, 8, 16, 32):
+            if 64 <= math.ceil(N / bn) * math.ceil(M / rows) <= 16384:
+                for e in (4096, 2048):
+                    bk = max(32, min(next_pow2(K), e // bn))
+                    out.append(LinearConfig(False, 1, bn, bk, 4, 1, rows))
+    for bm in sorted({16, min(64, max(16, next_pow2(M)))}):
+        for bn, bk, st in ((16, 64, 3), (16, 128, 3), (16, 256, 3), (32, 64, 3), (32, 128, 3),
+                           (64, 64, 3), (16, 128, 4), (32, 128, 4), (16, 64, 2), (32, 256, 2)):
+            if bm == 64 and bk * (bm + bn) > 16384:
+                continue
+            out.append(LinearConfig(True, bm, bn, min(bk, next_pow2(K)), 4, st))
     return list(dict.fromkeys(out))
 
 

@@ -8,12 +8,16 @@ cache range is split over programs so that a batch-1 step still fills the GPU:
   stage 1, grid (B*n_kv, row blocks, splits): the g*T query rows of one kv head (GQA: the g
     query heads sharing it are folded into rows, so K and V are read once per kv head) against
     one contiguous range of slots, online softmax in fp32; writes o (normalised) and log2-sum-exp.
-  stage 2, grid (B*h*T,): combines the splits. With one split stage 1 writes the output itself.
+  stage 2: combines the splits. By default the last program of each row tile to finish does it
+    (a ticket counter per tile), so the whole attention is one launch; fuse_combine=False runs
+    it as a second grid of (B*h*T,) programs. With one split stage 1 writes the output itself.
 A row that sees no slot returns zeros, as SDPA does in torch 2.13 (older releases gave NaN).
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +32,13 @@ from ._tl import cast_rne, dot_acc, pdl_wait
 @triton.jit
 def _attn_split_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, kvlen_ptr, o_ptr, lse_ptr,          # pointers
+    out_ptr, cnt_ptr,                                                  # FUSED: output, tickets
     T, G, n_kv, S, n_splits, qk_scale,                                 # sizes (qk_scale has log2 e)
     s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,              # strides (last dims unit)
     s_mb, s_mt, s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt,
+    s_yb, s_yh, s_yt,                                                  # FUSED: output strides
     HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,    # constexpr
-    BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, HAS_KV_LEN: tl.constexpr, FUSED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     pdl_wait(USE_GDC)              # before any read of activations or any store
@@ -90,6 +96,48 @@ def _attn_split_kernel(
                  o, mask=omask)
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * s_lb + head * s_lh + t * s_lt + split, lse, mask=rmask)
+        if FUSED:
+            # The last of this row tile's split programs to finish combines all of them, so no
+            # second launch is needed. Every thread's stores are issued (barrier), then one
+            # acq_rel ticket per program publishes them at GPU scope; the program holding the
+            # last ticket reads the others' partials past L1 (.cg: a line left there by an
+            # earlier replay would be stale) and resets the ticket for the next launch.
+            tl.debug_barrier()
+            tile = cnt_ptr + bk * tl.num_programs(1) + tl.program_id(1)
+            ticket = tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu")
+            if ticket == n_splits - 1:
+                _combine_rows(o_ptr, lse_ptr, out_ptr, b, head, t, rmask, d, dmask, n_splits,
+                              s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt, s_yb, s_yh, s_yt,
+                              BLOCK_M, BLOCK_D)
+                tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _combine_rows(o_ptr, lse_ptr, out_ptr, b, head, t, rmask, d, dmask, n_splits,
+                  s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt, s_yb, s_yh, s_yt,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[rows] = the splits' outputs weighted by exp2(lse - max lse), summed one split after
+    another in split order. Splits a row does not see (lse = -inf) add exact zeros, so a row's
+    bits do not depend on how many splits the window has (exact mode)."""
+    lse_rows = lse_ptr + b * s_lb + head * s_lh + t * s_lt                 # (BLOCK_M,)
+    mx = tl.zeros((BLOCK_M,), tl.float32) - float("inf")
+    for sp in range(0, n_splits):
+        mx = tl.maximum(mx, tl.load(lse_rows + sp, mask=rmask, other=float("-inf"),
+                                    cache_modifier=".cg"))
+    mx = tl.where(mx == float("-inf"), 0.0, mx)                           # empty rows weigh 0
+    den = tl.zeros((BLOCK_M,), tl.float32)
+    res = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    o_rows = o_ptr + b * s_ob + head[:, None] * s_oh + t[:, None] * s_ot + d[None, :]
+    for sp in range(0, n_splits):
+        w = tl.exp2(tl.load(lse_rows + sp, mask=rmask, other=float("-inf"),
+                            cache_modifier=".cg") - mx)
+        o = tl.load(o_rows + sp * s_os, mask=rmask[:, None] & dmask[None, :] & (w[:, None] > 0),
+                    other=0.0, cache_modifier=".cg")
+        res += o * w[:, None]
+        den += w
+    res = res / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(out_ptr + b * s_yb + head[:, None] * s_yh + t[:, None] * s_yt + d[None, :],
+             cast_rne(res, out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -120,6 +168,25 @@ def _attn_combine_kernel(
              mask=d < HD)
 
 
+_TICKETS: dict = {}        # device -> int32 ticket counters of the fused combine, all zero at rest
+_MIN_TICKETS = 4096
+_log = logging.getLogger(__name__)
+
+
+def _tickets(dev, n: int):
+    """n zeroed ticket counters on dev, allocated once (each launch leaves them zero again).
+    None if more are needed while a CUDA graph is being captured (an allocation there would be a
+    graph node). One stream at a time: two attention launches in flight at once would share
+    counters (koala runs one stream)."""
+    t = _TICKETS.get(dev)
+    if t is None or t.numel() < n:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        t = torch.zeros(max(n, _MIN_TICKETS), dtype=torch.int32, device=dev)
+        _TICKETS[dev] = t
+    return t
+
+
 def _n_splits(programs: int, S: int) -> int:
     """Split the cache until about 2 programs per SM of an H100 (132 SMs) are busy, but give
     each split at least 128 slots: B=1, SmolLM2 (3 kv heads), S=2048 -> 16 splits of 128."""
@@ -128,26 +195,31 @@ def _n_splits(programs: int, S: int) -> int:
 
 def exact_tiles(kv_programs: int, S: int, S_max: int) -> dict:
     """tree_attention's keyword arguments for batch-invariant use over a cache of S_max slots
-    read through a window of S <= S_max: a fixed row tile, 128-slot splits (n_splits grows with
-    S, up to S = 8192) and one combine tile sized for S_max. A query's result is then the same
-    bits whatever the window and however many rows share the launch (koala's exact mode)."""
-    return dict(n_splits=_n_splits(kv_programs, S), block_m=64,
-                block_s=max(2, next_pow2(_n_splits(kv_programs, S_max))))
+    read through a window of S <= S_max: a fixed row tile and 128-slot splits (n_splits grows
+    with S, up to S = 8192), combined in split order by the fused combine. A query's result is
+    then the same bits whatever the window and however many rows share the launch (koala's
+    exact mode). S_max is kept for callers; the fused combine needs no tile sized for it."""
+    return dict(n_splits=_n_splits(kv_programs, S), block_m=64)
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    mask: torch.Tensor, kv_len=None, scale: float | None = None,
                    n_splits: int | None = None, block_m: int | None = None,
-                   block_s: int | None = None) -> torch.Tensor:
+                   block_s: int | None = None, fuse_combine: bool | None = None) -> torch.Tensor:
     """q (B, h, T, hd); k_cache, v_cache (B, n_kv, S, hd), h a multiple of n_kv; mask (B|1, T, S)
     bool, True where a query may see a slot; kv_len: None (= S), an int, or an int tensor () or
     (B,): only slots < kv_len are read (and they must cover every visible slot). Every last dim
-    needs unit stride. Returns (B, h, T, hd) in q's dtype; softmax scale defaults to hd**-0.5.
+    needs unit stride. Returns (B, h, T, hd) in q's dtype (a transposed view of a (B, T, h, hd)
+    buffer); softmax scale defaults to hd**-0.5.
     Batch-invariant use (koala's exact mode): a fixed block_m, n_splits = S / 128 (128-slot
     splits whatever S is) and a fixed block_s (the combine's tile over splits, a power of two
     >= n_splits). The combine's sum then has one reduction order for every window S, and the
     splits past the ones a query sees add exact zeros, so a query's result does not depend on
-    the window or on how many rows share the launch."""
+    the window or on how many rows share the launch.
+    fuse_combine (default True; KOALA_FUSED_COMBINE=0 makes it False): with several splits, the
+    last split program of each row tile to finish combines them (in split order: window-invariant
+    too), so one launch does it all; block_s or fuse_combine=False use the separate combine
+    launch instead."""
     check_tensor("q", q, ndim=4, dtypes=FLOATS)
     B, h, T, hd = q.shape
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOATS, shape=(B, None, None, hd))
@@ -195,10 +267,22 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     # fp32 tiles at hd=128, BLOCK_N=64 need 180 KB of shared memory (of 227 KB on an H100)
     BLOCK_N = 64 if hd <= 128 and q.dtype != torch.float32 else 32
     BLOCK_D = max(16, next_pow2(hd))
-    out = torch.empty((B, h, T, hd), dtype=q.dtype, device=dev)
+    # stored as (B, T, h, hd) and returned as its transposed view: the output projection reads
+    # (B, T, h*hd), which is then a free reshape (a copy kernel per layer otherwise, 2.3 us each
+    # at T = 5 on the H100: 69 us of a SmolLM2 verify, bench/results/profile_step.txt)
+    out = torch.empty((B, T, h, hd), dtype=q.dtype, device=dev).transpose(1, 2)
     if B * T == 0:
         return out
     single = n_splits == 1
+    if fuse_combine is None:
+        fuse_combine = os.environ.get("KOALA_FUSED_COMBINE", "1") != "0"
+    fused = not single and fuse_combine and block_s is None
+    tickets = _tickets(dev, B * n_kv * row_blocks) if fused else None
+    if fused and tickets is None:
+        fused = False
+        _log.warning("tree_attention: %d ticket counters needed while a CUDA graph is being "
+                     "captured and fewer were allocated before it: using the separate combine "
+                     "launch", B * n_kv * row_blocks)
     if single:
         o_part, lse = out, out                            # lse unused with one split
         so = (out.stride(0), out.stride(1), out.stride(2), 0)
@@ -212,17 +296,19 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _attn_split_kernel[(B * n_kv, row_blocks, n_splits)](
         q, k_cache, v_cache, m8, kv_len, o_part, lse,
+        out, tickets if fused else lse,
         T, G, n_kv, S, n_splits, scale * math.log2(math.e),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         m8.stride(0) if mask.shape[0] > 1 else 0, m8.stride(1),
         *so, *sl,
+        out.stride(0), out.stride(1), out.stride(2),
         HD=hd, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE=single,
-        HAS_KV_LEN=has_kv_len, DOT_PRECISION=prec, UPCAST=interpreting(), USE_GDC=pdl(),
+        HAS_KV_LEN=has_kv_len, FUSED=fused, DOT_PRECISION=prec, UPCAST=interpreting(), USE_GDC=pdl(),
         num_warps=4, launch_pdl=pdl(),
     )
-    if not single:
+    if not single and not fused:
         _attn_combine_kernel[(B * h * T,)](
             o_part, lse, out,
             h, T, n_splits,

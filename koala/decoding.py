@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .graphs import capture
-from .model import Transformer
+from .model import Transformer, argmax_last
 from .sampling import SamplerState, sample, warp_probs
 
 
@@ -40,7 +40,7 @@ class PlainDecoder:
         logits, _ = self.model(self.token, self.pos.view(1, 1), self.pos, mask)
         lg = logits[:, -1]                                             # (1, V)
         if greedy:
-            nxt = lg.argmax(-1)
+            nxt = argmax_last(lg)
         else:
             nxt = sample(warp_probs(lg, self.sampler), self.noise.index_select(0, self.step))
         self.out.index_copy_(0, self.step.view(1), nxt)

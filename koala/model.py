@@ -34,12 +34,30 @@ class _Fast:
     exact = True
 
 
+def argmax_last(x):
+    """torch.argmax(x, dim=-1); on the fused path kernels/argmax.py's two short launches (torch
+    gives a 49,152-wide row to one block: 15 us on the H100, 3% of a SmolLM2 decode step).
+    Same result, ties and NaN included."""
+    if _Fast.on and x.is_cuda:
+        from kernels.argmax import argmax
+        return argmax(x)
+    return x.argmax(dim=-1)
+
+
 def _row_config(W, M, silu=False):
-    """The GEMV configuration for M rows in exact mode: the tiles a single row gets, over groups
-    of up to 8 rows (kernels/linear.py: a row's output does not depend on its group's size)."""
+    """The GEMV configuration for M rows in exact mode: the tiles a single row gets
+    (kernels/linear.py: a row's output does not depend on how many rows a program takes).
+    A layer's weights (a few MB) stay in the 50 MB L2, so each row gets programs of its own
+    (ROWS=1) and the re-reads come from L2: on the H100 at M = 5 that is 2.2 against 3.7 us for
+    wo, 3.7 against 4.6 for w2 (bench/results/linear_sweep.json). The 57 MB LM head does not fit:
+    its programs take 8 rows each, so it leaves HBM once (47 against 100 us at M = 5)."""
     from kernels.linear import GEMV_MAX_M, _config
     n = W.shape[0] // 2 if silu else W.shape[0]
-    return _config(min(M, GEMV_MAX_M), n, W.shape[1])
+    cfg = _config(min(M, GEMV_MAX_M), n, W.shape[1])
+    return cfg._replace(ROWS=1) if W.numel() * W.element_size() <= _L2_RESIDENT else cfg
+
+
+_L2_RESIDENT = 16 << 20   # bytes of W up to which exact mode spreads rows over programs
 
 
 def _linear_residual(x, y, lin: nn.Linear):

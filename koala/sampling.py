@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SamplingError
+from .model import argmax_last
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def warp_probs(logits, st: SamplerState):
 def sample(probs, noise):
     """Draw one token per row: argmax(p / E) with E ~ Exp(1) is an exact sample from p
     (the exponential race), needing no host sync. probs (..., V), noise (..., V) -> (...)."""
-    return (probs / noise).argmax(dim=-1)
+    return argmax_last(probs / noise)
 
 
 def draw_noise(shape, generator, device):

@@ -6,7 +6,8 @@
 # Every step writes its result files and a log to $OUT (default: bench/results) and prints a
 # short tail. Steps and their rough wall time on the H100:
 #   check              GPU tests (-m gpu) and the PDL chain check                      ~3 min
-#   plain              bench.vanilla with PDL on and off, linear kernels, profiles     ~2.5 min
+#   plain              bench.vanilla with PDL on and off and with the attention's     ~3 min
+#                      separate combine launch, linear kernels, profiles
 #   cost               bench.spec_cost (K = 1..4, fused and unfused) and bench.scale   ~3 min
 #   mtbench            shipped heads, greedy, chain and tree, transformers peers        ~5 min
 #   sampling <kind>    shipped <eagle|medusa> head at T = 0.7 and 1.0, chain and tree  ~5 min
@@ -33,6 +34,8 @@ case "$step" in
   plain)
     KOALA_PDL=0 python -m bench.vanilla > "$log" 2>&1
     mv "$OUT/vanilla.json" "$OUT/vanilla_pdl_off.json"
+    KOALA_FUSED_COMBINE=0 python -m bench.vanilla >> "$log" 2>&1
+    mv "$OUT/vanilla.json" "$OUT/vanilla_combine_launch.json"
     python -m bench.vanilla >> "$log" 2>&1
     python bench/linear_bench.py --only smollm2 --ms 1,2,4,5,8 >> "$log" 2>&1
     { python -m bench.profile_step

@@ -11,7 +11,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import accept, medusa, rmsnorm, rope_cache, swiglu, tree_attention  # noqa: E402
+from kernels import accept, argmax, medusa, rmsnorm, rope_cache, swiglu, tree_attention  # noqa: E402
 from kernels import linear  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -65,11 +65,14 @@ def cases(dt):
            dict(MAX_DEPTH=6, BLOCK_N=64, BLOCK_P=8), 1)
     yield ("compact_kv", accept._compact_kv_kernel, ["*i64", p, "*i64", "*i64", "*i64"] + ["i32"] * 6,
            dict(P=7, BLOCK_D=128), 1)
-    for hd, single in ((64, False), (128, True)):
-        yield (f"attention hd={hd} single={single}", tree_attention._attn_split_kernel,
-               [p, p, p, "*u8", "*i32", p if single else "*fp32", "*fp32"] + ["i32"] * 5 + ["fp32"] + ["i32"] * 18,
+    for hd, single, fused in ((64, False, False), (64, False, True), (128, True, False)):
+        yield (f"attention hd={hd} single={single} fused={fused}", tree_attention._attn_split_kernel,
+               [p, p, p, "*u8", "*i32", p if single else "*fp32", "*fp32", p, "*i32"] + ["i32"] * 5 + ["fp32"]
+               + ["i32"] * 21,
                dict(HD=hd, BLOCK_D=hd, BLOCK_M=64, BLOCK_N=32 if dt == "fp32" else 64, SINGLE=single, HAS_KV_LEN=single,
-                    DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False), 4)
+                    FUSED=fused, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False), 4)
+    yield "argmax partial", argmax._argmax_partial_kernel, [p, "*fp32", "*i32", "i32", "i32", "i32"], dict(BLOCK=1024), 4
+    yield "argmax final", argmax._argmax_final_kernel, ["*fp32", "*i32", "*i64", "i32"], dict(BLOCK_P=64), 1
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,
            dict(HD=64, BLOCK_D=64, BLOCK_S=16), 1)
     # linear: the GEMV path (M <= 8: ROWS 1, 4 and 8, one and several K blocks) and the MMA path

@@ -73,11 +73,14 @@ def test_gemv_config_tiles_do_not_depend_on_M():
         assert L._config(9, N, K).use_dot
     # N = 576 (SmolLM2's wo and w2) still gives >= 2 programs per SM on the H100's 132
     assert 576 // L._config(8, 576, 576).BLOCK_N >= 2 * L.NUM_SMS_H100
+    # exact mode: a layer's W (L2-resident) gets one row per program; the LM head's 8
     from koala.model import _row_config
-    W, W13 = torch.empty(576, 1536), torch.empty(2 * 1536, 576)
+    W, W13 = torch.empty(576, 1536, dtype=torch.bfloat16), torch.empty(2 * 1536, 576, dtype=torch.bfloat16)
+    lm = torch.empty(49152, 576, dtype=torch.bfloat16)
     for M in (1, 3, 8, 9, 64, 128):
-        assert _row_config(W, M) == L._config(1, 576, 1536)._replace(ROWS=min(8, L.next_pow2(M)))
-        assert _row_config(W13, M, True) == L._config(min(M, 8), 1536, 576)
+        assert _row_config(W, M) == L._config(1, 576, 1536)
+        assert _row_config(W13, M, True) == L._config(1, 1536, 576)
+        assert _row_config(lm, M) == L._config(1, 49152, 576)._replace(ROWS=min(8, L.next_pow2(M)))
 
 
 @pytest.mark.parametrize("M", range(1, 10))

@@ -95,12 +95,33 @@ def test_tree_attention_fixed_combine_tile():
             tree_attention(q, k, v, mask, n_splits=3, block_s=bad)
 
 
+@pytest.mark.parametrize("T,n_splits", [(1, 4), (5, 3), (30, 7)])
+def test_fused_combine_matches_separate_combine_and_resets_its_tickets(T, n_splits):
+    """One launch (the last split program of a row tile combines) against two: both close to
+    the reference, the same answer on a second call (the tickets went back to zero), and every
+    ticket zero afterwards. T=30 with 3 query heads per kv head: two row tiles of 64."""
+    from kernels import tree_attention as ta
+    B, h, n_kv, hd, S = 2, 6, 2, 32, 200
+    gen = torch.Generator().manual_seed(T)
+    q = torch.randn(B, h, T, hd, generator=gen).to(DEVICE)
+    k, v = torch.randn(2, B, n_kv, S, hd, generator=gen).to(DEVICE)
+    mask = tree_case(B, T, S, 120, gen)
+    ref = tree_attention_ref(q, k, v, mask)
+    fused = tree_attention(q, k, v, mask, n_splits=n_splits, block_m=64)
+    again = tree_attention(q, k, v, mask, n_splits=n_splits, block_m=64)
+    separate = tree_attention(q, k, v, mask, n_splits=n_splits, block_m=64, fuse_combine=False)
+    for out in (fused, again, separate):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused, again)
+    assert int(ta._TICKETS[q.device].abs().sum()) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float32] if ON_GPU else []))
 def test_exact_attention_is_window_invariant(dtype):
     """koala's exact mode: the plain step (1 query, a 256-slot window) and a verify forward
     (6 queries, a 512-slot window) give the same query bitwise equal results, with 128-slot
-    splits and one combine tile (block_s) for every window. (The GPU is where a window-dependent
-    combine tile would change the bits; on the CPU the interpreter's fp32 products go through
+    splits combined in split order for every window. (The GPU is where a window-dependent
+    combine order would change the bits; on the CPU the interpreter's fp32 products go through
     BLAS, whose result for a row depends on where the row sits in the tile, so fp32 runs on the
     GPU only.)"""
     from kernels.tree_attention import exact_tiles
@@ -119,3 +140,31 @@ def test_exact_attention_is_window_invariant(dtype):
     verify = run(qs, p, 512)                                # inside a 6-token chain
     assert torch.equal(plain[:, :, 0], verify[:, :, 2])
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_fused_combine_in_a_cuda_graph_replays_correctly():
+    """The tickets must be back at zero after every replay: a graph replayed with new queries
+    gives what eager calls give, bit for bit, replay after replay."""
+    B, h, n_kv, T, hd, S = 1, 9, 3, 5, 64, 1024
+    gen = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(2, B, n_kv, S, hd, generator=gen)).to(torch.bfloat16).to(DEVICE)
+    mask = tree_case(B, T, S, 700, gen).to(DEVICE)
+    qs = [torch.randn(B, h, T, hd, generator=gen).to(torch.bfloat16).to(DEVICE) for _ in range(4)]
+    q = qs[0].clone()
+    eager = [tree_attention(x, k, v, mask, n_splits=8, block_m=64) for x in qs]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        tree_attention(q, k, v, mask, n_splits=8, block_m=64)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = tree_attention(q, k, v, mask, n_splits=8, block_m=64)
+    for _ in range(2):
+        for x, want in zip(qs, eager):
+            q.copy_(x)
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, want)

@@ -199,7 +199,8 @@ def exact_tiles(kv_programs: int, S: int, S_max: int) -> dict:
     with S, up to S = 8192), combined in split order by the fused combine. A query's result is
     then the same bits whatever the window and however many rows share the launch (koala's
     exact mode). S_max is kept for callers; the fused combine needs no tile sized for it."""
-    return dict(n_splits=_n_splits(kv_programs, S), block_m=64)
+    return dict(n_splits=_n_splits(kv_programs, S), block_m=64,
+                block_s=max(2, next_pow2(_n_splits(kv_programs, S_max))))
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -275,8 +276,8 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         return out
     single = n_splits == 1
     if fuse_combine is None:
-        fuse_combine = os.environ.get("KOALA_FUSED_COMBINE", "1") != "0"
-    fused = not single and fuse_combine and block_s is None
+        fuse_combine = os.environ.get("KOALA_FUSED_COMBINE", "0") == "1"
+    fused = not single and fuse_combine
     tickets = _tickets(dev, B * n_kv * row_blocks) if fused else None
     if fused and tickets is None:
         fused = False

@@ -107,8 +107,8 @@ def test_fused_combine_matches_separate_combine_and_resets_its_tickets(T, n_spli
     k, v = torch.randn(2, B, n_kv, S, hd, generator=gen).to(DEVICE)
     mask = tree_case(B, T, S, 120, gen)
     ref = tree_attention_ref(q, k, v, mask)
-    fused = tree_attention(q, k, v, mask, n_splits=n_splits, block_m=64)
-    again = tree_attention(q, k, v, mask, n_splits=n_splits, block_m=64)
+    fused = tree_attention(q, k, v, mask, n_splits=n_splits, block_m=64, fuse_combine=True)
+    again = tree_attention(q, k, v, mask, n_splits=n_splits, block_m=64, fuse_combine=True)
     separate = tree_attention(q, k, v, mask, n_splits=n_splits, block_m=64, fuse_combine=False)
     for out in (fused, again, separate):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -153,15 +153,15 @@ def test_fused_combine_in_a_cuda_graph_replays_correctly():
     mask = tree_case(B, T, S, 700, gen).to(DEVICE)
     qs = [torch.randn(B, h, T, hd, generator=gen).to(torch.bfloat16).to(DEVICE) for _ in range(4)]
     q = qs[0].clone()
-    eager = [tree_attention(x, k, v, mask, n_splits=8, block_m=64) for x in qs]
+    eager = [tree_attention(x, k, v, mask, n_splits=8, block_m=64, fuse_combine=True) for x in qs]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        tree_attention(q, k, v, mask, n_splits=8, block_m=64)
+        tree_attention(q, k, v, mask, n_splits=8, block_m=64, fuse_combine=True)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = tree_attention(q, k, v, mask, n_splits=8, block_m=64)
+        out = tree_attention(q, k, v, mask, n_splits=8, block_m=64, fuse_combine=True)
     for _ in range(2):
         for x, want in zip(qs, eager):
             q.copy_(x)

@@ -8,9 +8,10 @@ cache range is split over programs so that a batch-1 step still fills the GPU:
   stage 1, grid (B*n_kv, row blocks, splits): the g*T query rows of one kv head (GQA: the g
     query heads sharing it are folded into rows, so K and V are read once per kv head) against
     one contiguous range of slots, online softmax in fp32; writes o (normalised) and log2-sum-exp.
-  stage 2: combines the splits. By default the last program of each row tile to finish does it
-    (a ticket counter per tile), so the whole attention is one launch; fuse_combine=False runs
-    it as a second grid of (B*h*T,) programs. With one split stage 1 writes the output itself.
+  stage 2, grid (B*h*T,): combines the splits. With one split stage 1 writes the output itself.
+    Opt-in (fuse_combine=True or KOALA_FUSED_COMBINE=1): the last program of each row tile to
+    finish combines instead (a ticket counter per tile), one launch in all; it measured slower
+    on the H100 (0.545 against 0.495 ms per SmolLM2 step, bench/results/vanilla*.json).
 A row that sees no slot returns zeros, as SDPA does in torch 2.13 (older releases gave NaN).
 """
 from __future__ import annotations
@@ -195,10 +196,10 @@ def _n_splits(programs: int, S: int) -> int:
 
 def exact_tiles(kv_programs: int, S: int, S_max: int) -> dict:
     """tree_attention's keyword arguments for batch-invariant use over a cache of S_max slots
-    read through a window of S <= S_max: a fixed row tile and 128-slot splits (n_splits grows
-    with S, up to S = 8192), combined in split order by the fused combine. A query's result is
-    then the same bits whatever the window and however many rows share the launch (koala's
-    exact mode). S_max is kept for callers; the fused combine needs no tile sized for it."""
+    read through a window of S <= S_max: a fixed row tile, 128-slot splits (n_splits grows with
+    S, up to S = 8192) and one combine tile sized for S_max (the fused combine, which sums in
+    split order, ignores it). A query's result is then the same bits whatever the window and
+    however many rows share the launch (koala's exact mode)."""
     return dict(n_splits=_n_splits(kv_programs, S), block_m=64,
                 block_s=max(2, next_pow2(_n_splits(kv_programs, S_max))))
 
@@ -217,10 +218,9 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     >= n_splits). The combine's sum then has one reduction order for every window S, and the
     splits past the ones a query sees add exact zeros, so a query's result does not depend on
     the window or on how many rows share the launch.
-    fuse_combine (default True; KOALA_FUSED_COMBINE=0 makes it False): with several splits, the
+    fuse_combine (default False; None reads KOALA_FUSED_COMBINE=1): with several splits, the
     last split program of each row tile to finish combines them (in split order: window-invariant
-    too), so one launch does it all; block_s or fuse_combine=False use the separate combine
-    launch instead."""
+    too, block_s unused), so one launch does it all; otherwise a separate combine launch."""
     check_tensor("q", q, ndim=4, dtypes=FLOATS)
     B, h, T, hd = q.shape
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOATS, shape=(B, None, None, hd))

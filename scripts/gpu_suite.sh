@@ -13,6 +13,8 @@
 #   sampling <kind>    shipped <eagle|medusa> head at T = 0.7 and 1.0, chain and tree  ~5 min
 #   ablation-train <steps> <names>   train.ablation --only <names> (comma-separated)
 #                      on runs/data/sharegpt-sd (carry it; python -m train.selfdistill makes it)
+#   ablation-train-par <steps> <names>  the same, one process per head, all sharing the GPU at
+#                      once (timings then measure a shared GPU: recorded as concurrent_trainings)
 #   ablation-eval <names>            MT-bench, chain, greedy, of those trained heads
 set -euo pipefail
 : "${KOALA_COMMIT:?set KOALA_COMMIT to the commit being measured}"
@@ -65,6 +67,35 @@ case "$step" in
         --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress --only "$names" > "$log" 2>&1
     cp /tmp/ablation/ablation.json "$OUT/ablation_$(echo "$names" | tr ',' '_').json"
     quiet "$log" | tail -n 14
+    ;;
+  ablation-train-par)
+    steps="${1:?ablation-train-par needs the steps per head}"; names="${2:?and the head names}"
+    n_par=$(echo "$names" | tr ',' '\n' | grep -c .)
+    mkdir -p /tmp/ablation
+    pids=()
+    for n in $(echo "$names" | tr ',' ' '); do
+      python -m train.ablation --data runs/data/sharegpt-sd --out /tmp/ablation --steps "$steps" --batch-size 16 \
+          --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress --only "$n" \
+          --concurrent "$n_par" --table "/tmp/ablation/table_$n.json" > "$log.$n" 2>&1 &
+      pids+=($!)
+    done
+    rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+    python - "$OUT/ablation_$(echo "$names" | tr ',' '_').json" $(echo "$names" | tr ',' ' ') <<'PY'
+import json, sys
+out, names = sys.argv[1], sys.argv[2:]
+table = {}
+for n in names:
+    try:
+        table.update(json.load(open(f"/tmp/ablation/table_{n}.json")))
+    except FileNotFoundError:
+        print(f"{n}: no table (the process failed; see its log)")
+json.dump(table, open(out, "w"), indent=2)
+for n, r in table.items():
+    print(n, r["status"], r["step"], f"peak {r.get('peak_gpu_gib_of_invocation') or 0:.1f} GiB", f"{r['train_seconds']:.0f} s", f"{r['tokens_per_s']:.0f} tok/s",
+          [round(x, 3) for x in (r.get("final_eval") or {}).get("eval/top1", [])])
+PY
+    for n in $(echo "$names" | tr ',' ' '); do quiet "$log.$n" | tail -n 3; done
+    exit "$rc"
     ;;
   ablation-eval)
     names="${1:?ablation-eval needs the head names}"

@@ -49,3 +49,23 @@ def test_prepare_then_train_cli_then_load(smollm2, tmp_path):
     assert summary["status"] == "finished" and len(summary["final_eval"]["eval/top1"]) == 3
     head = load_head(tmp_path / "run" / "head", smollm2)
     assert head.config.kind == "eagle" and head.config.layers == 1
+
+
+def test_ablation_cli_table_and_skip_finished(tmp_path):
+    """train.ablation trains the named heads, writes its table where --table says with the
+    concurrency it was told, and a second invocation skips the finished heads (no re-stamp)."""
+    from tests.test_train import make_data
+    from train.ablation import main
+    data = make_data(tmp_path / "data", n_train=8, n_eval=2)
+    args = ["--data", data, "--out", str(tmp_path / "abl"), "--steps", "2", "--batch-size", "2", "--max-len", "32",
+            "--ckpt-every", "1000", "--eval-every", "1000", "--no-progress", "--only", "medusa-k1-base,eagle-k1-adv"]
+    main(args + ["--table", str(tmp_path / "t1.json"), "--concurrent", "2"])
+    t1 = json.loads((tmp_path / "t1.json").read_text())
+    assert set(t1) == {"medusa-k1-base", "eagle-k1-adv"}
+    for r in t1.values():
+        assert r["status"] == "finished" and r["step"] == 2 and r["concurrent_trainings"] == 2
+    assert len(t1["medusa-k1-base"]["final_eval"]["eval/top1"]) == 4
+    main(args)                                     # default table path, both already finished
+    t2 = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert set(t2) == set(t1) and all("concurrent_trainings" not in r for r in t2.values())
+    assert t2["eagle-k1-adv"]["train_seconds"] == t1["eagle-k1-adv"]["train_seconds"]

@@ -41,8 +41,15 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds for this invocation (0: none)")
     ap.add_argument("--only", default="", help="comma-separated names, e.g. eagle-k2-adv,medusa-k1-base")
     ap.add_argument("--save-dtype", default="bfloat16", help="bf16 halves the 12 heads to ~125 MB; the GPU target runs in bf16 anyway")
+    ap.add_argument("--table", default="", help="where to write the summary table (default <out>/ablation.json); "
+                    "give each of several concurrent invocations its own")
+    ap.add_argument("--concurrent", type=int, default=1,
+                    help="how many trainings share the GPU with this one (recorded beside the timings, "
+                         "which then measure a shared GPU)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.concurrent < 1:
+        ap.error(f"--concurrent must be >= 1, got {a.concurrent}")
     from koala.loading import load_target
     t0 = time.perf_counter()
     target = load_target(a.target)
@@ -50,6 +57,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     only = {s for s in a.only.split(",") if s}
     results = {}
+    trained_now = []
     for kind, k, adv in CONFIGS:
         n = name(kind, k, adv)
         if only and n not in only:
@@ -68,13 +76,20 @@ def main(argv=None):
                           eval_every=a.eval_every, time_budget=max(left, 0.0), save_dtype=a.save_dtype,
                           progress=not a.no_progress)
         results[n] = Trainer(cfg, target=target, resume=True).fit()
+        trained_now.append(n)
         print(f"{n}: {results[n]['status']} at step {results[n]['step']}, "
               f"{results[n]['train_seconds']:.0f} s, {results[n]['tokens_per_s']:.0f} tokens/s")
         if results[n]["status"] == "diverged":
             print(results[n]["message"])
     table = {n: {k: r.get(k) for k in ("status", "step", "steps", "train_seconds", "tokens_seen", "tokens_per_s",
                                        "final_eval", "device")} for n, r in results.items()}
-    (out / "ablation.json").write_text(json.dumps(table, indent=2) + "\n")
+    import torch
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    for n in trained_now:
+        table[n]["concurrent_trainings"] = a.concurrent
+        table[n]["peak_gpu_gib_of_invocation"] = peak
+    table_path = Path(a.table) if a.table else out / "ablation.json"
+    table_path.write_text(json.dumps(table, indent=2) + "\n")
     todo = [name(*c) for c in CONFIGS if (not only or name(*c) in only)
             and table.get(name(*c), {}).get("status") != "finished"]
     print("all 12 finished" if not todo and not only else f"not finished yet: {todo}" if todo else "done")

@@ -105,7 +105,7 @@ def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budg
            "skipped": [], "not_run": [], "incomplete": True}
     base, base_cat = {}, {}
     for T in temperatures:
-        plain.generate("warm up", max_new_tokens=32, temperature=T, seed=0 if T > 0 else None)
+        plain.warmup([T])   # every window's kernels and graphs, so the timed runs pay none of it
         base[T] = run_method(plain, questions, max_new, T, seed_at[T], f"plain T={T}", progress)
         res["plain_by_temperature"].append({"temperature": T, **summarise(base[T], False)})
         by = defaultdict(list)
@@ -132,7 +132,7 @@ def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budg
             continue
         chain = mode == "chain"
         for T in temperatures:
-            gen.generate("warm up", max_new_tokens=32, temperature=T, seed=0 if T > 0 else None)
+            gen.warmup([T])
             recs = run_method(gen, questions, max_new, T, seed_at[T], f"{Path(name).name} {mode} T={T}", progress)
             s = summarise(recs, chain)
             s["speedup"] = s["tokens_per_s"] / plain_tps[T]

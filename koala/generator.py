@@ -145,6 +145,12 @@ class SpeculativeGenerator:
     def encode(self, prompt, chat: bool | None = None) -> list[int]:
         tok = self.tokenizer
         has_template = getattr(tok, "chat_template", None) is not None
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            V = self.model.config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < V]
+            if bad:
+                raise KoalaError(f"token ids must be in [0, {V}) for this model; got {bad[:5]}")
+            return list(prompt)                              # token ids, used as given
         if isinstance(prompt, str):
             if chat is None:
                 chat = has_template
@@ -154,7 +160,8 @@ class SpeculativeGenerator:
         if not isinstance(prompt, (list, tuple)) or not prompt or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in prompt):
-            raise KoalaError("a prompt is a string or a non-empty list of {'role': str, 'content': str} messages")
+            raise KoalaError("a prompt is a string, a non-empty list of {'role': str, 'content': str} messages, "
+                             "or a non-empty list of token ids")
         if not has_template:
             raise KoalaError("this tokenizer has no chat template: pass the prompt as a plain string")
         text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
@@ -165,7 +172,8 @@ class SpeculativeGenerator:
                  top_k: int = 0, seed: int | None = None, stream=None, stop=None,
                  chat: bool | None = None, ignore_eos: bool = False) -> GenerationResult:
         """Generate an answer to a string (wrapped as one user message when the tokenizer has a
-        chat template, unless chat=False) or a list of chat messages. temperature=0 is greedy;
+        chat template, unless chat=False), a list of chat messages, or a list of token ids (used
+        as given). temperature=0 is greedy;
         seed makes sampling repeatable; stream(text_delta) is called as text is produced; stop is
         a string or list of strings that end the answer; ignore_eos decodes max_new_tokens exactly
         (benchmarks)."""
@@ -209,6 +217,28 @@ class SpeculativeGenerator:
         stats.new_tokens = len(out.ids)
         stats.tokens_per_s = stats.new_tokens / stats.wall_s if stats.wall_s > 0 else 0.0
         return GenerationResult(text=out.text, token_ids=out.ids, stats=stats)
+
+    def warmup(self, temperatures=(0.0,), new_tokens: int = 8) -> list[int]:
+        """Compile the kernels and capture the CUDA graphs of every attention window this
+        generator can reach (each window up to max_seq_len: prefill, plain decoding and, with a
+        head, the draft and verify graphs), for greedy decoding and/or sampling as `temperatures`
+        asks, so that later calls pay none of it: first-request latency in a server, steady-state
+        timings in a benchmark. Each window is reached by a short generation from a synthetic
+        prompt that ends just past the previous window. Returns the prompt lengths used."""
+        base = self.encode("The quick brown fox jumps over the lazy dog. ", chat=False) or [0]
+        margin = self.spec.max_new_per_step if self.spec else self.plain.chunk
+        lengths, prev = [], 1
+        for w in self.plain.windows:
+            n = max(1, prev)
+            if n + new_tokens + margin > self.max_seq_len:
+                break
+            lengths.append(n)
+            prev = w
+        for T in temperatures:
+            for n in lengths:
+                ids = (base * (n // len(base) + 1))[:n]
+                self.generate(ids, max_new_tokens=new_tokens, temperature=T, seed=0, ignore_eos=True)
+        return lengths
 
     def _prefill(self, ids, params, gen):
         dev = self.device

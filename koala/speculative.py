@@ -27,6 +27,8 @@ replacement (Gumbel-top-k), renormalising q after each rejected sibling.
 """
 from __future__ import annotations
 
+import os
+
 from contextlib import contextmanager
 
 import torch
@@ -97,7 +99,7 @@ def medusa_tree(n_heads: int, size: int, depth: int, top_k: int):
 
 class SpeculativeDecoder:
     def __init__(self, model: Transformer, head, mode: str = "chain", depth: int | None = None,
-                 tree_size: int = 32, top_k: int = 4, use_graph: bool = False):
+                 tree_size: int = 32, top_k: int = 4, use_graph: bool = False, pipeline: bool | None = None):
         from .heads import EagleHead
         self.model, self.head = model, head
         self.eagle = isinstance(head, EagleHead)
@@ -117,6 +119,9 @@ class SpeculativeDecoder:
             raise KoalaError(f"top_k must be an integer in 1..16, got {top_k!r}")
         self.mode, self.depth, self.N, self.k = mode, depth, tree_size, top_k
         self.use_graph = use_graph
+        # keep the next iteration queued on the device while the host reads the last one's tokens
+        # (KOALA_PIPELINE=0 or pipeline=False: one iteration at a time)
+        self.pipeline = (os.environ.get("KOALA_PIPELINE", "1") != "0") if pipeline is None else bool(pipeline)
         dev = model.device
         self.dev = dev
         V, D = model.config.vocab_size, model.config.dim
@@ -439,24 +444,25 @@ class SpeculativeDecoder:
         return cur, bonus
 
     # ------------------------------------------------------------------ graphs and loop
-    def _run(self, W):
+    def _run(self, W, ev=None):
+        """One iteration (draft, verify, accept) at window W; ev: three CUDA events recorded
+        around the draft and the verification (graphs only)."""
         if not self.use_graph:
             with self._exact():
                 self.draft(W)
                 self.verify(W)
-            return None
+            return
         # greedy and sampling trace different code (argmax vs draws, Q or none): one graph each
         key = (self.greedy, W)
         if key not in self.graphs:
             with self._exact():
                 self.graphs[key] = self._capture(W)
-        gd, gv, ev = self.graphs[key]
+        gd, gv = self.graphs[key]
         ev[0].record()
         gd.replay()
         ev[1].record()
         gv.replay()
         ev[2].record()
-        return ev
 
     def _capture(self, W):
         state = [x.clone() for x in (self.L, self.root, self.h_prev, self.cu_tok, self.cu_feat, self.cu_n)]
@@ -465,7 +471,7 @@ class SpeculativeDecoder:
         (gd, gv), self.pool = capture([lambda: self.draft(W), lambda: self.verify(W)], reset, self.pool)
         for x, v in zip((self.L, self.root, self.h_prev, self.cu_tok, self.cu_feat, self.cu_n), state):
             x.copy_(v)
-        return gd, gv, [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        return gd, gv
 
     def window(self, L: int) -> int:
         need = L + self.max_new_per_step + 1
@@ -491,14 +497,45 @@ class SpeculativeDecoder:
             self.h_prev.copy_(hidden[0, n - 1])
         Lh = n
         per_step, draft_s, verify_s = [], 0.0, 0.0
-        while not out.done:
+        cuda = dev.type == "cuda"
+        d1 = self.depth + 1
+        # two result slots: the host reads one iteration's [count, tokens] while the next runs
+        slots = []
+        for _ in range(2):
+            buf = torch.zeros(self.out.shape, dtype=self.out.dtype, pin_memory=cuda)
+            done = torch.cuda.Event() if cuda else None
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.use_graph else None
+            slots.append((buf, done, ev))
+        inflight = []
+        launches = 0
+
+        def launch(bound):
+            """Queue one iteration whose committed length is at most `bound`."""
+            nonlocal launches
+            buf, done, ev = slots[launches % 2]
+            launches += 1
             if not self.greedy:
                 self.noise_gumbel.exponential_(generator=gen).clamp_min_(1e-30).log_().neg_()  # Gumbel
                 self.noise_u.uniform_(generator=gen)
                 self.noise_bonus.exponential_(generator=gen).clamp_min_(1e-30)
-            W = self.window(Lh)
-            ev = self._run(W)
-            res = self.out.tolist()                                       # the one sync
+            self._run(self.window(bound), ev)
+            buf.copy_(self.out, non_blocking=cuda)
+            if done is not None:
+                done.record()
+            inflight.append((buf, done, ev))
+
+        launch(Lh)
+        while True:
+            # a second iteration goes in before the host waits for the first, while the cache has
+            # room for both and the first cannot end the answer by length alone (an EOS may still
+            # end it: that queued iteration is then discarded, its work unused)
+            if (self.pipeline and len(inflight) == 1 and Lh + 2 * d1 + self.max_new_per_step < self.model.max_len
+                    and len(out.ids) + d1 < out.max_new):
+                launch(Lh + d1)
+            buf, done, ev = inflight.pop(0)
+            if done is not None:
+                done.synchronize()
+            res = buf.tolist()                                             # the one sync
             if ev is not None:
                 draft_s += ev[0].elapsed_time(ev[1]) / 1e3
                 verify_s += ev[1].elapsed_time(ev[2]) / 1e3
@@ -506,7 +543,13 @@ class SpeculativeDecoder:
             per_step.append(cnt - 1)
             Lh += cnt
             stats.target_forwards += 1
-            out.add(res[1:1 + cnt])
+            if out.add(res[1:1 + cnt]):
+                break
+            if not inflight:
+                launch(Lh)
+        for _, done, _ in inflight:            # a discarded iteration: let it finish before reuse
+            if done is not None:
+                done.synchronize()
         stats.accepted_per_step = per_step
         produced = sum(a + 1 for a in per_step)
         stats.tau = produced / max(1, len(per_step))

@@ -170,8 +170,11 @@ class FakeGen:
         self.wall, self.accepted, self.calls = wall, list(accepted), []
         self.spec = SimpleNamespace(depth=4, N=5, k=1) if spec else None
 
+    def warmup(self, temperatures):
+        self.calls += [(T, None, True) for T in temperatures]
+
     def generate(self, prompt, max_new_tokens, temperature=0.0, seed=None):
-        self.calls.append((temperature, seed, prompt == "warm up"))
+        self.calls.append((temperature, seed, False))
         st = SimpleNamespace(new_tokens=10, wall_s=self.wall * (1 + temperature), target_forwards=3,
                              accepted_per_step=self.accepted)
         return SimpleNamespace(text="x", token_ids=[1, 2, 3], stats=st)
@@ -198,6 +201,10 @@ def test_mtbench_temperatures():
         assert m["tau"] == pytest.approx(2.0)
         assert m["alpha"] == pytest.approx([2 / 3, 1 / 2, 0.0])
     assert res["methods"][0]["identical_to_plain"] == 1.0 and "identical_to_plain" not in res["methods"][1]
+    # each temperature is warmed up (all windows' graphs) before its timed runs
+    assert [c[0] for c in plain.calls if c[2]] == [0.0, 0.7]
+    assert plain.calls.index((0.7, None, True)) > max(i for i, c in enumerate(plain.calls) if c[:2] == (0.0, None)
+                                                      and not c[2])
     timed = [c for c in plain.calls if not c[2]]
     assert {(t, s) for t, s, _ in timed} == {(0.0, None), (0.7, 5), (0.7, 6)}   # seeded turns at T > 0 only
 

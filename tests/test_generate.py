@@ -110,6 +110,42 @@ def test_bad_prompt(tiny):
         gen.generate([{"role": "user", "content": "w5"}])
 
 
+def test_token_id_prompts(tiny):
+    gen = SpeculativeGenerator.from_pretrained(tiny[0], device="cpu", max_seq_len=128)
+    ids = gen.encode(_prompt(), chat=False)
+    a = gen.generate(ids, max_new_tokens=12, ignore_eos=True)
+    b = gen.generate(_prompt(), max_new_tokens=12, chat=False, ignore_eos=True)
+    assert a.token_ids == b.token_ids and a.stats.prompt_tokens == len(ids)
+    V = gen.model.config.vocab_size
+    for bad in ([-1], [3, V]):
+        with pytest.raises(KoalaError, match=f"token ids must be in \\[0, {V}\\)"):
+            gen.generate(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny_long(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("ckpt_long"), "llama", seed=3, max_positions=1024)[0]
+
+
+@pytest.mark.parametrize("draft", [None, "eagle", "medusa"])
+def test_warmup_reaches_every_window_and_changes_nothing(tiny_long, draft):
+    from koala.heads import DraftConfig
+    kw = dict(device="cpu", max_seq_len=1024)
+    if draft:
+        torch.manual_seed(0)
+        kw["draft"] = DraftConfig(kind=draft, layers=1)
+    gen = SpeculativeGenerator.from_pretrained(tiny_long, **kw)
+    before = gen.generate(_prompt(), max_new_tokens=20, chat=False, ignore_eos=True).token_ids
+    lengths = gen.warmup([0.0, 0.9], new_tokens=8)
+    assert lengths == [1, 256, 512]
+    # each synthetic prompt decodes into the next window: plain decoding's and the drafter's
+    assert [gen.plain.window(n + 8 - 1) for n in lengths] == gen.plain.windows == [256, 512, 1024]
+    if gen.spec is not None:
+        assert [gen.spec.window(n) for n in lengths] == [256, 512, 1024]
+    after = gen.generate(_prompt(), max_new_tokens=20, chat=False, ignore_eos=True).token_ids
+    assert after == before
+
+
 def test_missing_and_corrupt_checkpoints(tmp_path, tiny):
     with pytest.raises(CheckpointError, match="neither a local path"):
         load_target(tmp_path / "nope")
@@ -166,3 +202,21 @@ def test_fused_kernel_path_matches_reference(tiny):
             outs.append(m(ids, s[None], s, causal_mask(s, 64))[0])
     Transformer.use_kernels(False)
     assert (outs[0] - outs[1]).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft", [None, "eagle"])
+def test_warmup_leaves_no_graph_to_capture(tiny_long, draft):
+    """After warmup, generations that cross every window boundary capture no new CUDA graph."""
+    from koala.heads import DraftConfig
+    kw = dict(device="cuda", dtype=torch.float32, max_seq_len=1024)
+    if draft:
+        kw["draft"] = DraftConfig(kind=draft, layers=1)
+    gen = SpeculativeGenerator.from_pretrained(tiny_long, **kw)
+    gen.warmup([0.0, 0.8])
+    graphs = (set(gen.plain.graphs), set(gen.spec.graphs) if gen.spec else set())
+    assert len(graphs[0]) == 6 and (gen.spec is None or len(graphs[1]) == 6)   # 3 windows x greedy/sampling
+    for n in (5, 240, 500):                       # decoding crosses 256 and 512
+        for T in (0.0, 0.8):
+            gen.generate([7] * n, max_new_tokens=100, ignore_eos=True, temperature=T, seed=1)
+    assert (set(gen.plain.graphs), set(gen.spec.graphs) if gen.spec else set()) == graphs

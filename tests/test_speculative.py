@@ -107,6 +107,79 @@ def test_eos_inside_an_accepted_run_stops_there(tiny):
     assert res.token_ids == ref.token_ids[:ref.token_ids.index(ref.token_ids[10]) + 1]
 
 
+def _oracle_gen(tiny, kind, opts, n, **kw):
+    plain, ref = _reference(tiny, n)
+    full = plain.encode(PROMPT, chat=False) + ref.token_ids
+    cls = OracleMedusa if kind == "medusa" else OracleEagle
+    head = cls(DraftConfig(kind=kind), tiny.model, "tiny")
+    gen = SpeculativeGenerator(tiny, head, **{"max_seq_len": 256, **opts, **kw})
+    head.bind(full, gen.spec) if kind == "medusa" else head.bind(full)
+    return gen, ref
+
+
+def _count_runs(monkeypatch):
+    from koala import speculative
+    calls = []
+    real = speculative.SpeculativeDecoder._run
+
+    def spy(self, W, ev=None):
+        calls.append(W)
+        return real(self, W, ev)
+    monkeypatch.setattr(speculative.SpeculativeDecoder, "_run", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind,opts", MODES, ids=IDS)
+def test_pipelined_loop_equals_one_at_a_time(tiny, kind, opts, monkeypatch):
+    """Queuing the next iteration before reading the last changes no token, no statistic, for
+    greedy and seeded sampling; when the answer ends by length nothing is queued in vain."""
+    calls = _count_runs(monkeypatch)
+    results = {}
+    for pipe in (False, True):
+        gen, ref = _oracle_gen(tiny, kind, opts, 60, pipeline=pipe)
+        assert gen.spec.pipeline is pipe
+        for T in (0.0, 0.9):
+            calls.clear()
+            r = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True, temperature=T, seed=4)
+            assert len(calls) == r.stats.target_forwards
+            results[pipe, T] = (r.token_ids, r.stats.accepted_per_step)
+            if T == 0.0:
+                assert r.token_ids == ref.token_ids and r.stats.tau > 1.8
+    assert results[False, 0.0] == results[True, 0.0] and results[False, 0.9] == results[True, 0.9]
+
+
+def test_pipelined_loop_discards_the_iteration_after_an_eos(tiny, monkeypatch):
+    calls = _count_runs(monkeypatch)
+    eos = tiny.model.config.eos_token_ids[:]
+    out = {}
+    for pipe in (False, True):
+        gen, ref = _oracle_gen(tiny, "eagle", dict(mode="chain", depth=4), 40, pipeline=pipe)
+        tiny.model.config.eos_token_ids[:] = [ref.token_ids[10]]
+        try:
+            calls.clear()
+            r = gen.generate(PROMPT, max_new_tokens=40, chat=False)
+        finally:
+            tiny.model.config.eos_token_ids[:] = eos
+        assert r.token_ids == ref.token_ids[:ref.token_ids.index(ref.token_ids[10]) + 1]
+        assert len(calls) == r.stats.target_forwards + (1 if pipe else 0)   # one queued iteration unused
+        out[pipe] = r.stats.accepted_per_step
+    assert out[False] == out[True]
+
+
+def test_pipelined_loop_near_the_end_of_the_cache(tiny, monkeypatch):
+    """With just enough cache for the answer, the loop stops queuing ahead where two iterations
+    would not fit, and the answer is unchanged."""
+    calls = _count_runs(monkeypatch)
+    gen, ref = _oracle_gen(tiny, "eagle", dict(mode="chain", depth=4), 60, pipeline=True, max_seq_len=128)
+    n = len(gen.encode(PROMPT, chat=False))
+    plain = SpeculativeGenerator(tiny, None, max_seq_len=128)
+    budget = 128 - n - max(gen.spec.max_new_per_step, plain.plain.chunk)   # the most both allow
+    assert budget > 90
+    r = gen.generate(PROMPT, max_new_tokens=budget, chat=False, ignore_eos=True)
+    assert r.token_ids == plain.generate(PROMPT, max_new_tokens=budget, chat=False, ignore_eos=True).token_ids
+    assert all(w <= 128 for w in calls)
+
+
 def test_bad_draft_settings(tiny):
     head = DraftConfig(kind="medusa", n_heads=3).build(tiny)
     with pytest.raises(KoalaError, match="at most 3 tokens deep"):

@@ -388,6 +388,9 @@ def test_selfdistill_run_writes_resumable_parts(tmp_path):
     assert parts == ["eval-0000000.npz", "train-0000000.npz", "train-0000004.npz"]
     d = ShardData(tmp_path / "sd", "train", batch_size=2)
     assert d.n == 6
+    meta = json.loads((tmp_path / "sd" / "meta.json").read_text())
+    assert meta["train"] == {"sequences": 6, "tokens": 6 * 11, "train_tokens": 6 * 6}   # 5 prompt + 6 new
+    assert meta["eval"]["sequences"] == 2
     for i in range(6):
         tok, msk = d.sequence(i)
         assert tok[:5].tolist() == ids[i][:5] and not msk[:5].any() and msk[5:].all()

@@ -160,6 +160,7 @@ def run(model, eos_ids, end_of_turn, data: str, out: str, batch_size=64, max_new
             f.with_suffix(".tmp.npz").rename(f)
             dt = time.perf_counter() - tp
             print(f"{split} {p0}..{p0 + len(seqs)}: {gen} tokens generated in {dt:.0f} s ({gen / dt:.0f} tokens/s)")
+    counts = {}
     for split in ("eval", "train"):
         ids, masks = [], []
         for f in sorted(parts.glob(f"{split}-*.npz")):
@@ -168,9 +169,13 @@ def run(model, eos_ids, end_of_turn, data: str, out: str, batch_size=64, max_new
             ids += np.split(z["ids"], ends[:-1])
             masks += np.split(z["mask"], ends[:-1])
         write_split(out, split, ids, masks)
+        # the counts of what was written (the source's meta describes the source, maybe all of it)
+        counts[split] = {"sequences": len(ids), "tokens": int(sum(len(x) for x in ids)),
+                         "train_tokens": int(sum(int(np.asarray(m).sum()) for m in masks))}
     meta = json.loads((Path(data) / "meta.json").read_text()) if (Path(data) / "meta.json").is_file() else {}
+    meta.update(counts)
     meta.update({"selfdistilled_from": str(data), "max_new": max_new, "turns": turns, "temperature": temperature,
-                 "max_len": max_len})
+                 "max_len": max_len, "limit": limit})
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return True
 

@@ -295,6 +295,24 @@ def test_resume_after_kill_is_identical(tmp_path, data, monkeypatch):
     assert [r["loss"] for r in full.history] == [r["loss"] for r in resumed.history]
 
 
+@pytest.mark.gpu
+def test_resume_on_cuda(tmp_path, data, monkeypatch):
+    """A checkpoint written on the GPU resumes there (torch.load moves the saved RNG states to
+    the GPU; they must go back to the CPU) and continues the same run."""
+    t = tiny_target()
+    kw = dict(adversarial=True, steps=6, ckpt_every=3)
+    full = Trainer(cfg_for(tmp_path / "a", data, **kw), target=t, device="cuda")
+    full.fit()
+    killed = Trainer(cfg_for(tmp_path / "b", data, **kw), target=t, device="cuda")
+    killed.fit(stop_after=4)                      # checkpoint at step 3, stopped at step 4
+    resumed = Trainer(cfg_for(tmp_path / "b", data, **kw), target=t, device="cuda", resume=True)
+    assert resumed.step == 4 and resumed.device.type == "cuda"
+    resumed.fit()
+    assert resumed.step == 6
+    a, b = [r["loss"] for r in full.history], [r["loss"] for r in resumed.history]
+    assert a == pytest.approx(b, rel=1e-4)       # GPU reductions may differ in the last bits
+
+
 def test_divergence_guard_keeps_last_good(tmp_path, data, monkeypatch):
     import train.trainer as T
     t = tiny_target()

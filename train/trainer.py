@@ -183,11 +183,12 @@ def _rng_state():
 
 
 def _set_rng_state(st):
-    torch.set_rng_state(st["torch"])
+    # RNG states are CPU byte tensors; torch.load(map_location=cuda) moves them to the GPU
+    torch.set_rng_state(st["torch"].cpu())
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
 
 
 class Trainer:

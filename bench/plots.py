@@ -157,12 +157,13 @@ def fig4_speedup(heads_src="heads.json", defaults_src=(), out=RESULTS / "fig4_sp
         d = _load(src, f"fig4_speedup.png, shipped heads ({src})")
         if d is None:
             continue
-        stamps.append(_stamp(d))
-        for m in d.get("methods", []):
-            if _temperature(m, d) == 0:
-                labels.append(f"shipped {LABEL.get(m['kind'], m['kind'])}\nK={m['K']} {m['mode']}")
-                vals.append(m["speedup"])
-                colors.append(COLOR.get(m["kind"], "gray")); hatches.append("..")
+        rows = [m for m in d.get("methods", []) if _temperature(m, d) == 0]
+        if rows:                     # a file of sampled rows only adds no bar and no stamp
+            stamps.append(_stamp(d))
+        for m in rows:
+            labels.append(f"shipped {LABEL.get(m['kind'], m['kind'])}\nK={m['K']} {m['mode']}")
+            vals.append(m["speedup"])
+            colors.append(COLOR.get(m["kind"], "gray")); hatches.append("..")
     note = f"; shipped heads: {'; '.join(sorted(set(stamps)))}" if stamps else ""
     if not labels:
         print("fig4_speedup.png: skipped (no evaluated heads in heads.json)")
@@ -173,7 +174,7 @@ def fig4_speedup(heads_src="heads.json", defaults_src=(), out=RESULTS / "fig4_sp
     ax.set_ylabel("walltime speedup vs koala plain")
     ax.tick_params(axis="x", labelsize=8)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title("MT-bench speedup, greedy; ablation heads in chain mode: K=1 w/o adv. vs best K>=2 w/ adv.",
+    ax.set_title("MT-bench speedup, greedy\nablation heads (chain): K=1 w/o adv. vs best K>=2 w/ adv.; shipped heads",
                  fontsize=9)
     ev = _first_eval(r)
     return _save(fig, out, f"ablation heads: {_stamp(ev)}{note}", 8)
@@ -285,7 +286,7 @@ def main(argv=None):
     ap.add_argument("--spec-cost", default="spec_cost.json")
     ap.add_argument("--mtbench", default="mtbench.json", help="for mtbench_heads.png")
     ap.add_argument("--heads", default="heads.json", help="bench.heads output, for Figs. 4-6")
-    ap.add_argument("--defaults", default="mtbench_sampling.json",
+    ap.add_argument("--defaults", default="mtbench.json",
                     help="comma-separated mtbench files with the shipped heads; their T=0 rows join Fig. 4 ('' for none)")
     ap.add_argument("--sampling", default="mtbench_sampling.json", help="comma-separated mtbench files for sampling.png")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(FIGURES)}")

@@ -227,13 +227,12 @@ class SpeculativeGenerator:
         prompt that ends just past the previous window. Returns the prompt lengths used."""
         base = self.encode("The quick brown fox jumps over the lazy dog. ", chat=False) or [0]
         margin = self.spec.max_new_per_step if self.spec else self.plain.chunk
-        lengths, prev = [], 1
+        lengths, n = [], 1                      # the first window from a 1-token prompt
         for w in self.plain.windows:
-            n = max(1, prev)
             if n + new_tokens + margin > self.max_seq_len:
                 break
             lengths.append(n)
-            prev = w
+            n = w                               # then each from a prompt that fills the last one
         for T in temperatures:
             for n in lengths:
                 ids = (base * (n // len(base) + 1))[:n]

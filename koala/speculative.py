@@ -28,7 +28,6 @@ replacement (Gumbel-top-k), renormalising q after each rejected sibling.
 from __future__ import annotations
 
 import os
-
 from contextlib import contextmanager
 
 import torch
@@ -473,6 +472,17 @@ class SpeculativeDecoder:
             x.copy_(v)
         return gd, gv
 
+    def _result_slots(self):
+        """Two (host buffer, completion event, timing events) slots, made once per decoder: the
+        host reads one iteration's [count, tokens] while the next one runs."""
+        if getattr(self, "_slots", None) is None:
+            cuda = self.dev.type == "cuda"
+            self._slots = [(torch.zeros(self.out.shape, dtype=self.out.dtype, pin_memory=cuda),
+                            torch.cuda.Event() if cuda else None,
+                            [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.use_graph else None)
+                           for _ in range(2)]
+        return self._slots
+
     def window(self, L: int) -> int:
         need = L + self.max_new_per_step + 1
         for w in (256, 512, 1024, 2048, 4096, 8192, 16384):
@@ -499,13 +509,7 @@ class SpeculativeDecoder:
         per_step, draft_s, verify_s = [], 0.0, 0.0
         cuda = dev.type == "cuda"
         d1 = self.depth + 1
-        # two result slots: the host reads one iteration's [count, tokens] while the next runs
-        slots = []
-        for _ in range(2):
-            buf = torch.zeros(self.out.shape, dtype=self.out.dtype, pin_memory=cuda)
-            done = torch.cuda.Event() if cuda else None
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.use_graph else None
-            slots.append((buf, done, ev))
+        slots = self._result_slots()
         inflight = []
         launches = 0
 

@@ -26,6 +26,11 @@ step="${1:?step: check|plain|cost|mtbench|sampling|ablation-train|ablation-eval}
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
+# train.ablation's settings, shared by ablation-train and ablation-train-par: ablation_args <steps>
+ablation_args() {
+  ablation_args=(--data runs/data/sharegpt-sd --out /tmp/ablation --steps "$1" --batch-size 16
+                 --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress)
+}
 
 case "$step" in
   check)
@@ -63,19 +68,19 @@ case "$step" in
     ;;
   ablation-train)
     steps="${1:?ablation-train needs the steps per head}"; names="${2:?and the head names}"
-    python -m train.ablation --data runs/data/sharegpt-sd --out /tmp/ablation --steps "$steps" --batch-size 16 \
-        --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress --only "$names" > "$log" 2>&1
+    ablation_args "$steps"
+    python -m train.ablation "${ablation_args[@]}" --only "$names" > "$log" 2>&1
     cp /tmp/ablation/ablation.json "$OUT/ablation_$(echo "$names" | tr ',' '_').json"
     quiet "$log" | tail -n 14
     ;;
   ablation-train-par)
     steps="${1:?ablation-train-par needs the steps per head}"; names="${2:?and the head names}"
+    ablation_args "$steps"
     n_par=$(echo "$names" | tr ',' '\n' | grep -c .)
     mkdir -p /tmp/ablation
     pids=()
     for n in $(echo "$names" | tr ',' ' '); do
-      python -m train.ablation --data runs/data/sharegpt-sd --out /tmp/ablation --steps "$steps" --batch-size 16 \
-          --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress --only "$n" \
+      python -m train.ablation "${ablation_args[@]}" --only "$n" \
           --concurrent "$n_par" --table "/tmp/ablation/table_$n.json" > "$log.$n" 2>&1 &
       pids+=($!)
     done

@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from train.trainer import TrainConfig, Trainer
 
 CONFIGS = [(kind, k, adv) for adv in (False, True) for k in (1, 2, 3) for kind in ("eagle", "medusa")]
@@ -83,7 +85,6 @@ def main(argv=None):
             print(results[n]["message"])
     table = {n: {k: r.get(k) for k in ("status", "step", "steps", "train_seconds", "tokens_seen", "tokens_per_s",
                                        "final_eval", "device")} for n, r in results.items()}
-    import torch
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     for n in trained_now:
         table[n]["concurrent_trainings"] = a.concurrent

@@ -12,6 +12,8 @@ median of 20 replays of one CUDA graph holding n calls, divided by n:
   * runtime_us: what koala.model's fused path runs above SMALL_M (non-exact mode): Triton
     rms_norm + cuBLAS F.linear (addmm for the residual) + Triton silu_mul; 1 to 3 launches.
   * cublas_us: the GEMM alone (F.linear, or addmm with the residual).
+  * exact_us: the kernel with exact mode's tiles (koala.model._row_config: the GEMV with ROWS = 8
+    at every M, so a row's bits do not depend on M).
   * kernel_l2_us: the kernel on one W 20 times (W stays in the 50 MB L2); the others rotate over
     enough copies of W (>= 150 MB in all) that every call reads W from HBM, as a decode step does
     (SmolLM2's 270 MB of weights do not fit in L2).
@@ -34,7 +36,7 @@ if not torch.cuda.is_available():
 
 from bench.common import write  # noqa: E402
 from kernels._common import next_pow2  # noqa: E402
-from kernels.linear import LinearConfig, _config, linear, linear_silu  # noqa: E402
+from kernels.linear import GEMV_MAX_M, LinearConfig, _config, linear, linear_silu  # noqa: E402
 from kernels.rmsnorm import rms_norm  # noqa: E402
 from kernels.swiglu import silu_mul  # noqa: E402
 
@@ -99,6 +101,19 @@ def timed(row: dict, key: str, fn, Ws, n_calls: int):
             pass
 
 
+def inv_candidates(N: int, K: int) -> list[LinearConfig]:
+    """Batch-invariant MMA tiles, the alternative to exact mode's GEMV (BLOCK_M = 16 whatever M
+    is, the first K block before the PDL wait; slower on the H100 at M = 1, 5 and 16,
+    bench/results/linear_mma_sweep.json): one K block up to 1024, or blocks of 128 or 256 (software-pipelined, 2
+    stages), 4 or 8 warps, BLOCK_N 16 or 32 (and 64 for N >= 16384)."""
+    out = []
+    for bn in (16, 32, 64) if N >= 16384 else (16, 32):
+        for bk in sorted({min(next_pow2(K), 1024), 256, 128}):
+            for w in (4, 8):
+                out.append(LinearConfig(True, 16, bn, min(bk, next_pow2(K)), w, 1 if bk >= K else 2))
+    return list(dict.fromkeys(out))
+
+
 def candidates(M: int, N: int, K: int) -> list[LinearConfig]:
     """Alternatives to _config for --sweep: GEMV at several BLOCK_N and ROWS (any M: ROWS=1
     spreads the rows over programs, each re-reading W from L2, and is bitwise what M=1 gives),
@@ -118,12 +133,14 @@ def candidates(M: int, N: int, K: int) -> list[LinearConfig]:
             if bm == 64 and bk * (bm + bn) > 16384:
                 continue
             out.append(LinearConfig(True, bm, bn, min(bk, next_pow2(K)), 4, st))
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out + inv_candidates(N, K)))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also time the candidates() configs")
+    ap.add_argument("--sweep-inv", action="store_true",
+                    help="also time inv_candidates() only (batch-invariant MMA tiles of 16 rows)")
     ap.add_argument("--only", default="", help="run only rows whose model/op contains this")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated row counts M")
     args = ap.parse_args()
@@ -146,7 +163,7 @@ def main():
 
     rows = []
     print(f"{'model':<8} {'op':<15} {'M':>3} {'N':>6} {'K':>6} {'kernel':>8} {'GB/s':>6} {'%ceil':>5} "
-          f"{'runtime':>8} {'cublas':>8} {'x rt':>5} {'L2-hot':>7}  config", flush=True)
+          f"{'runtime':>8} {'cublas':>8} {'x rt':>5} {'L2-hot':>7} {'exact':>7}  config", flush=True)
     for model, op, K, N, kind in ops:
         Ws, nw, per_m = inputs[(model, op)]
         n_cold = max(20, len(Ws))
@@ -175,15 +192,18 @@ def main():
             timed(row, "runtime_us", runtime, Ws, n_cold)
             timed(row, "cublas_us", cublas, Ws, n_cold)
             timed(row, "kernel_l2_us", kern, Ws[:1], 20)
+            ex = _config(GEMV_MAX_M, N, K)        # koala.model._row_config: exact mode's tiles
+            row["exact_config"] = ex._asdict()
+            timed(row, "exact_us", lambda W: kern(W, ex), Ws, n_cold)
             k_us = row["kernel_us"]
             if k_us:
                 row["kernel_GBs"] = nbytes / k_us / 1e3
                 row["kernel_pct_ceiling"] = 100 * row["kernel_GBs"] / CEILING_GBS
             if k_us and row["runtime_us"]:
                 row["speedup_vs_runtime"] = row["runtime_us"] / k_us
-            if args.sweep:
+            if args.sweep or args.sweep_inv:
                 sweep = []
-                for c in candidates(M, N, K):
+                for c in (candidates(M, N, K) if args.sweep else inv_candidates(N, K)):
                     t = {}
                     timed(t, "us", lambda W, c=c: kern(W, c), Ws, n_cold)
                     if t["us"]:
@@ -198,7 +218,7 @@ def main():
                 extra = f"  best {b['us']:.1f} us {tuple(b['config'].values())}"
             print(f"{model:<8} {op:<15} {M:>3} {N:>6} {K:>6} {f(k_us)} {f(row.get('kernel_GBs'), 6, 0)} "
                   f"{f(row.get('kernel_pct_ceiling'), 5, 0)} {f(row['runtime_us'])} {f(row['cublas_us'])} "
-                  f"{f(row.get('speedup_vs_runtime'), 5, 2)} {f(row['kernel_l2_us'], 7)}  "
+                  f"{f(row.get('speedup_vs_runtime'), 5, 2)} {f(row['kernel_l2_us'], 7)} {f(row['exact_us'], 7)}  "
                   f"{'mma' if cfg.use_dot else 'gemv'} {cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
                   f"{'' if cfg.use_dot else f' ROWS={cfg.ROWS}'}{extra}",
                   flush=True)
@@ -212,7 +232,7 @@ def main():
     for M in ms:
         sm = {r["op"]: r for r in rows if r["model"] == "smollm2" and r["M"] == M}
         got = {}
-        for key in ("kernel_us", "runtime_us"):
+        for key in ("kernel_us", "runtime_us", "exact_us"):
             if all(sm.get(o, {}).get(key) for o in layer_ops + ("lm_head",)):
                 got[key[:-3]] = (30 * sum(sm[o][key] for o in layer_ops) + sm["lm_head"][key]) / 1e3
                 summary[f"smollm2_M{M}_gemms_ms_{key[:-3]}"] = got[key[:-3]]

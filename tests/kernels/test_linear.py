@@ -73,14 +73,16 @@ def test_gemv_config_tiles_do_not_depend_on_M():
         assert L._config(9, N, K).use_dot
     # N = 576 (SmolLM2's wo and w2) still gives >= 2 programs per SM on the H100's 132
     assert 576 // L._config(8, 576, 576).BLOCK_N >= 2 * L.NUM_SMS_H100
-    # exact mode: a layer's W (L2-resident) gets one row per program; the LM head's 8
+
+    # exact mode: the tiles of M = 8 (ROWS = 8) at every M
     from koala.model import _row_config
     W, W13 = torch.empty(576, 1536, dtype=torch.bfloat16), torch.empty(2 * 1536, 576, dtype=torch.bfloat16)
     lm = torch.empty(49152, 576, dtype=torch.bfloat16)
     for M in (1, 3, 8, 9, 64, 128):
-        assert _row_config(W, M) == L._config(1, 576, 1536)
-        assert _row_config(W13, M, True) == L._config(1, 1536, 576)
-        assert _row_config(lm, M) == L._config(1, 49152, 576)._replace(ROWS=min(8, L.next_pow2(M)))
+        assert _row_config(W, M) == L._config(8, 576, 1536)
+        assert _row_config(W13, M, True) == L._config(8, 1536, 576)
+        assert _row_config(lm, M) == L._config(8, 49152, 576)
+        assert _row_config(lm, M).ROWS == 8
 
 
 @pytest.mark.parametrize("M", range(1, 10))
@@ -131,11 +133,47 @@ if ON_GPU:
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_row_is_bitwise_the_same_alone(M, N, K, silu, dtype):
-    # the property exact mode needs: a row's output does not depend on M or ROWS; with
-    # _config's tiles (as koala.model._row_config picks them) and with several K blocks
-    _assert_rows_bitwise_alone(M, N, K, dtype, silu, L._config(min(M, 8), N, K), None)
+    # the property exact mode needs: with its tiles (ROWS = 8 at every M, as
+    # koala.model._row_config picks them), a row's output does not depend on M or on the other
+    # rows of its program; with _config's tiles and with several K blocks
+    ex = L._config(8, N, K)
+    _assert_rows_bitwise_alone(M, N, K, dtype, silu, ex, ex)
     if not ON_GPU or K <= 576:
-        _assert_rows_bitwise_alone(M, N, K, dtype, silu, _rows_config(M, GEMV_SMALL_K), GEMV_SMALL_K)
+        small = GEMV_SMALL_K._replace(ROWS=8)
+        _assert_rows_bitwise_alone(M, N, K, dtype, silu, small, small)
+
+
+# A batch-invariant MMA tile (bench/linear_bench.py's inv_candidates, not used by koala.model):
+# M = 20 is two row tiles of 16, the second 3/4 masked; K = 70 at BLOCK_K = 32 is three K blocks
+# (the first one loaded before the PDL wait), the last masked. On the CPU the interpreter's dot
+# runs in fp64 (kernels/_tl.dot_acc), so the bitwise property is the GPU's to show.
+INV_SMALL = L.LinearConfig(True, 16, 16, 32, 4, 2)
+INV_BITWISE = [(3, 9, 70), (20, 37, 70)]
+if ON_GPU:
+    INV_BITWISE += [(M, N, K) for M in (2, 5, 16, 20) for N, K in ((1728, 576), (576, 1536), (49152, 576),
+                                                               (4096, 4100))]
+
+
+@pytest.mark.parametrize("M,N,K", INV_BITWISE)
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mma_row_is_bitwise_the_same_alone(M, N, K, silu, dtype):
+    cfg = L.LinearConfig(True, 16, 16 if N < 16384 else 32, min(L.next_pow2(K), 1024), 4, 2)
+    _assert_rows_bitwise_alone(M, N, K, dtype, silu, cfg, cfg)
+    if not ON_GPU or K <= 576:
+        _assert_rows_bitwise_alone(M, N, K, dtype, silu, INV_SMALL, INV_SMALL)
+
+
+@pytest.mark.parametrize("M", [1, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mma_first_block_before_wait_matches_reference(M, dtype):
+    _run_linear(M, 37, 70, dtype, [(False, False, False), (True, False, True), (False, True, True)][M % 3],
+                INV_SMALL)
+    x, W13, _, _, nw = _inputs(M, 2 * 9, 70, dtype, scale=3.0)
+    y = L.linear_silu(x, W13, nw, 1e-5, config=INV_SMALL)
+    exact = L.linear_silu_ref(x.double(), W13.double(), nw.double(), 1e-5)
+    assert_close_to_baseline(y, exact, L.linear_silu_ref(x, W13, nw, 1e-5), floor=1e-5,
+                             what=f"linear_silu M={M} inv")
 
 
 @pytest.mark.parametrize("M,I,K", [(1, 40, 123), (3, 24, 64), (2, 33, 70)])

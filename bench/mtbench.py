@@ -149,7 +149,7 @@ def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budg
             s.update(head=str(name), kind=cfg.kind, K=cfg.layers, mode=mode, temperature=T,
                      depth=gen.spec.depth, tree_size=gen.spec.N, top_k=gen.spec.k)
             res["methods"].append(s)
-            print(f"{Path(name).name:24} {mode:5} T={T:<4} tau {s.get('tau', 0):.2f}  "
+            print(f"{Path(name).name:24} {mode:5} d={gen.spec.depth} T={T:<4} tau {s.get('tau', 0):.2f}  "
                   f"alpha {[round(x, 2) for x in s.get('alpha', [])]}  {s['tokens_per_s']:7.1f} tok/s  "
                   f"speedup {s['speedup']:.2f}x  identical {s.get('identical_to_plain', '-')}", flush=True)
         del gen
@@ -172,6 +172,10 @@ def main(argv=None):
     ap.add_argument("--temperatures", default="", help="several, e.g. 0,0.7,1.0 (overrides --temperature)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (turn t uses seed + t)")
     ap.add_argument("--depth", type=int, default=None, help="chain depth (default: the decoder's)")
+    ap.add_argument("--depths", default="", help="several chain depths, e.g. 1,2,3 (one method each; "
+                    "overrides --depth)")
+    ap.add_argument("--tree-depths", default="", help="tree depths, e.g. 3,4 (one method each; "
+                    "default: the decoder's)")
     ap.add_argument("--tree-size", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--peer-questions", type=int, default=0, help="transformers peers on this many questions")
@@ -188,20 +192,27 @@ def main(argv=None):
     plain = SpeculativeGenerator(lt, None, max_seq_len=2048)
     heads = {}
 
-    def builder(hd, mode):
+    def builder(hd, mode, depth):
         def build():
             if hd not in heads:
                 heads.clear()  # one head in memory at a time
                 heads[hd] = load_head(hd, lt)
             opts = dict(mode=mode)
-            if mode == "chain" and a.depth:
-                opts["depth"] = a.depth
+            if depth:
+                opts["depth"] = depth
             if mode == "tree":
                 opts.update(tree_size=a.tree_size, top_k=a.top_k)
             return SpeculativeGenerator(lt, heads[hd], max_seq_len=2048, **opts), heads[hd].config
         return build
 
-    methods = [(hd, mode, builder(hd, mode)) for hd in a.heads.split(",") if hd for mode in a.modes.split(",") if mode]
+    def depths(mode):
+        given = a.depths if mode == "chain" else a.tree_depths
+        if given:
+            return [int(d) for d in given.split(",") if d]
+        return [a.depth if mode == "chain" else None]
+
+    methods = [(hd, mode, builder(hd, mode, d)) for hd in a.heads.split(",") if hd
+               for mode in a.modes.split(",") if mode for d in depths(mode)]
     settings = {**vars(a), "temperatures": temps}
     res, _ = measure(plain, methods, qs, temps, a.max_new_tokens, a.seed, time_budget=a.time_budget, t0=t0,
                      progress=a.progress, save=lambda r: write(a.out, {"settings": settings, **r}))

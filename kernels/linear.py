@@ -21,7 +21,7 @@ capture in a CUDA graph:
   * MMA (M > 8): a (BLOCK_M >= 16, BLOCK_N) tile per program with tl.dot (fp32 accumulation).
 With PDL (kernels/_common.py) the GEMV path loads its first K block of W (all of it for every
 SmolLM2 layer), its bias and its norm weights before waiting on the previous kernel: W, bias and
-norm_weight must therefore not be outputs of the launch just before. So does the MMA path.
+norm_weight must therefore not be outputs of the launch just before. The MMA path waits first.
 The RMSNorm prologue recomputes each row's rms over K in every program (x is a few KB, L2
 resident): no extra launch and no normalised copy of x in memory. Numerics follow
 koala.model.RMSNorm: fp32 math, the normalised x rounded to x's dtype, times the weight rounded
@@ -104,41 +104,38 @@ def _w_tile(w_rows, n_mask, kk, K, EVEN_K: tl.constexpr, TRANS: tl.constexpr):
 
 
 @triton.jit
-def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
+def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K,
                  HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T over all of K, with tl.dot, one K block
-    after another from k0 = 0. w0 (BLOCK_K, BLOCK_N) and nw0 (BLOCK_K,) are the first block's W
-    and norm weight, loaded by the caller before its PDL wait. A row's sum does not depend on the
-    tile's other rows (an MMA computes each output from its own row of x), so with fixed BLOCK_N
-    and BLOCK_K a row's bits do not depend on M: exact mode's batch-invariant tiles."""
+    """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T over all of K, with tl.dot. Each K block's
+    product is summed from zero and then added to the total: in fp32 ("ieee", FMA) one running
+    sum over K = 1536 strayed 4x as far from the exact result as cuBLAS (the H100, 2026-11-23)."""
     rk = tl.arange(0, BLOCK_K)
-    a = _x_tile(x_rows, m_mask, rk, K, rstd, nw0, HAS_NORM, EVEN_K)
-    # x is fed to the product in W's dtype, as F.linear does
-    acc = dot_acc(cast_rne(a, w0.dtype), w0, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                  DOT_PRECISION, UPCAST)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
         a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
         w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, True)              # (BLOCK_K, BLOCK_N)
-        acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
+        # x is fed to the product in W's dtype, as F.linear does
+        acc += dot_acc(cast_rne(a, w.dtype), w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                       DOT_PRECISION, UPCAST)
     return acc
 
 
 @triton.jit
-def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, a0,
+def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
                   HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(1, BLOCK_N) fp32 = x_row @ W[rn, :].T over all of K (BLOCK_M == 1): elementwise fp32
-    products, one reduction over K after the loop. w0 (BLOCK_N, BLOCK_K) is the first K block's
-    W (loaded before the PDL wait) and a0 (1, BLOCK_K) the row's first K block of activations,
-    normalised (taken from the program's tile of all its rows); later K blocks are loaded here.
-    The accumulation order is that of one loop from k0 = 0, whoever loaded the first block."""
+    products, one reduction over K after the loop. w0 (BLOCK_N, BLOCK_K) and nw0 (BLOCK_K,) are
+    the first K block's W and norm weight, loaded by the caller (before its PDL wait); the
+    accumulation order is that of one loop from k0 = 0, whoever loaded the first block."""
     rk = tl.arange(0, BLOCK_K)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc2 += a0 * w0.to(tl.float32)
+    a = _x_tile(x_rows, m_mask, rk, K, rstd, nw0, HAS_NORM, EVEN_K)       # (1, BLOCK_K)
+    acc2 += a * w0.to(tl.float32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + rk
         nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
@@ -149,19 +146,10 @@ def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, a0,
 
 
 @triton.jit
-def _pick_row(tile, sel):
-    """Row r of a (ROWS, ...) register tile as (1, ...), sel = (arange(ROWS) == r): a sum over
-    the rows with every other row zeroed, so exact (a -0.0 reads as +0.0); within each thread
-    when the rows sit in its registers, as they do in the GEMV's tiles."""
-    return tl.sum(tl.where(sel[:, None], tile, 0.0), axis=0)[None, :]
-
-
-@triton.jit
-def _epilogue(acc, up, bias, res, rm, m_mask, rn, n_mask, y_ptr, stride_ym,
+def _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
               HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU: tl.constexpr):
-    """Bias, SwiGLU (up: the up product, unused unless SILU), the residual res (fp32 values,
-    loaded by the caller), one rounding, store of the (BLOCK_M, BLOCK_N) fp32 acc at rows rm,
-    columns rn."""
+    """Bias, SwiGLU (up: the up product, unused unless SILU), residual, one rounding, store of
+    the (BLOCK_M, BLOCK_N) fp32 acc at rows rm, columns rn."""
     if HAS_BIAS:
         acc += bias[None, :]
     if SILU:
@@ -170,20 +158,12 @@ def _epilogue(acc, up, bias, res, rm, m_mask, rn, n_mask, y_ptr, stride_ym,
         g = cast_rne(acc, y_ptr.dtype.element_ty).to(tl.float32)
         u = cast_rne(up, y_ptr.dtype.element_ty).to(tl.float32)
         acc = g * sigmoid(g) * u
+    out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        acc += res
+        acc += tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :],
+                       mask=out_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :],
-             cast_rne(acc, y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _residual(r_ptr, rm, m_mask, rn, n_mask, stride_rm, HAS_RESIDUAL: tl.constexpr):
-    """The residual rows rm, columns rn as fp32 (zeros without one)."""
-    if HAS_RESIDUAL:
-        return tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :],
-                       mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-    else:
-        return tl.zeros((rm.shape[0], rn.shape[0]), dtype=tl.float32)
+             cast_rne(acc, y_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -203,16 +183,6 @@ def _linear_kernel(
     # wu_ptr = W's up rows [N, 2N) (a host view: no int32 N * stride overflow)
     wu_rows = wu_ptr + rn.to(tl.int64) * stride_wn
     if USE_DOT:
-        # the first K block of W (and of the up rows, and the bias and norm weight) before the
-        # PDL wait, as the GEMV path does: their DRAM latency overlaps the previous kernel
-        rk = tl.arange(0, BLOCK_K)
-        w0 = _w_tile(w_rows, n_mask, rk, K, EVEN_K, True)                # (BLOCK_K, BLOCK_N)
-        wu0 = _w_tile(wu_rows, n_mask, rk, K, EVEN_K, True) if SILU else w0
-        nw0 = _nw_tile(nw_ptr, rk, K, EVEN_K) if HAS_NORM else rk.to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        else:
-            bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
         pdl_wait(USE_GDC)              # before any read of activations or any store
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
@@ -221,15 +191,18 @@ def _linear_kernel(
             rstd = _row_rstd(x_rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
         else:
             rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0, HAS_NORM,
-                           EVEN_K, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, HAS_NORM, EVEN_K,
+                           DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         if SILU:
-            up = _mma_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, wu0, nw0,
-                              HAS_NORM, EVEN_K, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+            up = _mma_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, HAS_NORM, EVEN_K,
+                              DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             up = acc
-        res = _residual(r_ptr, rm, m_mask, rn, n_mask, stride_rm, HAS_RESIDUAL)
-        _epilogue(acc, up, bias, res, rm, m_mask, rn, n_mask, y_ptr, stride_ym,
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
                   HAS_BIAS, HAS_RESIDUAL, SILU)
     else:
         # GEMV: the constants of the first K block (all of this program's W when BLOCK_K >= K,
@@ -245,55 +218,28 @@ def _linear_kernel(
         else:
             bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
         pdl_wait(USE_GDC)              # before any read of activations or any store
-        # Every row's activations, norm statistics and residual are loaded at once, (ROWS, ...)
-        # tiles whose rows sit in each thread's registers: one L2 round trip for the program,
-        # not one per row. Then one row after another, each by the same code (and the same
-        # tiles, so the same reduction order), takes its row from those tiles: a row's output
-        # does not depend on M, which exact mode (koala.model._Fast) relies on when it runs every
-        # M with the same ROWS. Only one accumulator is live at a time; K blocks after the
-        # first are re-read per row (from L1/L2).
-        rr = tl.arange(0, ROWS)
-        rows = tl.program_id(1) * ROWS + rr
-        r_mask = rows < M
-        x_all = x_ptr + rows.to(tl.int64)[:, None] * stride_xm          # (ROWS, 1)
-        if EVEN_K:
-            x0 = tl.load(x_all + rk[None, :], mask=r_mask[:, None], other=0.0)
-        else:
-            x0 = tl.load(x_all + rk[None, :], mask=r_mask[:, None] & (rk[None, :] < K), other=0.0)
-        x0 = x0.to(tl.float32)                                          # (ROWS, BLOCK_K)
-        if HAS_NORM:
-            ss = tl.zeros((ROWS,), dtype=tl.float32)
-            ss += tl.sum(x0 * x0, axis=1)
-            for k0 in range(BLOCK_K, K, BLOCK_K):
-                kk = k0 + rk
-                xk = tl.load(x_all + kk[None, :], mask=r_mask[:, None] & (kk[None, :] < K),
-                             other=0.0).to(tl.float32)
-                ss += tl.sum(xk * xk, axis=1)
-            rstd_all = tl.rsqrt(ss / K + eps)                           # (ROWS,)
-        res_all = _residual(r_ptr, rows, r_mask, rn, n_mask, stride_rm, HAS_RESIDUAL)
+        # One row after another, each by the same code as a program of ROWS=1 (and the same
+        # tiles, so the same reduction order): a row's output does not depend on ROWS or M,
+        # which exact mode (koala.model._Fast) relies on. Only one accumulator is live at a
+        # time; K blocks after the first are re-read per row (from L1/L2).
         for r in tl.static_range(ROWS):
             row = tl.program_id(1) * ROWS + r
             if row < M:
-                sel = rr == r
                 rm = row + tl.arange(0, 1)                               # (1,)
                 m_mask = rm < M
                 x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # (1, 1)
-                a0 = _pick_row(x0, sel)                                  # (1, BLOCK_K)
                 if HAS_NORM:
-                    rstd = tl.sum(tl.where(sel, rstd_all, 0.0), axis=0) + tl.zeros((1,), tl.float32)
-                    # as RMSNorm: round x * rstd to x's dtype, then the product with the weight
-                    a0 = cast_rne(a0 * rstd[:, None], x_ptr.dtype.element_ty).to(tl.float32)
-                    a0 = cast_rne(a0 * nw0[None, :], x_ptr.dtype.element_ty).to(tl.float32)
+                    rstd = _row_rstd(x_rows, m_mask, K, eps, 1, BLOCK_K)
                 else:
                     rstd = tl.zeros((1,), dtype=tl.float32)
-                acc = _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, a0,
+                acc = _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
                                     HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
                 if SILU:
-                    up = _gemv_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, wu0, a0,
+                    up = _gemv_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, wu0, nw0,
                                        HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
                 else:
                     up = acc
-                _epilogue(acc, up, bias, _pick_row(res_all, sel), rm, m_mask, rn, n_mask, y_ptr,
+                _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm,
                           stride_ym, HAS_BIAS, HAS_RESIDUAL, SILU)
 
 

@@ -23,7 +23,7 @@ class _Fast:
     """The fused Triton path (kernels/), used on CUDA. `on` is set by Transformer.use_kernels();
     the PyTorch code beside it stays the reference.
     `exact`: batch-invariant kernels for every forward of <= 128 tokens (EXACT_M): each row goes
-    through products whose tiles do not depend on M (_row_config) and the attention uses a fixed
+    through the same per-row GEMV code (up to 8 rows to a program) and the attention uses a fixed
     row tile and a split count that depends on the context only, so a token's bf16 logits do not
     depend on how many tokens are verified beside it, and speculative greedy output equals plain
     greedy output bit for bit. Off, forwards of more than 4 tokens (SMALL_M; LM heads of more
@@ -45,15 +45,19 @@ def argmax_last(x):
 
 
 def _row_config(W, M, silu=False):
-    """The tiles of exact mode for M rows of W: the GEMV with ROWS = 8 at every M, 1 included
-    (kernels/linear.py: a row's output then does not depend on M), over groups of 8 rows above 8.
-    A program loads all its rows' activations, norm statistics and residuals at once, so up to
-    8 rows cost one pass over W and one L2 round trip. (Before, each row got programs of its
-    own and re-read W from L2; MMA tiles of 16 rows were slower still at M = 1 and 5:
-    bench/results/linear_mma_sweep.json.)"""
+    """The GEMV configuration for M rows in exact mode: the tiles a single row gets
+    (kernels/linear.py: a row's output does not depend on how many rows a program takes).
+    A layer's weights (a few MB) stay in the 50 MB L2, so each row gets programs of its own
+    (ROWS=1) and the re-reads come from L2: on the H100 at M = 5 that is 2.2 against 3.7 us for
+    wo, 3.7 against 4.6 for w2 (bench/results/linear_sweep.json). The 57 MB LM head does not fit:
+    its programs take 8 rows each, so it leaves HBM once (47 against 100 us at M = 5)."""
     from kernels.linear import GEMV_MAX_M, _config
     n = W.shape[0] // 2 if silu else W.shape[0]
-    return _config(GEMV_MAX_M, n, W.shape[1])
+    cfg = _config(min(M, GEMV_MAX_M), n, W.shape[1])
+    return cfg._replace(ROWS=1) if W.numel() * W.element_size() <= _L2_RESIDENT else cfg
+
+
+_L2_RESIDENT = 16 << 20   # bytes of W up to which exact mode spreads rows over programs
 
 
 def _linear_residual(x, y, lin: nn.Linear):
@@ -209,7 +213,7 @@ class Block(nn.Module):
         a, f, n1, n2 = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
         M = x.shape[0] * x.shape[1]
 
-        def cf(W, silu=False):        # exact mode: the same tiles at every M, 8 rows a program
+        def cf(W, silu=False):        # exact mode: M = 1's tiles, up to 8 rows a program
             return _row_config(W, M, silu) if _Fast.exact else None
         qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps, config=cf(a.wqkv.weight))
         x = linear(a.attend(qkv, cos, sin, slots, mask), a.wo.weight, residual=x, config=cf(a.wo.weight))

@@ -74,15 +74,14 @@ def test_gemv_config_tiles_do_not_depend_on_M():
     # N = 576 (SmolLM2's wo and w2) still gives >= 2 programs per SM on the H100's 132
     assert 576 // L._config(8, 576, 576).BLOCK_N >= 2 * L.NUM_SMS_H100
 
-    # exact mode: the tiles of M = 8 (ROWS = 8) at every M
+    # exact mode: a layer's W (L2-resident) gets one row per program; the LM head's 8
     from koala.model import _row_config
     W, W13 = torch.empty(576, 1536, dtype=torch.bfloat16), torch.empty(2 * 1536, 576, dtype=torch.bfloat16)
     lm = torch.empty(49152, 576, dtype=torch.bfloat16)
     for M in (1, 3, 8, 9, 64, 128):
-        assert _row_config(W, M) == L._config(8, 576, 1536)
-        assert _row_config(W13, M, True) == L._config(8, 1536, 576)
-        assert _row_config(lm, M) == L._config(8, 49152, 576)
-        assert _row_config(lm, M).ROWS == 8
+        assert _row_config(W, M) == L._config(1, 576, 1536)
+        assert _row_config(W13, M, True) == L._config(1, 1536, 576)
+        assert _row_config(lm, M) == L._config(1, 49152, 576)._replace(ROWS=min(8, L.next_pow2(M)))
 
 
 @pytest.mark.parametrize("M", range(1, 10))
@@ -133,19 +132,16 @@ if ON_GPU:
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_row_is_bitwise_the_same_alone(M, N, K, silu, dtype):
-    # the property exact mode needs: with its tiles (ROWS = 8 at every M, as
-    # koala.model._row_config picks them), a row's output does not depend on M or on the other
-    # rows of its program; with _config's tiles and with several K blocks
-    ex = L._config(8, N, K)
-    _assert_rows_bitwise_alone(M, N, K, dtype, silu, ex, ex)
+    # the property exact mode needs: a row's output does not depend on M or ROWS; with
+    # _config's tiles (as koala.model._row_config picks them) and with several K blocks
+    _assert_rows_bitwise_alone(M, N, K, dtype, silu, L._config(min(M, 8), N, K), None)
     if not ON_GPU or K <= 576:
-        small = GEMV_SMALL_K._replace(ROWS=8)
-        _assert_rows_bitwise_alone(M, N, K, dtype, silu, small, small)
+        _assert_rows_bitwise_alone(M, N, K, dtype, silu, _rows_config(M, GEMV_SMALL_K), GEMV_SMALL_K)
 
 
 # A batch-invariant MMA tile (bench/linear_bench.py's inv_candidates, not used by koala.model):
-# M = 20 is two row tiles of 16, the second 3/4 masked; K = 70 at BLOCK_K = 32 is three K blocks
-# (the first one loaded before the PDL wait), the last masked. On the CPU the interpreter's dot
+# M = 20 is two row tiles of 16, the second 3/4 masked; K = 70 at BLOCK_K = 32 is three K blocks,
+# the last masked. On the CPU the interpreter's dot
 # runs in fp64 (kernels/_tl.dot_acc), so the bitwise property is the GPU's to show.
 INV_SMALL = L.LinearConfig(True, 16, 16, 32, 4, 2)
 INV_BITWISE = [(3, 9, 70), (20, 37, 70)]
@@ -166,7 +162,7 @@ def test_mma_row_is_bitwise_the_same_alone(M, N, K, silu, dtype):
 
 @pytest.mark.parametrize("M", [1, 5, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mma_first_block_before_wait_matches_reference(M, dtype):
+def test_mma_row_tile_matches_reference(M, dtype):
     _run_linear(M, 37, 70, dtype, [(False, False, False), (True, False, True), (False, True, True)][M % 3],
                 INV_SMALL)
     x, W13, _, _, nw = _inputs(M, 2 * 9, 70, dtype, scale=3.0)

@@ -55,6 +55,9 @@ class DraftConfig:
     shared_lm_head: bool = True  # Medusa: True = the target's LM head, frozen, for every head;
     #                              False = one trained projection per head, initialised from it
     #                              (49152 x 576 for SmolLM2: each as large as the whole target)
+    chain_depth: int | None = None  # the chain depth the decoder uses when none is asked for: the
+    #                              one that measured fastest for this head (bench.mtbench --depths);
+    #                              None: the decoder's own default
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -65,6 +68,11 @@ class DraftConfig:
             raise ValueError(f"DraftConfig.n_heads must be an integer in 1..8, got {self.n_heads!r}")
         if not isinstance(self.shared_lm_head, bool):
             raise ValueError(f"DraftConfig.shared_lm_head must be True or False, got {self.shared_lm_head!r}")
+        d = self.chain_depth
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 16
+                              or (self.kind == "medusa" and d > self.n_heads)):
+            most = self.n_heads if self.kind == "medusa" else 16
+            raise ValueError(f"DraftConfig.chain_depth must be None or an integer in 1..{most}, got {d!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -363,7 +371,7 @@ def load_head(path, target, device=None, dtype=None, kind: str | None = None,
         raise HeadMismatchError(f"{path} is a {cfg['kind']!r} head but a {kind!r} head was asked for")
     try:
         dc = DraftConfig(kind=cfg["kind"], layers=cfg["layers"], n_heads=cfg["n_heads"],
-                         shared_lm_head=cfg["shared_lm_head"])
+                         shared_lm_head=cfg["shared_lm_head"], chain_depth=cfg.get("chain_depth"))
     except ValueError as e:
         raise CheckpointError(f"{path}/config.json describes an invalid head: {e}") from e
     t = cfg["target"]

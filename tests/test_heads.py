@@ -32,7 +32,9 @@ def randomize(head, seed=1):
 @pytest.mark.parametrize("kw, msg", [
     (dict(kind="hydra"), "kind"), (dict(layers=0), "layers"), (dict(layers=9), "layers"),
     (dict(layers=2.0), "layers"), (dict(n_heads=0), "n_heads"), (dict(n_heads=9), "n_heads"),
-    (dict(shared_lm_head="yes"), "shared_lm_head"),
+    (dict(shared_lm_head="yes"), "shared_lm_head"), (dict(chain_depth=0), "chain_depth"),
+    (dict(chain_depth=17), "chain_depth"), (dict(chain_depth=True), "chain_depth"),
+    (dict(kind="medusa", n_heads=3, chain_depth=4), "chain_depth"),
 ])
 def test_draft_config_validates(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -134,7 +136,8 @@ def test_eagle_cached_equals_uncached():
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 
-CASES = [DraftConfig("medusa", 2, 3, True), DraftConfig("medusa", 1, 2, False), DraftConfig("eagle", 3)]
+CASES = [DraftConfig("medusa", 2, 3, True), DraftConfig("medusa", 1, 2, False), DraftConfig("eagle", 3),
+         DraftConfig("eagle", 2, chain_depth=2)]
 
 
 @pytest.mark.parametrize("dc", CASES, ids=lambda d: f"{d.kind}-K{d.layers}-{d.shared_lm_head}")
@@ -316,3 +319,30 @@ def test_newer_format(saved):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="upgrade koala"):
         load_head(d, m)
+
+
+def test_chain_depth_is_the_decoders_default(tmp_path):
+    """A head's chain_depth (the depth measured fastest for it) is the chain depth a decoder
+    takes when none is asked for; an explicit depth wins; a config.json without the field (the
+    format before it) loads with None, and the decoder keeps its own default."""
+    from koala.speculative import SpeculativeDecoder
+    m = tiny()
+    m.setup_cache(1, 64)
+    for dc, own in ((DraftConfig("eagle", 1), 5), (DraftConfig("medusa", 1, 3), 3)):
+        head = dc.build(m, "tiny")
+        head.save_pretrained(tmp_path / dc.kind)
+        cfg_path = tmp_path / dc.kind / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        assert cfg["chain_depth"] is None
+        del cfg["chain_depth"]
+        cfg_path.write_text(json.dumps(cfg))
+        old = load_head(tmp_path / dc.kind, m)
+        assert old.config.chain_depth is None
+        assert SpeculativeDecoder(m, old, mode="chain").depth == own
+        cfg["chain_depth"] = 2
+        cfg_path.write_text(json.dumps(cfg))
+        new = load_head(tmp_path / dc.kind, m)
+        assert SpeculativeDecoder(m, new, mode="chain").depth == 2
+        assert SpeculativeDecoder(m, new, mode="chain", depth=3).depth == 3
+        if dc.kind == "eagle":       # trees keep their own default depth
+            assert SpeculativeDecoder(m, new, mode="tree", tree_size=8, top_k=2).depth == 6

@@ -12,8 +12,8 @@ median of 20 replays of one CUDA graph holding n calls, divided by n:
   * runtime_us: what koala.model's fused path runs above SMALL_M (non-exact mode): Triton
     rms_norm + cuBLAS F.linear (addmm for the residual) + Triton silu_mul; 1 to 3 launches.
   * cublas_us: the GEMM alone (F.linear, or addmm with the residual).
-  * exact_us: the kernel with exact mode's tiles (koala.model._row_config: the GEMV with ROWS = 8
-    at every M, so a row's bits do not depend on M).
+  * exact_us: the kernel with exact mode's tiles (koala.model._row_config: a row's bits do not
+    depend on M).
   * kernel_l2_us: the kernel on one W 20 times (W stays in the 50 MB L2); the others rotate over
     enough copies of W (>= 150 MB in all) that every call reads W from HBM, as a decode step does
     (SmolLM2's 270 MB of weights do not fit in L2).
@@ -36,7 +36,8 @@ if not torch.cuda.is_available():
 
 from bench.common import write  # noqa: E402
 from kernels._common import next_pow2  # noqa: E402
-from kernels.linear import GEMV_MAX_M, LinearConfig, _config, linear, linear_silu  # noqa: E402
+from kernels.linear import LinearConfig, _config, linear, linear_silu  # noqa: E402
+from koala.model import _row_config  # noqa: E402
 from kernels.rmsnorm import rms_norm  # noqa: E402
 from kernels.swiglu import silu_mul  # noqa: E402
 
@@ -102,10 +103,11 @@ def timed(row: dict, key: str, fn, Ws, n_calls: int):
 
 
 def inv_candidates(N: int, K: int) -> list[LinearConfig]:
-    """Batch-invariant MMA tiles, the alternative to exact mode's GEMV (BLOCK_M = 16 whatever M
-    is, the first K block before the PDL wait; slower on the H100 at M = 1, 5 and 16,
-    bench/results/linear_mma_sweep.json): one K block up to 1024, or blocks of 128 or 256 (software-pipelined, 2
-    stages), 4 or 8 warps, BLOCK_N 16 or 32 (and 64 for N >= 16384)."""
+    """Batch-invariant MMA tiles, the alternative to exact mode's GEMV: BLOCK_M = 16 whatever M
+    is; one K block up to 1024, or blocks of 128 or 256 (2 stages); 4 or 8 warps; BLOCK_N 16 or
+    32 (and 64 for N >= 16384). Slower than the GEMV on the H100 at M = 1, 5 and 16
+    (bench/results/linear_mma_sweep.json, timed with a variant of the MMA path that loaded its
+    first K block before the PDL wait)."""
     out = []
     for bn in (16, 32, 64) if N >= 16384 else (16, 32):
         for bk in sorted({min(next_pow2(K), 1024), 256, 128}):
@@ -192,7 +194,7 @@ def main():
             timed(row, "runtime_us", runtime, Ws, n_cold)
             timed(row, "cublas_us", cublas, Ws, n_cold)
             timed(row, "kernel_l2_us", kern, Ws[:1], 20)
-            ex = _config(GEMV_MAX_M, N, K)        # koala.model._row_config: exact mode's tiles
+            ex = _row_config(Ws[0], M, silu=kind == "silu")      # exact mode's tiles
             row["exact_config"] = ex._asdict()
             timed(row, "exact_us", lambda W: kern(W, ex), Ws, n_cold)
             k_us = row["kernel_us"]

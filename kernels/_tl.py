@@ -34,13 +34,9 @@ def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
     UPCAST (set by the host only under TRITON_INTERPRET=1): Triton 3.9's interpreter multiplies
     bf16 operands as their raw uint16 bit patterns (errors of 1e10); converting both to fp32 first
-    is exact for bf16/fp16 and gives what the GPU's bf16 MMA with fp32 accumulation gives, up to
-    rounding. It goes further, to fp64, where the products are exact and each block's sum is
-    rounded once to fp32: numpy's matmul (the interpreter's tl.dot) sums a row in an order that
-    depends on the row's position in the tile, so in fp32 a row's bits would depend on its
-    neighbours, which the GPU's MMA never does (exact mode's batch invariance, kernels/linear.py)."""
+    is exact for bf16/fp16 and gives what the GPU's bf16 MMA with fp32 accumulation gives."""
     if UPCAST:
-        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee").to(tl.float32)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 

@@ -108,9 +108,7 @@ def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K,
                  HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T over all of K, with tl.dot. Each K block's
-    product is summed from zero and then added to the total: in fp32 ("ieee", FMA) one running
-    sum over K = 1536 strayed 4x as far from the exact result as cuBLAS (the H100, 2026-11-23)."""
+    """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T over all of K, with tl.dot."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -119,8 +117,7 @@ def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K,
         a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
         w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, True)              # (BLOCK_K, BLOCK_N)
         # x is fed to the product in W's dtype, as F.linear does
-        acc += dot_acc(cast_rne(a, w.dtype), w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                       DOT_PRECISION, UPCAST)
+        acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
     return acc
 
 

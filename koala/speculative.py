@@ -105,9 +105,9 @@ class SpeculativeDecoder:
         if mode not in ("chain", "tree"):
             raise KoalaError(f"mode must be 'chain' or 'tree', got {mode!r}")
         H = None if self.eagle else head.config.n_heads
-        chain_depth = getattr(head.config, "chain_depth", None)
-        depth = depth or (chain_depth if mode == "chain" and chain_depth else
-                          (H if H else (5 if mode == "chain" else 6)))
+        if not depth and mode == "chain":
+            depth = head.config.chain_depth      # the head's measured-fastest depth, or None
+        depth = depth or (H if H else (5 if mode == "chain" else 6))
         if not isinstance(depth, int) or depth < 1 or depth > 16:
             raise KoalaError(f"depth must be an integer in 1..16, got {depth!r}")
         if H is not None and depth > H:

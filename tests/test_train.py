@@ -317,12 +317,12 @@ def test_divergence_guard_keeps_last_good(tmp_path, data, monkeypatch):
     import train.trainer as T
     t = tiny_target()
     tr = Trainer(cfg_for(tmp_path, data, steps=8, ckpt_every=3), target=t)
-    orig = T.kl_sum
+    orig = T.distill_sums
 
-    def poisoned(draft, teacher):
-        out = orig(draft, teacher)
-        return out * float("nan") if tr.step == 5 else out
-    monkeypatch.setattr(T, "kl_sum", poisoned)
+    def poisoned(term):
+        kl, agree = orig(term)
+        return (kl * float("nan") if tr.step == 5 else kl), agree
+    monkeypatch.setattr(T, "distill_sums", poisoned)
     s = tr.fit()
     assert s["status"] == "diverged" and "last good checkpoint" in s["message"]
     assert tr.step == 3                                         # rolled back to the checkpoint
@@ -377,6 +377,30 @@ def test_ddp_gloo_equals_one_process(tmp_path, data):
             torch.testing.assert_close(ddp[key][k], v, rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(ddp["head"][k], v) for k, v in DraftConfig("eagle", 1).build(tiny_target())
                .state_dict().items()), "training changed nothing"
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_fused_kl_step_equals_reference_step(tmp_path, data, monkeypatch, kind):
+    """One adversarial training step with the fused distillation kernel (what CUDA runs; here under
+    the Triton interpreter) gives the reference formula's loss, statistics and gradients."""
+    import os
+    import train.losses as L
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("the fused kernel needs a GPU or TRITON_INTERPRET=1")
+    runs = {}
+    for backend in ("reference", "fused"):
+        monkeypatch.setattr(L, "kl_backend", lambda device, b=backend: b)
+        tr = Trainer(cfg_for(tmp_path / backend, data, kind=kind, adversarial=True, lam=0.3), target=tiny_target())
+        rec = tr.train_step()
+        runs[backend] = (rec, {n: p.grad.clone() for n, p in tr.head.named_parameters() if p.grad is not None})
+    (ra, ga), (rb, gb) = runs["reference"], runs["fused"]
+    assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+    for k in ra:
+        if k.startswith(("kl/", "top1/")):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), k
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6)
 
 
 def test_chunked_kl_equals_plain():

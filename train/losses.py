@@ -33,9 +33,44 @@ class Term:
     name: str
     valid: torch.Tensor       # (B, L) bool: positions trained (row-major selection order)
     draft: torch.Tensor       # (N, V) draft logits at the valid positions
-    teacher: torch.Tensor     # (N, V) target logits for the same tokens
+    teacher_src: torch.Tensor  # (B*T, V) all the target's logits (a view, not a copy)
+    rows: torch.Tensor        # (N,) int64: row of teacher_src for each draft row
     cond: torch.Tensor        # (N, D) target hidden state the draft conditions on
     feat_sum: torch.Tensor | None = None  # EAGLE: sum over N of smooth-L1 (mean over D)
+
+    @property
+    def teacher(self) -> torch.Tensor:
+        """(N, V) the target's logits for the draft rows (a gathered copy)."""
+        return self.teacher_src[self.rows]
+
+
+def _flat_rows(valid, T: int, shift: int):
+    """Rows of the (B*T, V) teacher for the True entries of valid (B, L), in row-major order:
+    b * T + l + shift."""
+    b, l = valid.nonzero(as_tuple=True)
+    return b * T + l + shift
+
+
+# ----------------------------------------------------------------------------------------------
+# the distillation term: fused Triton kernel on CUDA, the PyTorch formula elsewhere
+
+def kl_backend(device) -> str:
+    """Which implementation distill_sums uses on `device`: "fused" (kernels.distill, one Triton
+    launch per term) on CUDA unless KOALA_FUSED_KL=0, else "reference" (PyTorch, chunked)."""
+    import os
+    dev = torch.device(device)
+    return "fused" if dev.type == "cuda" and os.environ.get("KOALA_FUSED_KL", "1") != "0" else "reference"
+
+
+def distill_sums(t: Term):
+    """(sum over rows of KL(teacher || draft), differentiable in the draft; number of rows whose
+    top-1 tokens agree)."""
+    if kl_backend(t.draft.device) == "fused":
+        from kernels.distill import fused_kl
+        kl, agree = fused_kl(t.draft, t.teacher_src, t.rows)
+        return kl.sum(), agree.sum()
+    teacher = t.teacher
+    return kl_sum(t.draft, teacher), agree_sum(t.draft.detach(), teacher)
 
 
 def _kl(draft, teacher):
@@ -83,9 +118,8 @@ def medusa_terms(head, hidden, teacher, mask) -> list[Term]:
         for blk in blocks:                                     # ResBlocks act per position:
             x = blk(x)                                         # run them on the valid rows only
         draft = head.project(i, x)
-        tv = torch.zeros_like(valid)
-        tv[:, 1 + i:] = valid[:, : T - 1 - i]                  # teacher z_{t+1+i}
-        terms.append(Term(f"head{i}", valid, draft, teacher[tv], cond))
+        rows = _flat_rows(valid, T, 1 + i)                     # teacher z_{t+1+i}
+        terms.append(Term(f"head{i}", valid, draft, teacher.reshape(-1, teacher.shape[-1]), rows, cond))
     return terms
 
 
@@ -157,7 +191,9 @@ def eagle_rollout(head, tokens, features, steps: int) -> list[torch.Tensor]:
 def eagle_terms(head, tokens, hidden, teacher, mask, steps: int) -> list[Term]:
     """tokens (B, T), hidden (B, T, D), teacher (B, T, V) target logits, mask (B, T) bool."""
     outs = eagle_rollout(head, tokens[:, 1:], hidden[:, :-1], steps)
-    h_next, z_next = hidden[:, 1:], teacher[:, 1:]             # targets of shifted position u
+    h_next = hidden[:, 1:]                                     # targets of shifted position u
+    T = teacher.shape[1]
+    z_all = teacher.reshape(-1, teacher.shape[-1])             # z_{u+1}: row b*T + u + 1
     terms = []
     for s, out in enumerate(outs):
         valid = eagle_valid(mask, s)
@@ -165,5 +201,6 @@ def eagle_terms(head, tokens, hidden, teacher, mask, steps: int) -> list[Term]:
         cond_pos = torch.zeros_like(valid)                     # last true hidden: h_{u-s}
         cond_pos[:, : valid.shape[1] - s] = valid[:, s:]
         feat = F.smooth_l1_loss(o.float(), h_next[valid].float(), reduction="none").mean(-1).sum()
-        terms.append(Term(f"step{s}", valid, head.lm_head(o), z_next[valid], hidden[:, :-1][cond_pos], feat))
+        terms.append(Term(f"step{s}", valid, head.lm_head(o), z_all, _flat_rows(valid, T, 1),
+                          hidden[:, :-1][cond_pos], feat))
     return terms

@@ -38,7 +38,7 @@ from torch.func import functional_call
 from koala.heads import DraftConfig
 from train.data import ShardData
 from train.discriminator import Discriminator, discriminator_sum, fc_layers_for, head_adversarial_sum
-from train.losses import agree_sum, eagle_terms, eagle_valid, kl_sum, medusa_terms, medusa_valid
+from train.losses import distill_sums, eagle_terms, eagle_valid, kl_backend, medusa_terms, medusa_valid
 
 CKPT = "checkpoint.pt"
 
@@ -138,14 +138,14 @@ class _HeadStep(nn.Module):
         dparams = {k: v.detach() for k, v in disc.named_parameters()} if disc is not None else None
         for t, n, sel in zip(terms, counts, disc_sel):
             n = max(n, 1)
-            kl = kl_sum(t.draft, t.teacher)
+            kl, agree = distill_sums(t)
             if t.feat_sum is not None:
                 term = cfg.w_feat * t.feat_sum + cfg.w_prob * kl
                 stats[f"feat/{t.name}"] = t.feat_sum.detach() / n
             else:
                 term = kl
             stats[f"kl/{t.name}"] = kl.detach() / n
-            stats[f"top1/{t.name}"] = agree_sum(t.draft.detach(), t.teacher) / n
+            stats[f"top1/{t.name}"] = agree / n
             loss = loss + term / n
             if disc is not None:
                 s, n_sel = sel                       # (N,) bool over this term's rows, global count
@@ -153,7 +153,7 @@ class _HeadStep(nn.Module):
                 adv = head_adversarial_sum(d_fake) / max(n_sel, 1)
                 loss = loss + cfg.lam * adv
                 stats[f"adv/{t.name}"] = adv.detach()
-                fakes.append((t.cond[s].detach(), t.draft[s].detach(), t.teacher[s], max(n_sel, 1)))
+                fakes.append((t.cond[s].detach(), t.draft[s].detach(), t.teacher_src[t.rows[s]], max(n_sel, 1)))
         return loss * scale, loss.detach(), stats, fakes
 
 
@@ -224,6 +224,9 @@ class Trainer:
         self.disc = None
         if cfg.adversarial:
             self.disc = Discriminator(tc.dim, tc.vocab_size, fc_layers_for(cfg.layers), cfg.disc_width).to(self.device)
+        self.kl_backend = kl_backend(self.device)
+        if self.rank == 0:
+            print(f"distillation KL: {'fused Triton kernel (kernels.distill)' if self.kl_backend == 'fused' else 'PyTorch reference formula (train.losses.kl_sum)'} on {self.device}")
         self.head_step = _HeadStep(self.head, cfg)
         self.disc_step = _DiscStep(self.disc) if self.disc is not None else None
         if self.world > 1:
@@ -325,7 +328,8 @@ class Trainer:
         self.loss_avg = global_loss if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * global_loss
         out = {"step": self.step, "loss": global_loss, "lr": self.sched.get_last_lr()[0], "grad_norm": gnorm.item()}
         if self.disc is not None:
-            dloss, dstats = self.disc_step(fakes, float(self.world))
+            with self._autocast():      # bf16 GEMMs: in fp32 the (N, 2V) first layer dominated the step
+                dloss, dstats = self.disc_step(fakes, float(self.world))
             self.dopt.zero_grad(set_to_none=True)
             dloss.backward()
             dn = torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.grad_clip)
@@ -369,7 +373,7 @@ class Trainer:
                     terms = medusa_terms(self.head, hidden, teacher, mask)
                 else:
                     terms = eagle_terms(self.head, tokens, hidden, teacher, mask, max(self.cfg.rollout, 3))
-            a = torch.stack([agree_sum(t.draft, t.teacher).cpu() for t in terms]).double()
+            a = torch.stack([distill_sums(t)[1].cpu() for t in terms]).double()
             c = torch.tensor([t.draft.shape[0] for t in terms], dtype=torch.float64)
             agree = a if agree is None else agree + a
             count = c if count is None else count + c
@@ -479,7 +483,7 @@ class Trainer:
                    "train_seconds": self.elapsed, "tokens_seen": self.tokens_seen,
                    "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9),
                    "final_eval": self.evaluate() if status == "finished" else {},
-                   "config": asdict(cfg), "world_size": self.world,
+                   "config": asdict(cfg), "world_size": self.world, "kl_backend": self.kl_backend,
                    "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

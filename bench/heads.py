@@ -51,7 +51,8 @@ def plain_tokens_per_s(ev: dict, temperature: float) -> float | None:
     return ev.get("plain", {}).get("tokens_per_s")
 
 
-def merge(ablation: dict, evals: list[tuple[str, dict]], mode: str = "chain", temperature: float = 0.0) -> dict:
+def merge(ablation: dict, evals: list[tuple[str, dict]], mode: str = "chain", temperature: float = 0.0,
+          depth: int | None = None) -> dict:
     """ablation: train.ablation's table {name: {status, step, ...}}; evals: (path, mtbench result)
     pairs. Returns {name: {kind, K, adversarial, training, eval}} with None where a side is missing."""
     heads = {}
@@ -74,6 +75,8 @@ def merge(ablation: dict, evals: list[tuple[str, dict]], mode: str = "chain", te
     for i, (path, ev) in enumerate(evals):
         for m in ev.get("methods", []):
             if m.get("mode") != mode or method_temperature(m, ev) != temperature:
+                continue
+            if depth is not None and m.get("depth") != depth:
                 continue
             name = head_name(m["head"])
             e = entry(name)
@@ -177,12 +180,14 @@ def main(argv=None):
     ap.add_argument("--evals", required=True, help="comma-separated bench.mtbench result files (bench/results/ names ok)")
     ap.add_argument("--mode", default="chain", help="drafting mode of the rows used (Table I: chain)")
     ap.add_argument("--temperature", type=float, default=0.0, help="temperature of the rows used")
+    ap.add_argument("--depth", type=int, default=None,
+                    help="use only rows drafted at this chain depth (files measuring several depths)")
     ap.add_argument("--out", default="heads.json")
     a = ap.parse_args(argv)
     abl_path = resolve(a.ablation)
     ablation = json.loads(abl_path.read_text())
     evals = [(str(resolve(p)), json.loads(resolve(p).read_text())) for p in a.evals.split(",") if p]
-    heads = merge(ablation, evals, a.mode, a.temperature)
+    heads = merge(ablation, evals, a.mode, a.temperature, a.depth)
     summ = targets(heads)
     table = table_markdown(heads)
     sources = {"ablation": {"path": str(a.ablation),
@@ -193,7 +198,8 @@ def main(argv=None):
     path = write(a.out, {"settings": vars(a), "sources": sources, "heads": heads, "targets": summ})
     lines = summary_lines(summ)
     src = "; ".join(f"`{Path(p).name}` ({ev.get('device')}, commit {str(ev.get('commit'))[:7]})" for p, ev in evals)
-    md = (f"MT-bench, {a.mode} mode, temperature {a.temperature:g}; speedup vs plain koala in the same run. "
+    md = (f"MT-bench, {a.mode} mode{f' depth {a.depth}' if a.depth else ''}, temperature {a.temperature:g}; "
+          f"speedup vs plain koala in the same run. "
           f"Sources: `{Path(a.ablation).name}`; {src}.\n\n" + table + "\n" + "\n".join(lines) + "\n")
     md_path = path.with_name(Path(a.out).stem + "_table.md")
     md_path.write_text(md)

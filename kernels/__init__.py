@@ -9,6 +9,7 @@ host function that checks its inputs and launches, and a plain PyTorch reference
     accept_greedy         kernels.accept        longest accepted tree path + bonus, one launch
     compact_kv            kernels.accept        every layer's KV compaction, one launch
     tree_attention        kernels.tree_attention masked GQA attention, split-K (2 launches)
+    kl_div_rows, fused_kl kernels.distill       training: row-wise KL + gradient + top-1 agreement, one launch
 
 Import the module you need; bench/kernels_notes.md has the integration notes. On sm_90+ every
 kernel is launched with Programmatic Dependent Launch (KOALA_PDL=0 turns it off): the rules are in

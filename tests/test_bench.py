@@ -241,3 +241,18 @@ def test_bench_dispatcher_lists_and_runs(capsys):
     except SystemExit as e:                       # argparse's --help exits 0 after printing usage
         assert e.code == 0
     assert "--ablation" in capsys.readouterr().out
+
+
+def test_heads_depth_filter_picks_one_depth():
+    """A file measuring several chain depths: --depth keeps that depth's rows only; without it the
+    later row wins (and the merge says so)."""
+    ev = mtbench_file("eagle", "ccccccc333")
+    extra = [dict(m, depth=1, tau=m["tau"] - 0.3) for m in ev["methods"] if m["mode"] == "chain"]
+    ev["methods"] = ev["methods"] + extra
+    both = bh.merge(ablation(), [("e.json", ev)], depth=None)
+    d5 = bh.merge(ablation(), [("e.json", ev)], depth=5)
+    d1 = bh.merge(ablation(), [("e.json", ev)], depth=1)
+    assert d5["eagle-k2-adv"]["eval"]["tau"] == 1.70 and d5["eagle-k2-adv"]["eval"]["depth"] == 5
+    assert d1["eagle-k2-adv"]["eval"]["tau"] == pytest.approx(1.40) and d1["eagle-k2-adv"]["eval"]["depth"] == 1
+    assert both["eagle-k2-adv"]["eval"]["depth"] == 1                  # the later row
+    assert bh.merge(ablation(), [("e.json", ev)], depth=3)["eagle-k2-adv"]["eval"] is None

@@ -15,6 +15,11 @@ Sampling (T > 0) is seeded: turn t of every question uses seed + t, for plain an
 decoding alike. n-alpha is counted from the accepted lengths, so it means the same under
 speculative sampling (chains); trees report tau only.
 
+Plain decoding is measured again after every --plain-every methods (default 2) and at the end,
+and each speedup is against the mean of the plain runs just before and after the method
+("plain_tokens_per_s", with "speedup_bounds" against either run; every plain run is listed in
+"plain_runs"). Plain koala drifted by up to 22% within one machine start when it was measured once.
+
 With --time-budget, no new (head, mode) starts once that many seconds have passed since the
 start; the file is still written, with "incomplete": true and the methods not run in "not_run".
 The file is also rewritten after every method, so a killed run leaves what it had measured.
@@ -93,32 +98,72 @@ def parse_temperatures(temperatures: str | None, temperature: float) -> list[flo
 
 
 def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budget=0.0, t0=None,
-            progress=True, save=None, clock=time.perf_counter):
+            progress=True, save=None, clock=time.perf_counter, plain_every=0):
     """Plain decoding at every temperature, then every method at every temperature.
 
     plain: a generator without a head. methods: (name, mode, build) triples, build() -> (gen, head
     config) or raising (that method is skipped). save(results) is called after every method.
-    Returns (results, plain records by temperature)."""
+    plain_every = k > 0: plain decoding is measured again after every k methods and after the last
+    one (even past the time budget, so that every method is bracketed), and each method's speedup
+    is against the mean of the plain runs just before and just after it, with the speedups
+    against each of the two as "speedup_bounds". Plain koala drifted by up to 22% within one
+    machine start, which a single plain run at the start cannot show. 0: one plain run.
+    Returns (results, plain records by temperature of the first plain run)."""
     t0 = clock() if t0 is None else t0
     seed_at = {T: (seed if T > 0 else None) for T in temperatures}
     res = {"temperatures": list(temperatures), "plain_by_temperature": [], "methods": [],
-           "skipped": [], "not_run": [], "incomplete": True}
-    base, base_cat = {}, {}
-    for T in temperatures:
-        plain.warmup([T])   # every window's kernels and graphs, so the timed runs pay none of it
-        base[T] = run_method(plain, questions, max_new, T, seed_at[T], f"plain T={T}", progress)
-        res["plain_by_temperature"].append({"temperature": T, **summarise(base[T], False)})
-        by = defaultdict(list)
-        for r in base[T]:
-            by[r["category"]].append(r)
-        base_cat[T] = {c: summarise(rs, False) for c, rs in by.items()}
-        print(f"plain koala T={T}: {res['plain_by_temperature'][-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+           "skipped": [], "not_run": [], "incomplete": True, "plain_every": plain_every, "plain_runs": []}
+    base = {}
+    runs = []        # one entry per plain measurement: {T: (tokens/s, {category: tokens/s})}
+
+    def plain_run(first: bool):
+        run = {}
+        for T in temperatures:
+            if first:
+                plain.warmup([T])   # every window's kernels and graphs, so the timed runs pay none of it
+            recs = run_method(plain, questions, max_new, T, seed_at[T], f"plain T={T}", progress)
+            if first:
+                base[T] = recs
+                res["plain_by_temperature"].append({"temperature": T, **summarise(recs, False)})
+            by = defaultdict(list)
+            for r in recs:
+                by[r["category"]].append(r)
+            tps = summarise(recs, False)["tokens_per_s"]
+            run[T] = (tps, {c: summarise(rs, False)["tokens_per_s"] for c, rs in by.items()})
+            res["plain_runs"].append({"temperature": T, "after_methods": len(res["methods_done"]),
+                                      "tokens_per_s": tps})
+            print(f"plain koala T={T}: {tps:.1f} tokens/s" + ("" if first else " (again)"), flush=True)
+        runs.append(run)
+
+    def set_speedup(s, T, lo_run, hi_run=None):
+        """s's speedups against the mean of the plain runs bracketing it (or the one before it)."""
+        pair = [lo_run] if hi_run is None else [lo_run, hi_run]
+        p = sum(r[T][0] for r in pair) / len(pair)
+        s["plain_tokens_per_s"] = p
+        s["speedup"] = s["tokens_per_s"] / p
+        s["speedup_bounds"] = sorted(s["tokens_per_s"] / r[T][0] for r in pair)
+        s["plain_bracketed"] = hi_run is not None
+        for c, cs in s.get("per_category", {}).items():
+            cs["speedup"] = cs["tokens_per_s"] / (sum(r[T][1][c] for r in pair) / len(pair))
+
+    res["methods_done"] = []
+    plain_run(first=True)
     if len(temperatures) == 1:
         res["plain"] = {k: v for k, v in res["plain_by_temperature"][0].items() if k != "temperature"}
-    plain_tps = {p["temperature"]: p["tokens_per_s"] for p in res["plain_by_temperature"]}
     if save:
         save(res)
     methods = list(methods)
+    pending = []     # (summary, T, index of the plain run before it) awaiting the next plain run
+
+    def rebracket():
+        plain_run(first=False)
+        for s, T, lo in pending:
+            set_speedup(s, T, runs[lo], runs[-1])
+            print(f"{Path(s['head']).name:24} {s['mode']:5} d={s['depth']} T={T:<4} speedup {s['speedup']:.2f}x "
+                  f"against the mean of the plain runs around it ({s['speedup_bounds'][0]:.2f}x to "
+                  f"{s['speedup_bounds'][1]:.2f}x against either)", flush=True)
+        pending.clear()
+
     for i, (name, mode, build) in enumerate(methods):
         if time_budget and clock() - t0 > time_budget:
             res["not_run"] = [f"{n} {m}" for n, m, _ in methods[i:]]
@@ -135,29 +180,38 @@ def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budg
             gen.warmup([T])
             recs = run_method(gen, questions, max_new, T, seed_at[T], f"{Path(name).name} {mode} T={T}", progress)
             s = summarise(recs, chain)
-            s["speedup"] = s["tokens_per_s"] / plain_tps[T]
             if T == 0:
                 s["identical_to_plain"] = sum(r["ids"] == b["ids"] for r, b in zip(recs, base[T])) / len(recs)
             cats = {}
             for c in CATEGORIES:
                 rc = [r for r in recs if r["category"] == c]
                 if rc:
-                    cs = summarise(rc, chain)
-                    cs["speedup"] = cs["tokens_per_s"] / base_cat[T][c]["tokens_per_s"]
-                    cats[c] = cs
+                    cats[c] = summarise(rc, chain)
             s["per_category"] = cats
             s.update(head=str(name), kind=cfg.kind, K=cfg.layers, mode=mode, temperature=T,
                      depth=gen.spec.depth, tree_size=gen.spec.N, top_k=gen.spec.k)
+            set_speedup(s, T, runs[-1])
             res["methods"].append(s)
+            pending.append((s, T, len(runs) - 1))
             print(f"{Path(name).name:24} {mode:5} d={gen.spec.depth} T={T:<4} tau {s.get('tau', 0):.2f}  "
                   f"alpha {[round(x, 2) for x in s.get('alpha', [])]}  {s['tokens_per_s']:7.1f} tok/s  "
                   f"speedup {s['speedup']:.2f}x  identical {s.get('identical_to_plain', '-')}", flush=True)
         del gen
+        res["methods_done"].append(f"{name} {mode} d={s['depth']}")
+        if plain_every and len(res["methods_done"]) % plain_every == 0:
+            rebracket()
         res["elapsed_s"] = clock() - t0
         if save:
             save(res)
+    if plain_every and pending:
+        rebracket()
     res["incomplete"] = bool(res["not_run"])
     res["elapsed_s"] = clock() - t0
+    if plain_every and res["plain_runs"]:
+        for T in temperatures:
+            v = [r["tokens_per_s"] for r in res["plain_runs"] if r["temperature"] == T]
+            print(f"plain koala T={T}: {len(v)} runs, {min(v):.1f} to {max(v):.1f} tokens/s "
+                  f"({(max(v) / min(v) - 1):.1%} spread)", flush=True)
     return res, base
 
 
@@ -181,6 +235,9 @@ def main(argv=None):
     ap.add_argument("--peer-questions", type=int, default=0, help="transformers peers on this many questions")
     ap.add_argument("--time-budget", type=float, default=0.0,
                     help="seconds from the start after which no new head/mode starts (0: none)")
+    ap.add_argument("--plain-every", type=int, default=2,
+                    help="measure plain decoding again after every k methods and at the end; each "
+                         "speedup is against the mean of the plain runs around it (0: plain once, at the start)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     ap.add_argument("--out", default="mtbench.json")
     a = ap.parse_args(argv)
@@ -215,7 +272,8 @@ def main(argv=None):
                for mode in a.modes.split(",") if mode for d in depths(mode)]
     settings = {**vars(a), "temperatures": temps}
     res, _ = measure(plain, methods, qs, temps, a.max_new_tokens, a.seed, time_budget=a.time_budget, t0=t0,
-                     progress=a.progress, save=lambda r: write(a.out, {"settings": settings, **r}))
+                     progress=a.progress, save=lambda r: write(a.out, {"settings": settings, **r}),
+                     plain_every=a.plain_every)
     if a.peer_questions:
         if a.time_budget and time.perf_counter() - t0 > a.time_budget:
             res["not_run"].append("peers")

@@ -256,3 +256,47 @@ def test_heads_depth_filter_picks_one_depth():
     assert d1["eagle-k2-adv"]["eval"]["tau"] == pytest.approx(1.40) and d1["eagle-k2-adv"]["eval"]["depth"] == 1
     assert both["eagle-k2-adv"]["eval"]["depth"] == 1                  # the later row
     assert bh.merge(ablation(), [("e.json", ev)], depth=3)["eagle-k2-adv"]["eval"] is None
+
+
+class DriftingGen(FakeGen):
+    """A plain generator whose speed changes between its measurements (walls of successive whole
+    runs of len(QS) * 2 turns are taken from `walls`)."""
+
+    def __init__(self, walls):
+        super().__init__(walls[0], spec=False)
+        self.walls, self.turns = list(walls), 0
+
+    def generate(self, prompt, max_new_tokens, temperature=0.0, seed=None):
+        self.wall = self.walls[min(self.turns // (2 * len(QS)), len(self.walls) - 1)]
+        self.turns += 1
+        return super().generate(prompt, max_new_tokens, temperature, seed)
+
+
+def test_mtbench_plain_rebracketing():
+    """plain_every=2 with three methods: plain runs at the start, after method 2 and at the end;
+    methods 1-2 use the mean of runs 1 and 2, method 3 the mean of runs 2 and 3."""
+    plain = DriftingGen([1.0, 0.5, 0.25])          # plain: 10, 20, 40 tokens/s
+    res, _ = bm.measure(plain, methods("h1", "h2", "h3"), QS, [0.0], 16, seed=0, progress=False, plain_every=2)
+    assert [r["tokens_per_s"] for r in res["plain_runs"]] == pytest.approx([10.0, 20.0, 40.0])
+    assert [r["after_methods"] for r in res["plain_runs"]] == [0, 2, 3]
+    sp = [m["speedup"] for m in res["methods"]]    # each method runs at 20 tokens/s
+    assert sp == pytest.approx([20 / 15, 20 / 15, 20 / 30])
+    assert res["methods"][0]["speedup_bounds"] == pytest.approx([1.0, 2.0])
+    assert res["methods"][2]["speedup_bounds"] == pytest.approx([0.5, 1.0])
+    assert all(m["plain_bracketed"] for m in res["methods"])
+    assert res["methods"][0]["per_category"]["math"]["speedup"] == pytest.approx(20 / 15)
+    assert res["plain"]["tokens_per_s"] == pytest.approx(10.0)       # the first run, as before
+    # plain_every=0: one plain run, speedups against it, nothing bracketed
+    res0, _ = bm.measure(DriftingGen([1.0, 0.5]), methods("h1", "h2"), QS, [0.0], 16, seed=0, progress=False)
+    assert len(res0["plain_runs"]) == 1 and [m["speedup"] for m in res0["methods"]] == pytest.approx([2.0, 2.0])
+    assert not any(m["plain_bracketed"] for m in res0["methods"])
+
+
+def test_mtbench_time_budget_still_brackets():
+    ticks = iter(range(0, 1000, 10))
+    plain = DriftingGen([1.0, 0.5])
+    res, _ = bm.measure(plain, methods("h1", "h2", "h3"), QS, [0.0], 16, seed=0, time_budget=15, t0=0,
+                        progress=False, clock=lambda: next(ticks), plain_every=2)
+    assert [m["head"] for m in res["methods"]] == ["h1"] and res["incomplete"]
+    assert len(res["plain_runs"]) == 2 and res["methods"][0]["plain_bracketed"]   # the closing run still ran
+    assert res["methods"][0]["speedup"] == pytest.approx(20 / 15)

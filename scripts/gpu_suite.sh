@@ -16,20 +16,24 @@
 #   ablation-train-par <steps> <names>  the same, one process per head, all sharing the GPU at
 #                      once (timings then measure a shared GPU: recorded as concurrent_trainings)
 #   ablation-eval <names>            MT-bench, chain, greedy, of those trained heads
+#   selfdistill <limit>  self-distil the first <limit> ShareGPT conversations into /tmp/sd   ~2 min
 set -euo pipefail
 : "${KOALA_COMMIT:?set KOALA_COMMIT to the commit being measured}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|ablation-train|ablation-eval}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
 # train.ablation's settings, shared by ablation-train and ablation-train-par: ablation_args <steps>
+# KOALA_TRAIN_DATA (default runs/data/sharegpt-sd, or the set the selfdistill step wrote) and
+# KOALA_TRAIN_LR (default: train.ablation's, 5e-4) override the data and the learning rate.
 ablation_args() {
-  ablation_args=(--data runs/data/sharegpt-sd --out /tmp/ablation --steps "$1" --batch-size 16
-                 --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress)
+  ablation_args=(--data "${KOALA_TRAIN_DATA:-runs/data/sharegpt-sd}" --out /tmp/ablation --steps "$1" --batch-size 16
+                 --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress
+                 ${KOALA_TRAIN_LR:+--lr "$KOALA_TRAIN_LR"})
 }
 
 case "$step" in
@@ -101,6 +105,15 @@ for n, r in table.items():
 PY
     for n in $(echo "$names" | tr ',' ' '); do quiet "$log.$n" | tail -n 3; done
     exit "$rc"
+    ;;
+  selfdistill)
+    # re-answer the first <limit> prepared ShareGPT conversations with the target (carry
+    # runs/data/sharegpt); 8,192 took 95 s on the H100. Then KOALA_TRAIN_DATA=/tmp/sd for training.
+    limit="${1:?selfdistill needs the number of conversations}"
+    python -m train.selfdistill --data runs/data/sharegpt --out /tmp/sd --batch-size 512 --max-new 384 \
+        --limit "$limit" --time-budget 520 > "$log" 2>&1
+    cp /tmp/sd/meta.json "$OUT/selfdistill_meta.json"
+    quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 12
     ;;
   ablation-eval)
     names="${1:?ablation-eval needs the head names}"

@@ -123,6 +123,24 @@ def test_batched_generation_equals_unbatched_greedy():
     assert generate(m, prompts, 12, eos) == refs
 
 
+def test_per_prompt_limits_and_room_up_to_max_len():
+    """Each row stops at its own limit; in regenerate a long prompt no longer shortens the answers
+    of the short prompts batched with it."""
+    m = tiny_target()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    got = generate(m, prompts, [2, 7, 4], [])
+    assert got == [_greedy_ref(m, p, n, []) for p, n in zip(prompts, (2, 7, 4))]
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(m, prompts, [2, 7], [])
+    short = (np.array([5, 6, 7, 50, 51]), np.array([0, 0, 0, 1, 1], dtype=bool))
+    long_ = (np.arange(40) % 200 + 3, np.array([0] * 38 + [1, 1], dtype=bool))
+    (ids_s, _), (ids_l, _) = regenerate(m, [short, long_], batch_size=2, max_new=10, max_len=48,
+                                       eos_ids=[], end_of_turn=[198])
+    assert ids_s[3:] == _greedy_ref(m, [5, 6, 7], 10, [])          # the full 10, not 48 - 38 - 1 = 9
+    assert len(ids_l) == 38 + 9                                     # the long one keeps within max_len
+
+
 def test_sampled_generation_is_seeded():
     m = tiny_target()
     prompts = [[1, 2, 3], [4, 5]]

@@ -33,15 +33,21 @@ from train.data import ShardData, write_split
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new: int, eos_ids, temperature: float = 0.0,
+def generate(model, prompts: list[list[int]], max_new: int | list[int], eos_ids, temperature: float = 0.0,
              generator: torch.Generator | None = None, pad_id: int = 0) -> list[list[int]]:
     """Continue each prompt (greedy if temperature == 0, else sampled) until an EOS id (kept in
-    the output) or max_new tokens. Returns the new tokens of each prompt."""
+    the output) or max_new tokens: one limit for all, or one per prompt. Returns the new tokens of
+    each prompt."""
     dev = model.device
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     if int(lens.min()) < 1:
         raise ValueError("every prompt needs at least one token")
+    limits = [max_new] * B if isinstance(max_new, int) else list(max_new)
+    if len(limits) != B or min(limits) < 1:
+        raise ValueError(f"max_new must be >= 1, one value or one per prompt ({B}), got {max_new}")
+    limit = torch.tensor(limits, device=dev)
+    max_new = max(limits)
     P = int(lens.max())
     S = P + max_new
     model.setup_cache(B, S)
@@ -68,7 +74,7 @@ def generate(model, prompts: list[list[int]], max_new: int, eos_ids, temperature
             nxt = last.argmax(-1)
         out[:, k] = torch.where(done, pad_id, nxt)
         n_out += (~done).long()
-        done |= torch.isin(nxt, eos)
+        done |= torch.isin(nxt, eos) | (limit <= k + 1)
         if k == max_new - 1 or bool(done.all()):
             break
         slot = torch.tensor([P + k], device=dev)
@@ -117,8 +123,10 @@ def regenerate(model, seqs: list[tuple[np.ndarray, np.ndarray]], batch_size: int
         todo.sort(key=lambda c: len(c["ids"]))                      # similar lengths batch together
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            budget = min(max_new, max_len - max(len(c["ids"]) for c in chunk) - len(end_of_turn))
-            new = generate(model, [c["ids"] for c in chunk], max(1, budget), eos_ids, temperature, g)
+            # each row's own room up to max_len: a batch-wide budget (set by its longest prompt)
+            # cut the short prompts' answers too (most of a 200-row eval batch to ~40 tokens)
+            budgets = [max(1, min(max_new, max_len - len(c["ids"]) - len(end_of_turn))) for c in chunk]
+            new = generate(model, [c["ids"] for c in chunk], budgets, eos_ids, temperature, g)
             for c, n in zip(chunk, new):
                 ended = bool(n) and n[-1] in eos_ids
                 n = n + (end_of_turn if ended else [])

@@ -300,3 +300,23 @@ def test_mtbench_time_budget_still_brackets():
     assert [m["head"] for m in res["methods"]] == ["h1"] and res["incomplete"]
     assert len(res["plain_runs"]) == 2 and res["methods"][0]["plain_bracketed"]   # the closing run still ran
     assert res["methods"][0]["speedup"] == pytest.approx(20 / 15)
+
+
+def test_disc_probe_tells_apart_only_what_differs():
+    """bench.disc_probe's discriminator: near 1.0 held-out accuracy when the fakes are flat
+    distributions and the real ones peaked, 0.5 when fake == real."""
+    import torch
+    from bench.disc_probe import probe
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        cond = torch.randn(n, 8, generator=g)
+        real = torch.randn(n, 32, generator=g) * 4
+        return cond, real
+    (c1, r1), (c2, r2) = split(256), split(64)
+    flat = probe((c1, r1, torch.zeros_like(r1)), (c2, r2, torch.zeros_like(r2)), "logprob", 150, 64, 1e-3, 1, 16)
+    same = probe((c1, r1, r1), (c2, r2, r2), "prob", 60, 64, 1e-3, 1, 16)
+    assert flat["held_out_accuracy"] > 0.9
+    assert same["held_out_accuracy"] == pytest.approx(0.5, abs=0.01)   # identical inputs: one score for both
+    with pytest.raises(ValueError, match="logprob or prob"):
+        probe((c1, r1, r1), (c2, r2, r2), "raw", 1, 8, 1e-3, 1, 16)

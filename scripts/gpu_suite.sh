@@ -17,7 +17,7 @@
 #                      once (timings then measure a shared GPU: recorded as concurrent_trainings)
 #   ablation-eval <names>            MT-bench, chain, greedy, of those trained heads
 #   selfdistill <limit>  self-distil the first <limit> ShareGPT conversations into /tmp/sd   ~2 min
-# The MT-bench steps' time budgets leave ~40 s more than before for bench.mtbench's closing plain
+# The MT-bench steps' time budgets leave 40 s (80 s for sampling, two temperatures) more than before for bench.mtbench's closing plain
 # run (--plain-every, default 2), which runs even past the budget, inside the 600 s call limit.
 set -euo pipefail
 : "${KOALA_COMMIT:?set KOALA_COMMIT to the commit being measured}"
@@ -69,7 +69,7 @@ case "$step" in
   sampling)
     kind="${1:?sampling needs eagle or medusa}"
     python -m bench.mtbench --heads "koala/default_heads/$kind" --modes chain,tree --temperatures 0.7,1.0 \
-        --seed 0 --time-budget 380 --no-progress --out "mtbench_sampling_$kind.json" > "$log" 2>&1
+        --seed 0 --time-budget 340 --no-progress --out "mtbench_sampling_$kind.json" > "$log" 2>&1
     quiet "$log" | tail -n 8
     ;;
   ablation-train)

@@ -19,6 +19,7 @@ several ranks add up to exactly one process.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,6 @@ def _flat_rows(valid, T: int, shift: int):
 def kl_backend(device) -> str:
     """Which implementation distill_sums uses on `device`: "fused" (kernels.distill, one Triton
     launch per term) on CUDA unless KOALA_FUSED_KL=0, else "reference" (PyTorch, chunked)."""
-    import os
     dev = torch.device(device)
     return "fused" if dev.type == "cuda" and os.environ.get("KOALA_FUSED_KL", "1") != "0" else "reference"
 

@@ -31,11 +31,14 @@ log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
 # train.ablation's settings, shared by ablation-train and ablation-train-par: ablation_args <steps>
 # KOALA_TRAIN_DATA (default runs/data/sharegpt-sd, or the set the selfdistill step wrote) and
-# KOALA_TRAIN_LR (default: train.ablation's, 5e-4) override the data and the learning rate.
-ablation_args() {
+# KOALA_TRAIN_LR (default: train.ablation's, 5e-4) override the data and the learning rate;
+# KOALA_TRAIN_TAG names a variant recipe (train.ablation --tag), KOALA_TRAIN_ARGS adds options
+# (e.g. "--disc-input prob"), word-split.
+ablation_args() {  # shellcheck disable=SC2086 (KOALA_TRAIN_ARGS is word-split on purpose)
   ablation_args=(--data "${KOALA_TRAIN_DATA:-runs/data/sharegpt-sd}" --out /tmp/ablation --steps "$1" --batch-size 16
                  --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress
-                 ${KOALA_TRAIN_LR:+--lr "$KOALA_TRAIN_LR"})
+                 ${KOALA_TRAIN_LR:+--lr "$KOALA_TRAIN_LR"} ${KOALA_TRAIN_TAG:+--tag "$KOALA_TRAIN_TAG"}
+                 ${KOALA_TRAIN_ARGS:-})
 }
 
 case "$step" in
@@ -82,18 +85,19 @@ case "$step" in
   ablation-train-par)
     steps="${1:?ablation-train-par needs the steps per head}"; names="${2:?and the head names}"
     ablation_args "$steps"
-    n_par=$(echo "$names" | tr ',' '\n' | grep -c .)
+    n_par=${KOALA_CONCURRENT:-$(echo "$names" | tr ',' '\n' | grep -c .)}   # KOALA_CONCURRENT: when other trainings share the GPU too
     mkdir -p /tmp/ablation
     pids=()
+    tag="${KOALA_TRAIN_TAG:-}"
     for n in $(echo "$names" | tr ',' ' '); do
       python -m train.ablation "${ablation_args[@]}" --only "$n" \
-          --concurrent "$n_par" --table "/tmp/ablation/table_$n.json" > "$log.$n" 2>&1 &
+          --concurrent "$n_par" --table "/tmp/ablation/table_$n$tag.json" > "$log.$n$tag" 2>&1 &
       pids+=($!)
     done
     rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-    python - "$OUT/ablation_$(echo "$names" | tr ',' '_').json" $(echo "$names" | tr ',' ' ') <<'PY'
+    python - "$OUT/ablation_$(echo "$names" | tr ',' '_')$tag.json" "$tag" $(echo "$names" | tr ',' ' ') <<'PY'
 import json, sys
-out, names = sys.argv[1], sys.argv[2:]
+out, tag, names = sys.argv[1], sys.argv[2], [n + sys.argv[2] for n in sys.argv[3:]]
 table = {}
 for n in names:
     try:
@@ -105,7 +109,7 @@ for n, r in table.items():
     print(n, r["status"], r["step"], f"peak {r.get('peak_gpu_gib_of_invocation') or 0:.1f} GiB", f"{r['train_seconds']:.0f} s", f"{r['tokens_per_s']:.0f} tok/s",
           [round(x, 3) for x in (r.get("final_eval") or {}).get("eval/top1", [])])
 PY
-    for n in $(echo "$names" | tr ',' ' '); do quiet "$log.$n" | tail -n 3; done
+    for n in $(echo "$names" | tr ',' ' '); do quiet "$log.$n$tag" | tail -n 3; done
     exit "$rc"
     ;;
   selfdistill)

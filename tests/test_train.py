@@ -217,6 +217,25 @@ def test_discriminator_shapes_and_layers():
         Discriminator(64, 256, 4)
 
 
+def test_discriminator_prob_inputs():
+    """inputs="prob" reads softmax rows: same parameters, another function of the logits, and one
+    that (unlike log-softmax) changes little when a far tail logit moves."""
+    torch.manual_seed(0)
+    a = Discriminator(64, 256, 2, width=16)
+    b = Discriminator(64, 256, 2, width=16, inputs="prob")
+    b.load_state_dict(a.state_dict())
+    h, z = torch.randn(5, 64), torch.randn(5, 256)
+    assert not torch.allclose(a(h, z), b(h, z))
+    z2 = z.clone()
+    z2[:, 0] = -60.0                                   # a tail token made far less likely
+    da, db = (a(h, z2) - a(h, z)).abs().max(), (b(h, z2) - b(h, z)).abs().max()
+    assert db < da
+    with pytest.raises(ValueError, match="inputs"):
+        Discriminator(64, 256, 1, inputs="logits")
+    with pytest.raises(ValueError, match="disc_input"):
+        TrainConfig(disc_input="raw")
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 

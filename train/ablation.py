@@ -40,6 +40,11 @@ def main(argv=None):
                     help="head learning rate (the committed 1,000-step table used 3e-4; 5e-4 trained "
                          "better heads, mtbench_sd8k_lr5e-4_1800.json)")
     ap.add_argument("--disc-lr", type=float, default=1e-4)
+    ap.add_argument("--disc-input", default="logprob", help="logprob | prob: what the discriminator reads")
+    ap.add_argument("--w-prob", type=float, default=TrainConfig.w_prob,
+                    help="EAGLE: weight of the distribution loss against the feature regression")
+    ap.add_argument("--tag", default="", help="suffix of every head's folder name, for a variant recipe "
+                    "(e.g. -prob: eagle-k2-adv-prob); --only takes the names without it")
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds for this invocation (0: none)")
@@ -66,27 +71,31 @@ def main(argv=None):
         n = name(kind, k, adv)
         if only and n not in only:
             continue
-        run_dir = out / n
+        key = n + a.tag
+        run_dir = out / key
         summ = run_dir / "summary.json"
         if summ.is_file() and json.loads(summ.read_text())["status"] == "finished":
-            results[n] = json.loads(summ.read_text())
+            results[key] = json.loads(summ.read_text())
             continue
         left = a.time_budget - (time.perf_counter() - t0) if a.time_budget else 0.0
         if a.time_budget and left < 30:
             break
         cfg = TrainConfig(data=a.data, out=str(run_dir), target=a.target, kind=kind, layers=k, adversarial=adv,
-                          lam=a.lam, lr=a.lr, disc_lr=a.disc_lr, batch_size=a.batch_size, max_len=a.max_len,
+                          lam=a.lam, lr=a.lr, disc_lr=a.disc_lr, disc_input=a.disc_input,
+                          w_prob=a.w_prob, batch_size=a.batch_size, max_len=a.max_len,
                           steps=a.steps, warmup=max(1, a.steps // 20), ckpt_every=a.ckpt_every,
                           eval_every=a.eval_every, time_budget=max(left, 0.0), save_dtype=a.save_dtype,
                           progress=not a.no_progress)
-        results[n] = Trainer(cfg, target=target, resume=True).fit()
-        trained_now.append(n)
-        print(f"{n}: {results[n]['status']} at step {results[n]['step']}, "
-              f"{results[n]['train_seconds']:.0f} s, {results[n]['tokens_per_s']:.0f} tokens/s")
-        if results[n]["status"] == "diverged":
-            print(results[n]["message"])
+        results[key] = Trainer(cfg, target=target, resume=True).fit()
+        trained_now.append(key)
+        print(f"{key}: {results[key]['status']} at step {results[key]['step']}, "
+              f"{results[key]['train_seconds']:.0f} s, {results[key]['tokens_per_s']:.0f} tokens/s")
+        if results[key]["status"] == "diverged":
+            print(results[key]["message"])
     table = {n: {k: r.get(k) for k in ("status", "step", "steps", "train_seconds", "tokens_seen", "tokens_per_s",
                                        "final_eval", "device")} for n, r in results.items()}
+    for n in table:
+        table[n].update(lr=a.lr, disc_input=a.disc_input, w_prob=a.w_prob)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     for n in trained_now:
         table[n]["concurrent_trainings"] = a.concurrent
@@ -94,7 +103,7 @@ def main(argv=None):
     table_path = Path(a.table) if a.table else out / "ablation.json"
     table_path.write_text(json.dumps(table, indent=2) + "\n")
     todo = [name(*c) for c in CONFIGS if (not only or name(*c) in only)
-            and table.get(name(*c), {}).get("status") != "finished"]
+            and table.get(name(*c) + a.tag, {}).get("status") != "finished"]
     print("all 12 finished" if not todo and not only else f"not finished yet: {todo}" if todo else "done")
 
 

@@ -37,7 +37,8 @@ from torch.func import functional_call
 
 from koala.heads import DraftConfig
 from train.data import ShardData
-from train.discriminator import Discriminator, discriminator_sum, fc_layers_for, head_adversarial_sum
+from train.discriminator import (DISC_INPUTS, Discriminator, discriminator_sum, fc_layers_for,
+                                 head_adversarial_sum)
 from train.losses import distill_sums, eagle_terms, eagle_valid, kl_backend, medusa_terms, medusa_valid
 
 CKPT = "checkpoint.pt"
@@ -69,6 +70,7 @@ class TrainConfig:
     w_prob: float = 0.1                  # EAGLE: distribution loss weight (EAGLE: 0.1)
     disc_tokens: int = 1024              # positions per term per step fed to the discriminator
     disc_width: int = 256                # hidden width of the discriminator's FC layers
+    disc_input: str = "logprob"          # what the discriminator reads of the logits: logprob | prob
     eval_every: int = 200
     eval_batches: int = 8
     ckpt_every: int = 200
@@ -91,6 +93,8 @@ class TrainConfig:
         for name in ("batch_size", "steps", "max_len", "eval_every", "ckpt_every", "disc_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.disc_input not in DISC_INPUTS:
+            raise ValueError(f"disc_input must be one of {DISC_INPUTS}, got {self.disc_input!r}")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"save_dtype must be float32 or bfloat16, got {self.save_dtype}")
 
@@ -102,7 +106,10 @@ class TrainConfig:
 # fields that must agree between a checkpoint and the run that resumes it
 _RESUME_FIXED = ("kind", "layers", "n_heads", "shared_lm_head", "adversarial", "lam", "lr", "disc_lr",
                  "batch_size", "max_len", "steps", "warmup", "seed", "rollout", "w_feat", "w_prob",
-                 "disc_tokens", "disc_width", "weight_decay", "grad_clip")
+                 "disc_tokens", "disc_width", "disc_input", "weight_decay", "grad_clip")
+
+# fields added after checkpoints were written: the value such a checkpoint was trained with
+_RESUME_ADDED = {"disc_input": "logprob"}
 
 
 class Diverged(RuntimeError):
@@ -224,7 +231,8 @@ class Trainer:
         tc = self.target.config
         self.disc = None
         if cfg.adversarial:
-            self.disc = Discriminator(tc.dim, tc.vocab_size, fc_layers_for(cfg.layers), cfg.disc_width).to(self.device)
+            self.disc = Discriminator(tc.dim, tc.vocab_size, fc_layers_for(cfg.layers), cfg.disc_width,
+                                      cfg.disc_input).to(self.device)
         self.kl_backend = kl_backend(self.device)
         if self.rank == 0:
             print(f"distillation KL: {'fused Triton kernel (kernels.distill)' if self.kl_backend == 'fused' else 'PyTorch reference formula (train.losses.kl_sum)'} on {self.device}")
@@ -405,6 +413,7 @@ class Trainer:
     def load_checkpoint(self, path):
         st = torch.load(path, map_location=self.device, weights_only=False)
         old = st["config"]
+        old = {**_RESUME_ADDED, **old}
         diff = {k: (old.get(k), getattr(self.cfg, k)) for k in _RESUME_FIXED if old.get(k) != getattr(self.cfg, k)}
         if diff:
             raise ValueError(f"cannot resume {path}: settings differ from the checkpoint's {diff}; "

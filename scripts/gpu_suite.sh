@@ -33,11 +33,12 @@ quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
 # KOALA_TRAIN_DATA (default runs/data/sharegpt-sd, or the set the selfdistill step wrote) and
 # KOALA_TRAIN_LR (default: train.ablation's, 5e-4) override the data and the learning rate;
 # KOALA_TRAIN_TAG names a variant recipe (train.ablation --tag), KOALA_TRAIN_ARGS adds options
-# (e.g. "--disc-input prob"), word-split.
+# (e.g. "--disc-input prob"), word-split; KOALA_TRAIN_BUDGET: seconds (default 540). The tag
+# starts with a dash (-prob), hence --tag=...
 ablation_args() {  # shellcheck disable=SC2086 (KOALA_TRAIN_ARGS is word-split on purpose)
   ablation_args=(--data "${KOALA_TRAIN_DATA:-runs/data/sharegpt-sd}" --out /tmp/ablation --steps "$1" --batch-size 16
-                 --ckpt-every 1000 --eval-every 1000 --time-budget 540 --no-progress
-                 ${KOALA_TRAIN_LR:+--lr "$KOALA_TRAIN_LR"} ${KOALA_TRAIN_TAG:+--tag "$KOALA_TRAIN_TAG"}
+                 --ckpt-every 1000 --eval-every 1000 --time-budget "${KOALA_TRAIN_BUDGET:-540}" --no-progress
+                 ${KOALA_TRAIN_LR:+--lr "$KOALA_TRAIN_LR"} ${KOALA_TRAIN_TAG:+"--tag=$KOALA_TRAIN_TAG"}
                  ${KOALA_TRAIN_ARGS:-})
 }
 
@@ -124,7 +125,8 @@ PY
   ablation-eval)
     names="${1:?ablation-eval needs the head names}"
     heads=$(echo "$names" | tr ',' '\n' | sed 's|^|/tmp/ablation/|; s|$|/head|' | paste -sd, -)
-    python -m bench.mtbench --heads "$heads" --modes chain --time-budget 470 --no-progress \
+    # shellcheck disable=SC2086 (KOALA_EVAL_ARGS, e.g. "--depths 1,3", is word-split on purpose)
+    python -m bench.mtbench --heads "$heads" --modes chain --time-budget "${KOALA_EVAL_BUDGET:-470}" --no-progress ${KOALA_EVAL_ARGS:-} \
         --out "mtbench_ablation_$(echo "$names" | tr ',' '_').json" > "$log" 2>&1
     quiet "$log" | tail -n 10
     ;;

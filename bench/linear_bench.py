@@ -3,7 +3,6 @@
     PYTHONPATH=. python3 bench/linear_bench.py            # on the H100, about 1 minute
     PYTHONPATH=. python3 bench/linear_bench.py --sweep    # + other tile configs, a few minutes
     PYTHONPATH=. python3 bench/linear_bench.py --only smollm2 --ms 1,2,4,5,8   # verify sizes
-    PYTHONPATH=. python3 bench/linear_bench.py --only smollm2 --ms 1,2,4,5,8 --variants
 
 Per row (bf16, M = 1, 2, 4, 5, 8, 64 rows by default: decode, chain verification of depth
 M - 1 through the multi-row GEMV, a tree through the MMA path), microseconds per call, each the
@@ -18,11 +17,6 @@ median of 20 replays of one CUDA graph holding n calls, divided by n:
   * kernel_l2_us: the kernel on one W 20 times (W stays in the 50 MB L2); the others rotate over
     enough copies of W (>= 150 MB in all) that every call reads W from HBM, as a decode step does
     (SmolLM2's 270 MB of weights do not fit in L2).
-  * with --variants, both GEMV variants whatever KOALA_GEMV_OVERLAP says (kernels/linear.py):
-    serial_us (rows one after another), overlap_us (rows' loads first, then their arithmetic,
-    then the stores), overlap_nocap_us (the same without _config's register cap), all three
-    with _config's tiles (GEMV rows only, M <= 8), and exact_serial_us / exact_overlap_us with
-    exact mode's; the summary adds each one's per-forward total.
 GB/s = bytes the kernel must move (W, x, output, residual, norm weight) / kernel_us, against the
 3.0 TB/s copy ceiling. Every input is allocated before the first capture (torch.randn during or
 after a failed capture corrupts the RNG's graph state); a row whose capture fails is recorded
@@ -42,7 +36,7 @@ if not torch.cuda.is_available():
 
 from bench.common import write  # noqa: E402
 from kernels._common import next_pow2  # noqa: E402
-from kernels.linear import LinearConfig, _config, gemv_overlap, linear, linear_silu  # noqa: E402
+from kernels.linear import LinearConfig, _config, linear, linear_silu  # noqa: E402
 from koala.model import _row_config  # noqa: E402
 from kernels.rmsnorm import rms_norm  # noqa: E402
 from kernels.swiglu import silu_mul  # noqa: E402
@@ -53,8 +47,6 @@ EPS = 1e-5
 CEILING_GBS = 3000.0
 COLD_BYTES = 150e6          # weight copies per row: 3x the H100's 50 MB L2
 MS = (1, 2, 4, 5, 8, 64)  # default --ms
-# --variants: the GEMV variants' columns
-VARIANT_KEYS = ("serial_us", "overlap_us", "overlap_nocap_us", "exact_serial_us", "exact_overlap_us")
 # (model, op, K, N, kind): N is the output width (I for silu, whose weight is (2I, K))
 OPS = [
     ("smollm2", "wqkv+norm", 576, 1728, "norm"),
@@ -153,8 +145,6 @@ def main():
                     help="also time inv_candidates() only (batch-invariant MMA tiles of 16 rows)")
     ap.add_argument("--only", default="", help="run only rows whose model/op contains this")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated row counts M")
-    ap.add_argument("--variants", action="store_true",
-                    help="also time both GEMV variants (serial, overlap, overlap without its register cap)")
     args = ap.parse_args()
     ms = tuple(int(m) for m in args.ms.split(","))
     torch.manual_seed(0)
@@ -207,15 +197,6 @@ def main():
             ex = _row_config(Ws[0], M, silu=kind == "silu")      # exact mode's tiles
             row["exact_config"] = ex._asdict()
             timed(row, "exact_us", lambda W: kern(W, ex), Ws, n_cold)
-            if args.variants:
-                variants = [("exact_serial_us", ex._replace(overlap=False)),
-                            ("exact_overlap_us", ex._replace(overlap=True))]
-                if not cfg.use_dot:
-                    variants += [("serial_us", cfg._replace(overlap=False)),
-                                 ("overlap_us", cfg._replace(overlap=True)),
-                                 ("overlap_nocap_us", cfg._replace(overlap=True, maxnreg=None))]
-                for key, c in variants:
-                    timed(row, key, lambda W, c=c: kern(W, c), Ws, n_cold)
             k_us = row["kernel_us"]
             if k_us:
                 row["kernel_GBs"] = nbytes / k_us / 1e3
@@ -243,9 +224,6 @@ def main():
                   f"{'mma' if cfg.use_dot else 'gemv'} {cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
                   f"{'' if cfg.use_dot else f' ROWS={cfg.ROWS}'}{extra}",
                   flush=True)
-            if args.variants:
-                print("    " + ", ".join(f"{k[:-3]} {f(row[k], 1)}" for k in VARIANT_KEYS if k in row)
-                      + f"  (maxnreg {cfg.maxnreg})", flush=True)
         del inputs[(model, op)]
         torch.cuda.empty_cache()
 
@@ -256,7 +234,7 @@ def main():
     for M in ms:
         sm = {r["op"]: r for r in rows if r["model"] == "smollm2" and r["M"] == M}
         got = {}
-        for key in ("kernel_us", "runtime_us", "exact_us") + VARIANT_KEYS:
+        for key in ("kernel_us", "runtime_us", "exact_us"):
             if all(sm.get(o, {}).get(key) for o in layer_ops + ("lm_head",)):
                 got[key[:-3]] = (30 * sum(sm[o][key] for o in layer_ops) + sm["lm_head"][key]) / 1e3
                 summary[f"smollm2_M{M}_gemms_ms_{key[:-3]}"] = got[key[:-3]]
@@ -264,8 +242,7 @@ def main():
             print(f"SmolLM2 M={M}, 30 layers' GEMMs (+norm/silu) + LM head per forward: "
                   + ", ".join(f"{k} {v:.3f} ms" for k, v in got.items()))
     path = write("linear.json", dict(dtype="bfloat16", ceiling_GBs=CEILING_GBS, cold_bytes=COLD_BYTES,
-                                     sweep=args.sweep, gemv_overlap=gemv_overlap(), summary=summary,
-                                     rows=rows))
+                                     sweep=args.sweep, summary=summary, rows=rows))
     print(f"wrote {path}")
 
 

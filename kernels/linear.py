@@ -13,17 +13,11 @@ norm and the activation are launches of their own; here a layer's 11 launches be
 Two code paths, picked by `_config` from (M, N, K); neither autotunes, so both are safe to
 capture in a CUDA graph:
   * GEMV (M <= 8): a program holds a (BLOCK_N, BLOCK_K) tile of W (16-byte loads along K) and
-    applies it to ROWS = next_pow2(M) rows, each exactly as a one-row program would (fp32
-    products accumulated elementwise, reduced over K once at the end): a row's output is
-    bitwise the same whatever M is, and W leaves HBM once, so M = 8 reads what M = 1 reads.
-    BLOCK_N is as small as 1-2 rows of W so that N = 576 still gives ~288 programs for the 132
-    SMs. A grid over row groups extends it to any M (koala.model's exact mode).
-    Two variants, picked by LinearConfig.overlap or else KOALA_GEMV_OVERLAP (gemv_overlap()):
-    _linear_kernel runs each row's loads, arithmetic and store before the next row's, one L2
-    round trip after another (SmolLM2's 121 GEMMs of a forward: 0.31 ms at M = 1, 0.76 at
-    M = 5 on the H100); _gemv_rows_kernel issues every row's loads first, then the rows'
-    arithmetic, then every store, so that the round trips overlap. A row's arithmetic is the
-    same in both, and in each a row gets the bits a one-row launch gives it.
+    applies it to ROWS = next_pow2(M) rows one after another, each exactly as a one-row program
+    would (fp32 products accumulated elementwise, reduced over K once at the end): a row's
+    output is bitwise the same whatever M is, and W leaves HBM once, so M = 8 reads what M = 1
+    reads. BLOCK_N is as small as 1-2 rows of W so that N = 576 still gives ~288 programs for
+    the 132 SMs. A grid over row groups extends it to any M (koala.model's exact mode).
   * MMA (M > 8): a (BLOCK_M >= 16, BLOCK_N) tile per program with tl.dot (fp32 accumulation).
 With PDL (kernels/_common.py) the GEMV path loads its first K block of W (all of it for every
 SmolLM2 layer), its bias and its norm weights before waiting on the previous kernel: W, bias and
@@ -36,8 +30,6 @@ are added to the fp32 accumulator and the sum rounded once, as cuBLAS addmm (bet
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -68,22 +60,6 @@ def _row_rstd(x_rows, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _rstd_from(x0, x_rows, m_mask, K, eps, BLOCK_K: tl.constexpr):
-    """_row_rstd of one row (BLOCK_M == 1) given its first K block x0 (1, BLOCK_K), loaded by
-    the caller: the same sums in the same order (0 + the first block's + each later block's)."""
-    rk = tl.arange(0, BLOCK_K)
-    ss = tl.zeros((1,), dtype=tl.float32)
-    xk = x0.to(tl.float32)
-    ss += tl.sum(xk * xk, axis=1)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        kk = k0 + rk
-        xk = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-        xk = xk.to(tl.float32)
-        ss += tl.sum(xk * xk, axis=1)
-    return tl.rsqrt(ss / K + eps)
-
-
-@triton.jit
 def _nw_tile(nw_ptr, kk, K, EVEN_K: tl.constexpr):
     """(BLOCK_K,) of the norm weight, fp32."""
     if EVEN_K:
@@ -93,32 +69,20 @@ def _nw_tile(nw_ptr, kk, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _x_load(x_rows, m_mask, kk, K, EVEN_K: tl.constexpr):
-    """(BLOCK_M, BLOCK_K) of x in x's dtype (0 where masked)."""
-    if EVEN_K:
-        return tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0)
-    else:
-        return tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
-
-
-@triton.jit
-def _x_norm(xk, rstd, nw, x_dtype: tl.constexpr, HAS_NORM: tl.constexpr):
-    """xk (BLOCK_M, BLOCK_K) normalised by rstd (BLOCK_M,) and the norm weight nw (BLOCK_K,)
-    when HAS_NORM, as fp32 values of x_dtype."""
-    if HAS_NORM:
-        # as RMSNorm: round x * rstd to x's dtype, then round the product with the weight again
-        xn = cast_rne(xk * rstd[:, None], x_dtype).to(tl.float32)
-        xk = cast_rne(xn * nw[None, :], x_dtype).to(tl.float32)
-    return xk
-
-
-@triton.jit
 def _x_tile(x_rows, m_mask, kk, K, rstd, nw,
             HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr):
     """(BLOCK_M, BLOCK_K) of x, normalised by rstd and the norm weight nw (BLOCK_K,) when
     HAS_NORM, as fp32 values of x's dtype."""
-    xk = _x_load(x_rows, m_mask, kk, K, EVEN_K).to(tl.float32)
-    return _x_norm(xk, rstd, nw, x_rows.dtype.element_ty, HAS_NORM)
+    if EVEN_K:
+        xk = tl.load(x_rows + kk[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+    else:
+        xk = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < K), other=0.0)
+        xk = xk.to(tl.float32)
+    if HAS_NORM:
+        # as RMSNorm: round x * rstd to x's dtype, then round the product with the weight again
+        xn = cast_rne(xk * rstd[:, None], x_rows.dtype.element_ty).to(tl.float32)
+        xk = cast_rne(xn * nw[None, :], x_rows.dtype.element_ty).to(tl.float32)
+    return xk
 
 
 @triton.jit
@@ -165,20 +129,10 @@ def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
     products, one reduction over K after the loop. w0 (BLOCK_N, BLOCK_K) and nw0 (BLOCK_K,) are
     the first K block's W and norm weight, loaded by the caller (before its PDL wait); the
     accumulation order is that of one loop from k0 = 0, whoever loaded the first block."""
-    a = _x_tile(x_rows, m_mask, tl.arange(0, BLOCK_K), K, rstd, nw0, HAS_NORM, EVEN_K)
-    return _gemv_from(a, x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0,
-                      HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _gemv_from(a0, x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0,
-               HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """_gemv_product given the first K block's x tile a0 (1, BLOCK_K), already normalised: the
-    products of both GEMV variants are this code."""
     rk = tl.arange(0, BLOCK_K)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc2 += a0 * w0.to(tl.float32)
+    a = _x_tile(x_rows, m_mask, rk, K, rstd, nw0, HAS_NORM, EVEN_K)       # (1, BLOCK_K)
+    acc2 += a * w0.to(tl.float32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + rk
         nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
@@ -189,27 +143,18 @@ def _gemv_from(a0, x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0,
 
 
 @triton.jit
-def _bias_silu(acc, up, bias, out_dtype: tl.constexpr,
-               HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    """The fp32 acc (BLOCK_M, BLOCK_N) plus the bias, then SwiGLU (up: the up product, unused
-    unless SILU): the epilogue up to the residual."""
+def _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU: tl.constexpr):
+    """Bias, SwiGLU (up: the up product, unused unless SILU), residual, one rounding, store of
+    the (BLOCK_M, BLOCK_N) fp32 acc at rows rm, columns rn."""
     if HAS_BIAS:
         acc += bias[None, :]
     if SILU:
         # gate and up are rounded to the output dtype first, as the unfused w13 GEMM (whose
         # output is x's dtype) then silu_mul do
-        g = cast_rne(acc, out_dtype).to(tl.float32)
-        u = cast_rne(up, out_dtype).to(tl.float32)
+        g = cast_rne(acc, y_ptr.dtype.element_ty).to(tl.float32)
+        u = cast_rne(up, y_ptr.dtype.element_ty).to(tl.float32)
         acc = g * sigmoid(g) * u
-    return acc
-
-
-@triton.jit
-def _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
-              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU: tl.constexpr):
-    """Bias, SwiGLU (up: the up product, unused unless SILU), residual, one rounding, store of
-    the (BLOCK_M, BLOCK_N) fp32 acc at rows rm, columns rn."""
-    acc = _bias_silu(acc, up, bias, y_ptr.dtype.element_ty, HAS_BIAS, SILU)
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :],
@@ -295,98 +240,6 @@ def _linear_kernel(
                           stride_ym, HAS_BIAS, HAS_RESIDUAL, SILU)
 
 
-@triton.jit
-def _gemv_rows_kernel(
-    x_ptr, w_ptr, wu_ptr, b_ptr, r_ptr, nw_ptr, y_ptr,            # pointers (wu: up rows, SILU)
-    M, N, K, eps,                                                 # sizes (N: output columns)
-    stride_xm, stride_wn, stride_rm, stride_ym,                   # strides (last dims unit)
-    HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,  # constexpr
-    SILU: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
-    USE_GDC: tl.constexpr,
-):
-    """The GEMV path with the memory latencies of its ROWS rows overlapped (KOALA_GEMV_OVERLAP=1).
-    _linear_kernel's GEMV runs each row's chain (x load -> rms -> x load -> product -> residual
-    load -> store) before the next row's, behind an `if row < M`, and Triton emits its loads as
-    volatile asm: nothing moves a row's loads above the previous row's store, so each row pays
-    its L2 round trips in series. Here the program goes in three phases: (1) every row's first
-    K block of x (all of x for SmolLM2's layers) and its residual row are loaded, back to back;
-    (2) each row's rms, product(s) and epilogue arithmetic, in registers; (3) every store. No
-    branch: rows past M are masked (their loads give 0, their stores are dropped).
-    Each row's arithmetic is _linear_kernel's, the same operations in the same order on the same
-    tiles (_rstd_from as _row_rstd, _x_norm, _gemv_from, _bias_silu, one rounding); only the
-    order in which independent rows' instructions are issued differs, so a row's output does not
-    depend on ROWS or M. One load of x's first block feeds both the rms and the product, where
-    _linear_kernel loads it twice (the same values). K blocks after the first (none for
-    SmolLM2's layers; 2 of 3 for its LM head) are still loaded in a loop per row, in phase (2),
-    so that one (BLOCK_N, BLOCK_K) accumulator is live at a time.
-    Program p of G = num_programs(1) takes rows p, p + G, p + 2G, ... (M <= ROWS: G = 1, rows
-    0..M-1), not _linear_kernel's p * ROWS + r: the compiler then knows no more about the
-    alignment of one row's x than of another's (or of row 0 in a one-row launch). With
-    p * ROWS + r and a row stride that is not a multiple of 16 (K = 4100), the first row of a
-    group gets wider x loads, hence another layout, hence another summation order in the rms
-    (sm_90 TTGIR, compiled offline), likely why _linear_kernel's fp32 rows at K = 4100 are not
-    bitwise the same alone on the H100 (README, known failures)."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    w_rows = w_ptr + rn.to(tl.int64) * stride_wn                       # (BLOCK_N,)
-    wu_rows = wu_ptr + rn.to(tl.int64) * stride_wn                     # up rows (SILU)
-    # W, bias and norm weight of the first K block before the PDL wait, as _linear_kernel
-    rk = tl.arange(0, BLOCK_K)
-    w0 = _w_tile(w_rows, n_mask, rk, K, EVEN_K, False)                 # (BLOCK_N, BLOCK_K)
-    wu0 = _w_tile(wu_rows, n_mask, rk, K, EVEN_K, False) if SILU else w0
-    nw0 = _nw_tile(nw_ptr, rk, K, EVEN_K) if HAS_NORM else rk.to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    pdl_wait(USE_GDC)              # before any read of activations or any store
-    pid_m = tl.program_id(1)                    # rows pid_m + r * n_groups, r < ROWS
-    n_groups = tl.num_programs(1)
-
-    # (1) every read of the rows' activations, issued back to back
-    xs = ()                        # ROWS x (1, BLOCK_K) in x's dtype: x's first K block
-    rs = ()                        # ROWS x (1, BLOCK_N) fp32: the residual rows
-    for r in tl.static_range(ROWS):
-        rm = pid_m + r * n_groups + tl.arange(0, 1)                     # (1,)
-        m_mask = rm < M
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm          # (1, 1)
-        xs = xs + (_x_load(x_rows, m_mask, rk, K, EVEN_K),)
-        if HAS_RESIDUAL:
-            res = tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :],
-                          mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-            rs = rs + (res.to(tl.float32),)
-
-    # (2) each row's rms, product(s) and epilogue arithmetic, in registers
-    outs = ()                      # ROWS x (1, BLOCK_N) in y's dtype
-    for r in tl.static_range(ROWS):
-        rm = pid_m + r * n_groups + tl.arange(0, 1)
-        m_mask = rm < M
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-        if HAS_NORM:
-            rstd = _rstd_from(xs[r], x_rows, m_mask, K, eps, BLOCK_K)
-        else:
-            rstd = tl.zeros((1,), dtype=tl.float32)
-        a0 = _x_norm(xs[r].to(tl.float32), rstd, nw0, x_ptr.dtype.element_ty, HAS_NORM)
-        acc = _gemv_from(a0, x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0,
-                         HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
-        if SILU:
-            up = _gemv_from(a0, x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, wu0,
-                            HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
-        else:
-            up = acc
-        acc = _bias_silu(acc, up, bias, y_ptr.dtype.element_ty, HAS_BIAS, SILU)
-        if HAS_RESIDUAL:
-            acc += rs[r]
-        outs = outs + (cast_rne(acc, y_ptr.dtype.element_ty),)
-
-    # (3) every store, after the last load
-    for r in tl.static_range(ROWS):
-        rm = pid_m + r * n_groups + tl.arange(0, 1)
-        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], outs[r],
-                 mask=(rm < M)[:, None] & n_mask[None, :])
-
-
 class LinearConfig(NamedTuple):
     """Launch parameters; `_config` picks them, the benchmark may pass others to compare."""
     use_dot: bool
@@ -396,37 +249,9 @@ class LinearConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     ROWS: int = 1          # GEMV: rows per program, each W tile applied to all of them (1-8)
-    overlap: bool | None = None  # GEMV: rows side by side (_gemv_rows_kernel) or one after
-    #                              another (_linear_kernel); None: gemv_overlap()'s choice
-    maxnreg: int | None = None   # overlapped GEMV: registers per thread (ptxas .maxnreg)
 
 
 GEMV_MAX_M = 8             # _config's GEMV path takes M <= this, in one program row of ROWS
-
-
-@functools.cache
-def gemv_overlap() -> bool:
-    """The GEMV variant for configs that do not name one: KOALA_GEMV_OVERLAP=1 overlaps the
-    rows of a program (_gemv_rows_kernel), 0 handles them one after another (_linear_kernel's
-    GEMV); unset: 0 until the H100 says which is faster. In both a row gets the bits M = 1
-    gives it, with the same arithmetic (tests/kernels/test_linear.py also compares the two
-    variants' bits). Read once, so set it before the first launch or graph capture
-    (gemv_overlap.cache_clear() re-reads it)."""
-    return os.environ.get("KOALA_GEMV_OVERLAP", "0") != "0"
-
-
-def _one_wave_maxnreg(programs: int, num_warps: int) -> int | None:
-    """The register cap per thread (ptxas .maxnreg) at which `programs` programs are all resident
-    at once on the H100's 132 SMs (65536 registers each, given out 8 per thread at a time), when
-    that is 128-248; else None. Only _gemv_rows_kernel takes it, for more than one row. Why: it
-    keeps each row's x block live from its load to its product, and ptxas keeps W's tile
-    converted to fp32 across the rows; uncapped (bf16, sm_90, compiled offline), w13 (384
-    programs) takes 191-215 registers at M = 4-8 and w2 (288) 223 at M = 8: 2 programs per SM
-    where one wave needs 3; capped at 168, no spills. Under 128 a cap risks spills (wqkv takes
-    117-128 uncapped); 2 programs per SM need none."""
-    per_sm = triton.cdiv(programs, NUM_SMS_H100)
-    cap = 65536 // (per_sm * 32 * num_warps) // 8 * 8
-    return cap if 128 <= cap < 255 else None
 
 
 def _config(M: int, N: int, K: int) -> LinearConfig:
@@ -448,8 +273,7 @@ def _config(M: int, N: int, K: int) -> LinearConfig:
         while bn < 16 and triton.cdiv(N, 2 * bn) >= target:
             bn *= 2
         bk = max(32, min(next_pow2(K), 4096 // bn))
-        return LinearConfig(False, 1, bn, bk, 4, 1, min(GEMV_MAX_M, next_pow2(M)), gemv_overlap(),
-                            _one_wave_maxnreg(triton.cdiv(N, bn), 4))
+        return LinearConfig(False, 1, bn, bk, 4, 1, min(GEMV_MAX_M, next_pow2(M)))
     # MMA: tl.dot needs >= 16 rows; one M tile covers M <= 64
     bm = min(64, max(16, next_pow2(M)))
     mt = triton.cdiv(M, bm)
@@ -479,35 +303,25 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
         raise ValueError(f"config {cfg}: the GEMV path takes BLOCK_M=1 and ROWS in 1, 2, 4, 8")
     if cfg.use_dot and cfg.ROWS != 1:
         raise ValueError(f"config {cfg}: ROWS is the GEMV path's (the MMA path takes ROWS=1)")
-    if cfg.use_dot and cfg.overlap:
-        raise ValueError(f"config {cfg}: overlap is the GEMV path's")
     if M == 0 or N == 0:
         return
     if K == 0:
         raise ValueError("K=0: empty reduction")
-    dummy = y                                            # pointer for absent operands (never read)
-    args = (x2, W, W[N:] if silu else W, dummy if bias is None else bias,
-            dummy if res2 is None else res2, dummy if norm_weight is None else norm_weight, y,
-            M, N, K, float(eps),
-            x2.stride(0), W.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0))
-    flags = dict(HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None,
-                 HAS_RESIDUAL=res2 is not None, SILU=silu, EVEN_K=K % cfg.BLOCK_K == 0,
-                 BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_GDC=pdl(),
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl())
-    if not cfg.use_dot and (gemv_overlap() if cfg.overlap is None else cfg.overlap):
-        # ROWS = M when the rows fit one program (M = 5: 5 rows, not 8 of which 3 masked); a
-        # row's bits do not depend on ROWS. One row needs no register cap (w13: 94 registers,
-        # _linear_kernel's 95): a cap would only change ptxas's schedule of the decode step
-        rows = min(cfg.ROWS, M)
-        _gemv_rows_kernel[(triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, rows))](
-            *args, **flags, ROWS=rows, maxnreg=cfg.maxnreg if rows > 1 else None)
-        return
     grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M if cfg.use_dot else cfg.ROWS))
+    dummy = y                                            # pointer for absent operands (never read)
     _linear_kernel[grid](
-        *args, **flags, USE_DOT=cfg.use_dot,
+        x2, W, W[N:] if silu else W, dummy if bias is None else bias, dummy if res2 is None else res2,
+        dummy if norm_weight is None else norm_weight, y,
+        M, N, K, float(eps),
+        x2.stride(0), W.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0),
+        HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=res2 is not None, SILU=silu, USE_DOT=cfg.use_dot,
+        EVEN_K=K % cfg.BLOCK_K == 0,
         # fp32 inputs: exact fp32 products, not TF32 (which would be 10x the reference's error)
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
-        BLOCK_M=cfg.BLOCK_M, ROWS=cfg.ROWS,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS=cfg.ROWS,
+        USE_GDC=pdl(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl(),
     )
 
 

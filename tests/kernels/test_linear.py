@@ -41,23 +41,14 @@ def test_linear_matches_reference(M, N, K, opts, dtype):
     _run_linear(M, N, K, dtype, opts)
 
 
-@pytest.mark.parametrize("M,N,K", [c for c in CASES if c[0] <= L.GEMV_MAX_M])
-@pytest.mark.parametrize("opts", OPTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_overlap_matches_reference(M, N, K, opts, dtype):
-    # _config's GEMV with its rows side by side (KOALA_GEMV_OVERLAP=1), whatever the env says
-    _run_linear(M, N, K, dtype, opts, L._config(M, N, K)._replace(overlap=True))
-
-
-@pytest.mark.parametrize("use_dot,BM,BN,BK,ROWS,overlap", [
-    (False, 1, 4, 32, 1, False), (False, 1, 4, 32, 2, False), (False, 1, 4, 32, 2, True),
-    (True, 16, 16, 64, 1, None), (True, 32, 32, 32, 1, None)])
+@pytest.mark.parametrize("use_dot,BM,BN,BK,ROWS", [(False, 1, 4, 32, 1), (False, 1, 4, 32, 2),
+                                                   (True, 16, 16, 64, 1), (True, 32, 32, 32, 1)])
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_forced_configs(use_dot, BM, BN, BK, ROWS, overlap, M, dtype):
+def test_linear_forced_configs(use_dot, BM, BN, BK, ROWS, M, dtype):
     # every path must be right at any M (the benchmark compares them), EVEN_K included (K=64);
     # ROWS=2 at M=5: three row groups, the last one half masked
-    cfg = L.LinearConfig(use_dot, BM, BN, BK, ROWS=ROWS, overlap=overlap)
+    cfg = L.LinearConfig(use_dot, BM, BN, BK, ROWS=ROWS)
     _run_linear(M, 37, 64, dtype, (True, True, True), cfg)
     _run_linear(M, 37, 70, dtype, (False, False, True), cfg)
 
@@ -70,44 +61,6 @@ GEMV_SMALL_K = L.LinearConfig(False, 1, 4, 32, 4, 1)
 def _rows_config(M, base):
     """base with the ROWS _config gives M (M > 8: groups of 8, as koala.model's exact mode)."""
     return base._replace(ROWS=min(8, L.next_pow2(M)))
-
-
-def test_gemv_overlap_is_chosen_by_the_env(monkeypatch):
-    # KOALA_GEMV_OVERLAP is read once, into _config's choice (a graph captures that launch)
-    calls = []
-
-    class Spy:                       # stands in for _gemv_rows_kernel: records its launches
-        def __getitem__(self, grid):
-            return lambda *a, **kw: calls.append((grid, kw["ROWS"], kw["maxnreg"]))
-    monkeypatch.setattr(L, "_gemv_rows_kernel", Spy())
-    x, W, *_ = _inputs(5, 8, 16, torch.float32)
-    try:
-        for env, want in (("0", False), ("1", True), (None, False)):
-            if env is None:
-                monkeypatch.delenv("KOALA_GEMV_OVERLAP", raising=False)
-            else:
-                monkeypatch.setenv("KOALA_GEMV_OVERLAP", env)
-            L.gemv_overlap.cache_clear()
-            assert L._config(5, 576, 576).overlap is want and L.gemv_overlap() is want
-            calls.clear()
-            L.linear(x, W)                                           # config None: the env's
-            L.linear(x, W, config=L.LinearConfig(False, 1, 4, 32, 4, 1, 8))      # overlap None
-            # ROWS = M = 5 in one program row; BLOCK_N = 1 (_config) and 4
-            assert calls == ([((8, 1), 5, None), ((2, 1), 5, None)] if want else [])
-    finally:
-        monkeypatch.undo()
-        L.gemv_overlap.cache_clear()
-
-
-def test_gemv_overlap_register_cap():
-    # one wave on the H100: 3 programs of 4 warps per SM at <= 168 registers, 4 at <= 128
-    caps = {(1728, 576): 128, (576, 576): 168, (1536, 576): 168, (576, 1536): 168, (49152, 576): None,
-            (12288, 4096): None, (4096, 4096): 128, (11008, 4096): None, (77, 123): None}
-    for (N, K), cap in caps.items():
-        assert L._config(1, N, K).maxnreg == cap, (N, K)
-        programs = -(-N // L._config(1, N, K).BLOCK_N)
-        if cap:
-            assert programs <= L.NUM_SMS_H100 * (65536 // (cap * 128))
 
 
 def test_gemv_config_tiles_do_not_depend_on_M():
@@ -131,29 +84,22 @@ def test_gemv_config_tiles_do_not_depend_on_M():
         assert _row_config(lm, M) == L._config(1, 49152, 576)._replace(ROWS=min(8, L.next_pow2(M)))
 
 
-# both GEMV variants: rows one after another (_linear_kernel) and side by side (_gemv_rows_kernel)
-VARIANTS = pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
-
-
-@VARIANTS
 @pytest.mark.parametrize("M", range(1, 10))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_rows_match_reference(M, dtype, overlap):
+def test_gemv_rows_match_reference(M, dtype):
     # M <= 8: _config's own choice (one K block); then the small-K config at every M (M = 9: 8+1)
     if M <= 8:
-        _run_linear(M, 11, 45, dtype, (True, True, True), L._config(M, 11, 45)._replace(overlap=overlap))
+        _run_linear(M, 11, 45, dtype, (True, True, True))
     _run_linear(M, 9, 70, dtype, [(False, False, False), (True, False, True), (False, True, True)][M % 3],
-                _rows_config(M, GEMV_SMALL_K)._replace(overlap=overlap))
+                _rows_config(M, GEMV_SMALL_K))
 
 
-@VARIANTS
 @pytest.mark.parametrize("M", [3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_silu_rows_match_reference(M, dtype, overlap):
+def test_gemv_silu_rows_match_reference(M, dtype):
     x, W13, _, _, nw = _inputs(M, 2 * 9, 70, dtype, scale=3.0)
     W13 = W13 * 2
-    for cfg in (L._config(M, 9, 70), _rows_config(M, GEMV_SMALL_K)):
-        cfg = cfg._replace(overlap=overlap)
+    for cfg in (None, _rows_config(M, GEMV_SMALL_K)):
         y = L.linear_silu(x, W13, nw, 1e-5, config=cfg)
         exact = L.linear_silu_ref(x.double(), W13.double(), nw.double(), 1e-5)
         assert_close_to_baseline(y, exact, L.linear_silu_ref(x, W13, nw, 1e-5), floor=1e-5,
@@ -182,67 +128,15 @@ if ON_GPU:
                                                              (4096, 4100))]
 
 
-@VARIANTS
 @pytest.mark.parametrize("M,N,K", BITWISE)
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_row_is_bitwise_the_same_alone(M, N, K, silu, dtype, overlap):
+def test_gemv_row_is_bitwise_the_same_alone(M, N, K, silu, dtype):
     # the property exact mode needs: a row's output does not depend on M or ROWS; with
     # _config's tiles (as koala.model._row_config picks them) and with several K blocks
-    cfg = L._config(min(M, 8), N, K)._replace(overlap=overlap)
-    _assert_rows_bitwise_alone(M, N, K, dtype, silu, cfg, L._config(1, N, K)._replace(overlap=overlap))
+    _assert_rows_bitwise_alone(M, N, K, dtype, silu, L._config(min(M, 8), N, K), None)
     if not ON_GPU or K <= 576:
-        small = GEMV_SMALL_K._replace(overlap=overlap)
-        _assert_rows_bitwise_alone(M, N, K, dtype, silu, _rows_config(M, small), small)
-
-
-# Every row of M = 1..8 rows against the row alone (M = 1), _config's tiles or the small-K ones,
-# with each epilogue; and the two variants' one-row launches against each other. (N, K, tiles,
-# (bias, residual, norm) or "silu" / "silu-nonorm"). On the CPU: odd N and K, one K block
-# (_config: BLOCK_K = 128 > K = 100 or 1024 > 576) or four (BLOCK_K = 32, the last masked). On
-# a GPU, SmolLM2's shapes and a 7B-like one of 9 K blocks and an odd row stride.
-ROWS_CASES = [(5, 100, "config", (True, True, True)), (5, 576, "config", (False, False, False)),
-              (5, 100, "config", "silu-nonorm"), (9, 100, "small", (False, True, False)),
-              (9, 100, "small", (True, False, True)), (9, 70, "small", "silu")]
-if ON_GPU:
-    ROWS_CASES += [(1728, 576, "config", (False, False, True)), (576, 576, "config", (False, True, False)),
-                   (1536, 576, "config", "silu"), (576, 1536, "config", (False, True, False)),
-                   (49152, 576, "config", (False, False, False)), (576, 49, "config", (True, True, True)),
-                   (4096, 4100, "config", (True, True, True)), (4096, 4100, "config", "silu")]
-
-
-def _rows_call(N, K, dtype, kind):
-    """call(rows, cfg): the op `kind` on the rows `rows` (a slice) of one x (8, K)."""
-    silu = isinstance(kind, str)
-    x, W, b, r, nw = _inputs(8, 2 * N if silu else N, K, dtype, scale=3.0)
-    if silu:
-        W13, nw = W * 2, (nw if kind == "silu" else None)
-        return lambda rows, cfg: L.linear_silu(x[rows], W13, nw, 1e-5, config=cfg)
-    has_b, has_r, has_n = kind
-    return lambda rows, cfg: L.linear(x[rows], W, b if has_b else None, r[rows] if has_r else None,
-                                      nw if has_n else None, 1e-5, config=cfg)
-
-
-@VARIANTS
-@pytest.mark.parametrize("N,K,tiles,kind", ROWS_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_rows_bitwise_at_every_m(N, K, tiles, kind, dtype, overlap, request):
-    if ON_GPU and K == 4100 and dtype == torch.float32 and not overlap:
-        request.applymarker(pytest.mark.xfail(reason="README known failures: fp32 rows at K = 4100 "
-                                              "are not bitwise the same alone in _linear_kernel"))
-    call = _rows_call(N, K, dtype, kind)
-    base = L._config(1, N, K) if tiles == "config" else GEMV_SMALL_K
-    one = base._replace(overlap=overlap)
-    alone = [call(slice(i, i + 1), one) for i in range(8)]
-    for M in range(1, 9):
-        many = call(slice(0, M), one._replace(ROWS=L.next_pow2(M)))   # _config's ROWS for M
-        for i in range(M):
-            assert torch.equal(many[i:i + 1], alone[i]), f"row {i} of M={M}: {N}x{K} {tiles} {kind} {dtype}"
-    if overlap:
-        # flipping KOALA_GEMV_OVERLAP keeps the bits (a row's arithmetic is the same code)
-        serial = base._replace(overlap=False)
-        for i in range(8):
-            assert torch.equal(call(slice(i, i + 1), serial), alone[i]), f"row {i}: variants differ"
+        _assert_rows_bitwise_alone(M, N, K, dtype, silu, _rows_config(M, GEMV_SMALL_K), GEMV_SMALL_K)
 
 
 # An MMA tile of 16 rows (bench/linear_bench.py's inv_candidates): M = 17 is two row tiles, the
@@ -324,5 +218,3 @@ def test_linear_rejects_bad_inputs():
         L.linear(x, W.t().contiguous().t())
     with pytest.raises(ValueError, match="2\\*I"):
         L.linear_silu(x, W[:7])
-    with pytest.raises(ValueError, match="overlap is the GEMV"):
-        L.linear(x, W, config=L.LinearConfig(True, 16, 16, 32, overlap=True))

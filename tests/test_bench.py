@@ -292,6 +292,19 @@ def test_mtbench_plain_rebracketing():
     assert not any(m["plain_bracketed"] for m in res0["methods"])
 
 
+def test_mtbench_warm_questions_are_untimed():
+    """warm_questions=2 answers two questions (four turns) before the first timed plain run: the
+    drifting stand-in has moved to its second speed by then, so the slow start is not measured."""
+    plain = DriftingGen([1.0, 0.5])               # 10, then 20 tokens/s
+    res, base = bm.measure(plain, methods("h1"), QS, [0.0], 16, seed=0, progress=False, warm_questions=2)
+    assert res["warm_questions"] == 2
+    assert res["plain"]["tokens_per_s"] == pytest.approx(20.0)
+    assert len(base[0.0]) == 2 * len(QS)            # the reference outputs are the timed run's only
+    assert res["methods"][0]["speedup"] == pytest.approx(1.0)
+    cold, _ = bm.measure(DriftingGen([1.0, 0.5]), methods("h1"), QS, [0.0], 16, seed=0, progress=False)
+    assert cold["plain"]["tokens_per_s"] == pytest.approx(10.0)
+
+
 def test_mtbench_time_budget_still_brackets():
     ticks = iter(range(0, 1000, 10))
     plain = DriftingGen([1.0, 0.5])

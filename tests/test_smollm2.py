@@ -40,7 +40,7 @@ def test_shipped_default_heads_are_lossless(smollm2, kind):
     output equals plain greedy decoding (fp32, CPU)."""
     from koala.speculative import resolve_draft
     head = resolve_draft("default" if kind == "eagle" else "default-medusa", smollm2)
-    assert head.config.kind == kind and head.config.layers == 2
+    assert head.config.kind == kind and head.config.layers >= 2    # KOALA heads: K >= 2
     plain = SpeculativeGenerator(smollm2, max_seq_len=512)
     spec = SpeculativeGenerator(smollm2, head, max_seq_len=512, mode="chain")
     prompt = PROMPTS[1]

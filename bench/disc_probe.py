@@ -21,7 +21,6 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import write
 
@@ -56,15 +55,9 @@ def probe(train, test, inputs: str, steps: int, batch: int, lr: float, n_fc: int
     cond, real, fake = train
     import train.discriminator as TD
     torch.manual_seed(seed)
-    disc = TD.Discriminator(cond.shape[1], real.shape[1], n_fc, width)
-    if inputs == "prob":
-        def fwd(hidden, logits):
-            x = torch.cat([TD._unit(disc.map(hidden.float())), TD._unit(F.softmax(logits.float(), dim=-1))], dim=-1)
-            return disc.fc(x).squeeze(-1)
-    elif inputs == "logprob":
-        fwd = disc
-    else:
-        raise ValueError(f"inputs must be logprob or prob, got {inputs!r}")
+    if inputs not in TD.DISC_INPUTS:
+        raise ValueError(f"inputs must be one of {TD.DISC_INPUTS}, got {inputs!r}")
+    disc = fwd = TD.Discriminator(cond.shape[1], real.shape[1], n_fc, width, inputs=inputs)   # the trainer's
     opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.999))   # as the trainer's
     ntr = cond.shape[0]
     g = torch.Generator().manual_seed(seed + 1)

@@ -331,5 +331,5 @@ def test_disc_probe_tells_apart_only_what_differs():
     same = probe((c1, r1, r1), (c2, r2, r2), "prob", 60, 64, 1e-3, 1, 16)
     assert flat["held_out_accuracy"] > 0.9
     assert same["held_out_accuracy"] == pytest.approx(0.5, abs=0.01)   # identical inputs: one score for both
-    with pytest.raises(ValueError, match="logprob or prob"):
+    with pytest.raises(ValueError, match="inputs must be one of"):
         probe((c1, r1, r1), (c2, r2, r2), "raw", 1, 8, 1e-3, 1, 16)

@@ -304,6 +304,15 @@ def test_checkpoint_round_trip_and_export(tmp_path, data):
         assert torch.equal(v, head.state_dict()[k])
     with pytest.raises(ValueError, match="settings differ"):
         Trainer(cfg_for(tmp_path, data, kind="medusa", adversarial=True, steps=4, lam=0.2), target=t, resume=True)
+    # a checkpoint written before disc_input existed was trained with log-probability inputs
+    ck = tmp_path / "run" / "checkpoint.pt"
+    st = torch.load(ck, weights_only=False)
+    del st["config"]["disc_input"]
+    torch.save(st, ck)
+    assert Trainer(cfg_for(tmp_path, data, kind="medusa", adversarial=True, steps=4), target=t, resume=True).step == 4
+    with pytest.raises(ValueError, match="disc_input"):
+        Trainer(cfg_for(tmp_path, data, kind="medusa", adversarial=True, steps=4, disc_input="prob"), target=t,
+                resume=True)
 
 
 def test_resume_after_kill_is_identical(tmp_path, data, monkeypatch):

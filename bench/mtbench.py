@@ -133,13 +133,14 @@ def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budg
                     run_method(plain, questions[:warm_questions], max_new, T, seed_at[T],
                                f"plain T={T} (untimed warm-up)", progress)
             recs = run_method(plain, questions, max_new, T, seed_at[T], f"plain T={T}", progress)
+            summ = summarise(recs, False)
             if first:
                 base[T] = recs
-                res["plain_by_temperature"].append({"temperature": T, **summarise(recs, False)})
+                res["plain_by_temperature"].append({"temperature": T, **summ})
             by = defaultdict(list)
             for r in recs:
                 by[r["category"]].append(r)
-            tps = summarise(recs, False)["tokens_per_s"]
+            tps = summ["tokens_per_s"]
             run[T] = (tps, {c: summarise(rs, False)["tokens_per_s"] for c, rs in by.items()})
             res["plain_runs"].append({"temperature": T, "after_methods": len(res["methods_done"]),
                                       "tokens_per_s": tps})

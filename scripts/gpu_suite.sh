@@ -98,7 +98,7 @@ case "$step" in
     rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done
     python - "$OUT/ablation_$(echo "$names" | tr ',' '_')$tag.json" "$tag" $(echo "$names" | tr ',' ' ') <<'PY'
 import json, sys
-out, tag, names = sys.argv[1], sys.argv[2], [n + sys.argv[2] for n in sys.argv[3:]]
+out, names = sys.argv[1], [n + sys.argv[2] for n in sys.argv[3:]]   # argv[2]: the tag
 table = {}
 for n in names:
     try:

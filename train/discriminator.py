@@ -1,8 +1,9 @@
 """KOALA's discriminator and the adversarial losses.
 
-D(h, z) = sigmoid(FC([map(h) ; f(z)])), f = log_softmax (the default) or softmax: map is a Linear from the target's last hidden
-state (D) to the logit dimension (V); FC is 1 to 3 fully connected layers (matched to the head's
-K) over the concatenation (2V), ending in one logit, the probability that z is the target's.
+D(h, z) = sigmoid(FC([map(h) ; f(z)])), f = log_softmax (the default) or softmax: map is a
+Linear from the target's last hidden state (D) to the logit dimension (V); FC is 1 to 3 fully
+connected layers (matched to the head's K) over the concatenation (2V), ending in one logit, the
+probability that z is the target's.
 
 h is the last hidden state of the target that the draft itself conditions on (Medusa: h_t for
 every head; EAGLE rollout step s: h_{t-s}). It is *not* the hidden state whose LM-head image is

@@ -412,8 +412,7 @@ class Trainer:
 
     def load_checkpoint(self, path):
         st = torch.load(path, map_location=self.device, weights_only=False)
-        old = st["config"]
-        old = {**_RESUME_ADDED, **old}
+        old = {**_RESUME_ADDED, **st["config"]}
         diff = {k: (old.get(k), getattr(self.cfg, k)) for k in _RESUME_FIXED if old.get(k) != getattr(self.cfg, k)}
         if diff:
             raise ValueError(f"cannot resume {path}: settings differ from the checkpoint's {diff}; "

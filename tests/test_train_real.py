@@ -65,7 +65,13 @@ def test_ablation_cli_table_and_skip_finished(tmp_path):
     for r in t1.values():
         assert r["status"] == "finished" and r["step"] == 2 and r["concurrent_trainings"] == 2
     assert len(t1["medusa-k1-base"]["final_eval"]["eval/top1"]) == 4
-    main(args)                                     # default table path, both already finished
+    main(args + ["--lr", "1e-4"])                  # default table path, both already finished
     t2 = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     assert set(t2) == set(t1) and all("concurrent_trainings" not in r for r in t2.values())
     assert t2["eagle-k1-adv"]["train_seconds"] == t1["eagle-k1-adv"]["train_seconds"]
+    assert all(r["lr"] == 5e-4 and r["disc_input"] == "logprob" for r in t2.values())   # their own settings
+    # a variant recipe lands beside them under its tag, with its settings recorded
+    main(args[:-1] + ["eagle-k1-adv", "--tag=-p", "--disc-input", "prob", "--table", str(tmp_path / "t3.json")])
+    t3 = json.loads((tmp_path / "t3.json").read_text())
+    assert set(t3) == {"eagle-k1-adv-p"} and t3["eagle-k1-adv-p"]["disc_input"] == "prob"
+    assert (tmp_path / "abl" / "eagle-k1-adv-p" / "head").is_dir()

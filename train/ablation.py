@@ -94,8 +94,9 @@ def main(argv=None):
             print(results[key]["message"])
     table = {n: {k: r.get(k) for k in ("status", "step", "steps", "train_seconds", "tokens_seen", "tokens_per_s",
                                        "final_eval", "device")} for n, r in results.items()}
-    for n in table:
-        table[n].update(lr=a.lr, disc_input=a.disc_input, w_prob=a.w_prob)
+    for n, r in results.items():   # each head's own settings: a finished one may predate this invocation's
+        cfg = r.get("config", {})
+        table[n].update(lr=cfg.get("lr"), disc_input=cfg.get("disc_input", "logprob"), w_prob=cfg.get("w_prob"))
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     for n in trained_now:
         table[n]["concurrent_trainings"] = a.concurrent

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,13 +145,30 @@ def _read_hf_dir(path: Path):
 
 
 def _gguf_to_cache(gguf: Path) -> Path:
-    """Dequantise a GGUF once through transformers into a cached HF directory."""
+    """Dequantise a GGUF once through transformers into a cached HF directory.
+
+    Safe when several processes start at once (parallel trainings on one machine): each converts
+    into a private directory beside the cache entry and publishes it with one rename, so a
+    directory at the entry's path is always complete. The first rename wins; the others discard
+    their copy and use the winner's."""
     st = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_root() / f"{gguf.stem}-{key}"
     if (out / "koala_complete").is_file():
         return out
     log.info("koala: dequantising %s once into %s", gguf.name, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _dequantise_into(gguf, tmp)
+        return _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)      # gone already when the rename succeeded
+
+
+def _dequantise_into(gguf: Path, out: Path) -> None:
+    """Write the HF directory of a GGUF (weights, config, generation config, tokenizer) into out,
+    then its marker file koala_complete."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
@@ -159,7 +178,6 @@ def _gguf_to_cache(gguf: Path) -> Path:
         raise CheckpointError(f"loading GGUF needs the gguf package: pip install gguf ({e})") from e
     except Exception as e:
         raise CheckpointError(f"{gguf} could not be read as GGUF: {e}") from e
-    out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
     sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
     if getattr(hf.config, "tie_word_embeddings", False):
@@ -172,7 +190,22 @@ def _gguf_to_cache(gguf: Path) -> Path:
         hf.generation_config.to_json_file(out / "generation_config.json")
     tok.save_pretrained(out)
     (out / "koala_complete").write_text(str(gguf))
-    return out
+
+
+def _publish(tmp: Path, out: Path) -> Path:
+    """Move the complete directory tmp to out with one rename and return out. Another process's
+    complete out wins (tmp is left for the caller to delete); an incomplete out (left by a crash
+    or by koala versions that wrote in place) is removed first."""
+    for _ in range(2):
+        try:
+            os.rename(tmp, out)
+            return out
+        except OSError:                   # out exists (and is not empty)
+            if (out / "koala_complete").is_file():
+                return out
+            shutil.rmtree(out, ignore_errors=True)
+    raise CheckpointError(f"could not write the model cache at {out}: it exists but is incomplete and "
+                          f"cannot be replaced; delete it (or set KOALA_CACHE to another folder) and retry")
 
 
 def load_tokenizer(path: Path):

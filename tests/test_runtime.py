@@ -1,4 +1,7 @@
 """The runtime against the reference, transformers, on tiny random configs of each architecture."""
+import json
+import threading
+
 import pytest
 import torch
 
@@ -78,3 +81,63 @@ def test_narrow_window_equals_full_cache(tmp_path):
         full, _ = m(ids, s[None], s, causal_mask(s, 128))
         narrow, _ = m(ids, s[None], s, causal_mask(s, 32))
     assert torch.equal(full, narrow) or torch.allclose(full, narrow, atol=1e-5)
+
+
+def _slow_dequantise(gguf, out):
+    """A stand-in for the GGUF conversion: 50 ms of reading the GGUF, then config.json opened
+    (empty) and written 20 ms later, as a real conversion writes its files; then the marker."""
+    import time
+    time.sleep(0.05)
+    with open(out / "config.json", "w") as f:
+        time.sleep(0.02)
+        f.write(json.dumps({"model_type": "llama", "writer": threading.get_ident()}))
+    (out / "koala_complete").write_text(str(gguf))
+
+
+def test_gguf_cache_is_safe_when_processes_start_together(tmp_path, monkeypatch):
+    """Six trainings starting at once on the GPU machine once crashed: one read the cache entry's
+    config.json while another was rewriting it. Racing conversions must each see a complete entry."""
+    import koala.loading as L
+    monkeypatch.setenv("KOALA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(L, "_dequantise_into", _slow_dequantise)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    errors, outs = [], []
+
+    def worker(delay):
+        import time
+        time.sleep(delay)
+        try:
+            out = L._gguf_to_cache(gguf)
+            for _ in range(10):                       # while the later starters convert
+                json.loads((out / "config.json").read_text())
+                time.sleep(0.01)
+            outs.append(out)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(0.02 * i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(set(outs)) == 1 and len(outs) == 6
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [outs[0].name]   # no private copies left
+
+
+def test_gguf_cache_replaces_an_incomplete_entry_and_keeps_a_complete_one(tmp_path):
+    from koala.loading import _publish
+    out = tmp_path / "entry"
+    out.mkdir()
+    (out / "config.json").write_text("{")              # a crash mid-write, no marker
+    tmp = tmp_path / "mine"
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    (tmp / "koala_complete").write_text("x")
+    assert _publish(tmp, out) == out and (out / "config.json").read_text() == "{}" and not tmp.exists()
+    other = tmp_path / "late"
+    other.mkdir()
+    (other / "config.json").write_text('{"late": 1}')
+    (other / "koala_complete").write_text("x")
+    assert _publish(other, out) == out and (out / "config.json").read_text() == "{}"   # the first wins

@@ -33,6 +33,7 @@ def environment() -> dict:
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
             "kernels": os.environ.get("KOALA_KERNELS", "1") != "0", "pdl": _pdl(),
             "fused_combine": os.environ.get("KOALA_FUSED_COMBINE", "0") == "1",
+            "cast_by_hand": os.environ.get("KOALA_CAST_BY_HAND", "0") not in ("", "0"),
             "pipeline": os.environ.get("KOALA_PIPELINE", "1") != "0",
             "exact": os.environ.get("KOALA_EXACT", "1") != "0"}
 

@@ -55,22 +55,20 @@ def probe(train, test, inputs: str, steps: int, batch: int, lr: float, n_fc: int
     cond, real, fake = train
     import train.discriminator as TD
     torch.manual_seed(seed)
-    if inputs not in TD.DISC_INPUTS:
-        raise ValueError(f"inputs must be one of {TD.DISC_INPUTS}, got {inputs!r}")
-    disc = fwd = TD.Discriminator(cond.shape[1], real.shape[1], n_fc, width, inputs=inputs)   # the trainer's
+    disc = TD.Discriminator(cond.shape[1], real.shape[1], n_fc, width, inputs=inputs)   # the trainer's (checks inputs)
     opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.999))   # as the trainer's
     ntr = cond.shape[0]
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
         i = torch.randint(0, ntr, (batch,), generator=g)
-        loss = TD.discriminator_sum(fwd(cond[i], real[i]), fwd(cond[i], fake[i])) / batch
+        loss = TD.discriminator_sum(disc(cond[i], real[i]), disc(cond[i], fake[i])) / batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(disc.parameters(), 1.0)
         opt.step()
     tc, tr, tf = test
     with torch.no_grad():
-        dr, df = torch.sigmoid(fwd(tc, tr)), torch.sigmoid(fwd(tc, tf))
+        dr, df = torch.sigmoid(disc(tc, tr)), torch.sigmoid(disc(tc, tf))
     acc = 0.5 * ((dr > 0.5).float().mean() + (df < 0.5).float().mean()).item()
     return {"inputs": inputs, "held_out_accuracy": acc, "D_real": dr.mean().item(), "D_fake": df.mean().item(),
             "final_train_loss": loss.item()}

@@ -4,13 +4,14 @@ import os
 import triton
 import triton.language as tl
 
+from ._common import interpreting
+
 
 # Round fp32 -> bf16 by hand only under the interpreter (below); on the GPU the hardware cast
 # rounds to nearest even already, and the four integer ops per element cost the GEMV's norm
 # prologue time. KOALA_CAST_BY_HAND=1 keeps the hand rounding on the GPU too (the two give the same
 # bits for every finite and infinite value; bench/linear_bench.py times both).
-_CAST_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-                             or os.environ.get("KOALA_CAST_BY_HAND", "0") not in ("", "0"))
+_CAST_BY_HAND = tl.constexpr(interpreting() or os.environ.get("KOALA_CAST_BY_HAND", "0") not in ("", "0"))
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """The runtime against the reference, transformers, on tiny random configs of each architecture."""
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -86,7 +87,6 @@ def test_narrow_window_equals_full_cache(tmp_path):
 def _slow_dequantise(gguf, out):
     """A stand-in for the GGUF conversion: 50 ms of reading the GGUF, then config.json opened
     (empty) and written 20 ms later, as a real conversion writes its files; then the marker."""
-    import time
     time.sleep(0.05)
     with open(out / "config.json", "w") as f:
         time.sleep(0.02)
@@ -105,7 +105,6 @@ def test_gguf_cache_is_safe_when_processes_start_together(tmp_path, monkeypatch)
     errors, outs = [], []
 
     def worker(delay):
-        import time
         time.sleep(delay)
         try:
             out = L._gguf_to_cache(gguf)

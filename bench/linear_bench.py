@@ -49,7 +49,7 @@ COLD_BYTES = 150e6          # weight copies per row: 3x the H100's 50 MB L2
 MS = (1, 2, 4, 5, 8, 64)  # default --ms
 # (model, op, K, N, kind): N is the output width (I for silu, whose weight is (2I, K))
 OPS = [
-    ("smollm2", "wqkv+norm", 576, 1728, "norm"),
+    ("smollm2", "wqkv+norm", 576, 960, "norm"),     # 9 query + 2 x 3 kv heads of 64
     ("smollm2", "wo+residual", 576, 576, "residual"),
     ("smollm2", "w13+norm+silu", 576, 1536, "silu"),
     ("smollm2", "w2+residual", 1536, 576, "residual"),

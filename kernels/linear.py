@@ -297,6 +297,8 @@ def _check(x, W, norm_weight, name_w="W"):
 
 
 def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
+    """Launch; returns Triton's compiled-kernel handle (n_regs, n_spills: bench/linear_waves.py),
+    or None when there is nothing to compute."""
     M, K = x2.shape
     cfg = config or _config(M, N, K)
     if not cfg.use_dot and (cfg.BLOCK_M != 1 or cfg.ROWS not in (1, 2, 4, 8)):
@@ -304,12 +306,12 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
     if cfg.use_dot and cfg.ROWS != 1:
         raise ValueError(f"config {cfg}: ROWS is the GEMV path's (the MMA path takes ROWS=1)")
     if M == 0 or N == 0:
-        return
+        return None
     if K == 0:
         raise ValueError("K=0: empty reduction")
     grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M if cfg.use_dot else cfg.ROWS))
     dummy = y                                            # pointer for absent operands (never read)
-    _linear_kernel[grid](
+    return _linear_kernel[grid](
         x2, W, W[N:] if silu else W, dummy if bias is None else bias, dummy if res2 is None else res2,
         dummy if norm_weight is None else norm_weight, y,
         M, N, K, float(eps),

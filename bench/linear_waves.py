@@ -63,14 +63,29 @@ def variants(cfg, M):
     return out
 
 
+def sweep_variants(cfg, M, K):
+    """--sweep: every BLOCK_N in 1..8 (16..32 for the LM head) x 1, 2, 4 warps x BLOCK_K of
+    next_pow2(K) or half of it (or 256 / 512 for the LM head), ROWS as exact mode's."""
+    out = {"exact": cfg}
+    lm = cfg.BLOCK_N >= 16
+    for bn in ((4, 8, 16, 32) if lm else (1, 2, 4, 8)):
+        for w in ((2, 4) if lm else (1, 2, 4)):
+            for bk in ((256, 512) if lm else (next_pow2(K), next_pow2(K) // 2)):
+                out[f"n{bn}k{bk}w{w}"] = cfg._replace(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,2,3,5")
+    ap.add_argument("--sweep", action="store_true", help="the grid of sweep_variants instead of variants")
+    ap.add_argument("--only", default="", help="ops whose name contains this")
     a = ap.parse_args()
     ms = [int(m) for m in a.ms.split(",")]
     torch.manual_seed(0)
     inputs = {}
-    for op, K, N, kind in OPS:
+    ops = [o for o in OPS if a.only in o[0]]
+    for op, K, N, kind in ops:
         rows_w = 2 * N if kind == "silu" else N
         W0 = (torch.randn(rows_w, K, device="cuda") / K ** 0.5).to(DT)
         nc = max(2, math.ceil(COLD_BYTES / W0.nbytes))
@@ -83,12 +98,13 @@ def main():
     rows = []
     print(f"{'op':<15} {'M':>2} {'variant':<6} {'us':>7} {'regs':>4} {'spill':>5} {'progs':>6} {'/SM':>3} "
           f"{'waves':>5}  config", flush=True)
-    for op, K, N, kind in OPS:
+    for op, K, N, kind in ops:
         Ws, nw, per_m = inputs[op]
         for M in ms:
             x, r, y = per_m[M]
             cfg = _row_config(Ws[0], M, silu=kind == "silu")
-            for name, c in variants(cfg, M).items():
+            vs = sweep_variants(cfg, M, K) if a.sweep else variants(cfg, M)
+            for name, c in vs.items():
                 def call(W, c=c):
                     return _launch(x, W, None, r if kind == "residual" else None,
                                    nw if kind in ("norm", "silu") else None, EPS, y, N, kind == "silu", c)
@@ -122,6 +138,12 @@ def main():
     # a forward's products (30 layers + LM head) per variant where every op has it
     summary = {}
     for M in ms:
+        for op, *_ in ops:     # each op's fastest config at this M
+            got = [r for r in rows if r["op"] == op and r["M"] == M and r.get("us")]
+            if got:
+                b = min(got, key=lambda r: r["us"])
+                summary[f"M{M}_{op}_best"] = {"variant": b["variant"], "us": b["us"],
+                                              "exact_us": next((r["us"] for r in got if r["variant"] == "exact"), None)}
         for name in ("exact", "w8", "w2", "rows", "bn/2", "bn*2"):
             got = {r["op"]: r.get("us") for r in rows if r["M"] == M and r["variant"] == name}
             lm = got.get("lm_head") or next((r.get("us") for r in rows if r["M"] == M and r["op"] == "lm_head"
@@ -129,8 +151,8 @@ def main():
             if all(got.get(o[0]) for o in LAYER_OPS) and lm:
                 summary[f"M{M}_{name}_forward_ms"] = (30 * sum(got[o[0]] for o in LAYER_OPS) + lm) / 1e3
     for k, v in summary.items():
-        print(f"{k:<28} {v:.3f} ms")
-    print(f"wrote {write('linear_waves.json', dict(dtype='bfloat16', cold_bytes=COLD_BYTES, summary=summary, rows=rows))}")
+        print(f"{k:<28} {v:.3f} ms" if isinstance(v, float) else f"{k:<28} {v}")
+    print(f"wrote {write('linear_waves_sweep.json' if a.sweep else 'linear_waves.json', dict(dtype='bfloat16', cold_bytes=COLD_BYTES, summary=summary, rows=rows))}")
 
 
 if __name__ == "__main__":

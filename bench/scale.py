@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--max-seq-len", type=int, default=1024)
+    ap.add_argument("--out", default="scale.json", help="result file name")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     lt = random_target(a.preset, dev, torch.bfloat16 if dev == "cuda" else torch.float32)
@@ -68,7 +69,7 @@ def main():
                   + " / ".join(f"{row['implied_speedup'][str(t)]:.2f}" for t in (3, 4, 5)), flush=True)
             torch.cuda.empty_cache()
     if dev == "cuda":
-        path = write("scale.json", {"preset": a.preset, "weights_GB": lt.model.config.n_params * 2 / 1e9,
+        path = write(a.out, {"preset": a.preset, "weights_GB": lt.model.config.n_params * 2 / 1e9,
                                     "plain_step_ms": plain, "context": a.context, "rows": rows})
         print(f"plain step {plain:.2f} ms -> {path}")
     else:

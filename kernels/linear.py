@@ -143,6 +143,35 @@ def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
 
 
 @triton.jit
+def _vec_product(x_rows, m_mask, w_rows, wu_rows, n_mask, nw_ptr, rstd, K, w0, wu0, nw0,
+                 HAS_NORM: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T for all BLOCK_M rows at once, and the up
+    product when SILU: each K block's fp32 products as one (BLOCK_M, BLOCK_N, BLOCK_K) tile,
+    reduced over K, the blocks summed in order from k0 = 0. Every row goes through the same lanes
+    of the same tile shape, so its bits depend on BLOCK_M, BLOCK_N and BLOCK_K only, never on M
+    or on which of the tile's rows it is. The normalised x block is made once for gate and up.
+    w0 / wu0 (BLOCK_N, BLOCK_K) and nw0 (BLOCK_K,): the first K block, loaded by the caller."""
+    rk = tl.arange(0, BLOCK_K)
+    a = _x_tile(x_rows, m_mask, rk, K, rstd, nw0, HAS_NORM, EVEN_K)        # (BLOCK_M, BLOCK_K)
+    acc = tl.sum(a[:, None, :] * w0.to(tl.float32)[None, :, :], axis=2)   # (BLOCK_M, BLOCK_N)
+    if SILU:
+        up = tl.sum(a[:, None, :] * wu0.to(tl.float32)[None, :, :], axis=2)
+    else:
+        up = acc
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        kk = k0 + rk
+        nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
+        a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
+        w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, False)
+        acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if SILU:
+            wu = _w_tile(wu_rows, n_mask, kk, K, EVEN_K, False)
+            up += tl.sum(a[:, None, :] * wu.to(tl.float32)[None, :, :], axis=2)
+    return acc, up
+
+
+@triton.jit
 def _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
               HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU: tl.constexpr):
     """Bias, SwiGLU (up: the up product, unused unless SILU), residual, one rounding, store of
@@ -169,7 +198,7 @@ def _linear_kernel(
     M, N, K, eps,                                                 # sizes (N: output columns)
     stride_xm, stride_wn, stride_rm, stride_ym,                   # strides (last dims unit)
     HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,  # constexpr
-    SILU: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    SILU: tl.constexpr, USE_DOT: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
     USE_GDC: tl.constexpr,
@@ -199,6 +228,29 @@ def _linear_kernel(
             bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
+                  HAS_BIAS, HAS_RESIDUAL, SILU)
+    elif VEC:
+        # all BLOCK_M rows as one tile (_vec_product): W, bias and norm weight before the PDL
+        # wait as in the GEMV, then the tile's rows' norms and products together
+        rk = tl.arange(0, BLOCK_K)
+        w0 = _w_tile(w_rows, n_mask, rk, K, EVEN_K, False)               # (BLOCK_N, BLOCK_K)
+        wu0 = _w_tile(wu_rows, n_mask, rk, K, EVEN_K, False) if SILU else w0
+        nw0 = _nw_tile(nw_ptr, rk, K, EVEN_K) if HAS_NORM else rk.to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        pdl_wait(USE_GDC)              # before any read of activations or any store
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = rm < M
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm          # (BLOCK_M, 1)
+        if HAS_NORM:
+            rstd = _row_rstd(x_rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
+        else:
+            rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc, up = _vec_product(x_rows, m_mask, w_rows, wu_rows, n_mask, nw_ptr, rstd, K, w0, wu0,
+                               nw0, HAS_NORM, SILU, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
                   HAS_BIAS, HAS_RESIDUAL, SILU)
     else:
@@ -249,6 +301,7 @@ class LinearConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     ROWS: int = 1          # GEMV: rows per program, each W tile applied to all of them (1-8)
+    vec: bool = False      # the row-tile path: BLOCK_M rows as one (BLOCK_M, BLOCK_N, BLOCK_K) tile
 
 
 GEMV_MAX_M = 8             # _config's GEMV path takes M <= this, in one program row of ROWS
@@ -285,6 +338,25 @@ def _config(M: int, N: int, K: int) -> LinearConfig:
     return LinearConfig(True, bm, bn, bk, 4, 3)
 
 
+VEC_PRODUCTS = 8192        # fp32 products per K block of a row tile: 64 a thread at 4 warps
+
+
+def vec_config(N: int, K: int, rows: int, silu: bool = False) -> LinearConfig:
+    """The row-tile path's tiles for a row tile of `rows` rows (BLOCK_M; koala.model's exact
+    mode uses one tile for every M, so a row's bits do not depend on M): BLOCK_N as _config's
+    GEMV (>= 2 programs per SM), BLOCK_K as long as VEC_PRODUCTS allows (half for SwiGLU, whose
+    programs hold a gate and an up tile)."""
+    if rows not in (1, 2, 4, 8, 16):
+        raise ValueError(f"row tile of {rows} rows: it must be 1, 2, 4, 8 or 16")
+    target = 2 * NUM_SMS_H100
+    bn = 1
+    while bn < 16 and triton.cdiv(N, 2 * bn) >= target:
+        bn *= 2
+    budget = VEC_PRODUCTS // (2 if silu else 1)
+    bk = max(32, min(next_pow2(K), budget // (rows * bn)))
+    return LinearConfig(False, rows, bn, bk, 4, 1, 1, True)
+
+
 def _check(x, W, norm_weight, name_w="W"):
     check_tensor("x", x, dtypes=FLOATS)
     if x.dim() < 1:
@@ -301,15 +373,18 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
     or None when there is nothing to compute."""
     M, K = x2.shape
     cfg = config or _config(M, N, K)
-    if not cfg.use_dot and (cfg.BLOCK_M != 1 or cfg.ROWS not in (1, 2, 4, 8)):
+    if not cfg.use_dot and not cfg.vec and (cfg.BLOCK_M != 1 or cfg.ROWS not in (1, 2, 4, 8)):
         raise ValueError(f"config {cfg}: the GEMV path takes BLOCK_M=1 and ROWS in 1, 2, 4, 8")
     if cfg.use_dot and cfg.ROWS != 1:
         raise ValueError(f"config {cfg}: ROWS is the GEMV path's (the MMA path takes ROWS=1)")
+    if cfg.vec and (cfg.use_dot or cfg.ROWS != 1):
+        raise ValueError(f"config {cfg}: the row-tile path (vec) takes use_dot=False and ROWS=1")
     if M == 0 or N == 0:
         return None
     if K == 0:
         raise ValueError("K=0: empty reduction")
-    grid = (triton.cdiv(N, cfg.BLOCK_N), triton.cdiv(M, cfg.BLOCK_M if cfg.use_dot else cfg.ROWS))
+    grid = (triton.cdiv(N, cfg.BLOCK_N),
+            triton.cdiv(M, cfg.BLOCK_M if cfg.use_dot or cfg.vec else cfg.ROWS))
     dummy = y                                            # pointer for absent operands (never read)
     return _linear_kernel[grid](
         x2, W, W[N:] if silu else W, dummy if bias is None else bias, dummy if res2 is None else res2,
@@ -317,7 +392,7 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
         M, N, K, float(eps),
         x2.stride(0), W.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0),
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=res2 is not None, SILU=silu, USE_DOT=cfg.use_dot,
+        HAS_RESIDUAL=res2 is not None, SILU=silu, USE_DOT=cfg.use_dot, VEC=cfg.vec,
         EVEN_K=K % cfg.BLOCK_K == 0,
         # fp32 inputs: exact fp32 products, not TF32 (which would be 10x the reference's error)
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", UPCAST=interpreting(),

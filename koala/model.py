@@ -12,6 +12,8 @@ Weights are stored fused (q|k|v and gate|up) so a layer is 4 matrix products.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,6 +34,10 @@ class _Fast:
     by size."""
     on = False
     exact = True
+    # exact mode's GEMV: 0 gives each row programs of its own (the M-row forward launches M
+    # times the programs of one); R in 2, 4, 8 computes R rows in one tile
+    # (kernels.linear.vec_config), the plain step included, so up to R rows cost one launch
+    row_tile = int(os.environ.get("KOALA_ROW_TILE", "0") or 0)
 
 
 def argmax_last(x):
@@ -51,8 +57,10 @@ def _row_config(W, M, silu=False):
     (ROWS=1) and the re-reads come from L2: on the H100 at M = 5 that is 2.2 against 3.7 us for
     wo, 3.7 against 4.6 for w2 (bench/results/linear_sweep.json). The 57 MB LM head does not fit:
     its programs take 8 rows each, so it leaves HBM once (47 against 100 us at M = 5)."""
-    from kernels.linear import GEMV_MAX_M, _config
+    from kernels.linear import GEMV_MAX_M, _config, vec_config
     n = W.shape[0] // 2 if silu else W.shape[0]
+    if _Fast.row_tile:
+        return vec_config(n, W.shape[1], _Fast.row_tile, silu)
     cfg = _config(min(M, GEMV_MAX_M), n, W.shape[1])
     return cfg._replace(ROWS=1) if W.numel() * W.element_size() <= _L2_RESIDENT else cfg
 

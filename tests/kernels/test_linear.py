@@ -139,6 +139,69 @@ def test_gemv_row_is_bitwise_the_same_alone(M, N, K, silu, dtype):
         _assert_rows_bitwise_alone(M, N, K, dtype, silu, _rows_config(M, GEMV_SMALL_K), GEMV_SMALL_K)
 
 
+# The row-tile path (vec): R rows in one (R, BLOCK_N, BLOCK_K) product. Small tiles on the CPU:
+# K = 70 at BLOCK_K = 32 is three K blocks (the last masked), N = 9 at BLOCK_N = 4 a masked
+# column tile, M = 10 at R = 4 three row tiles (the last half masked)
+VEC_SMALL = [L.LinearConfig(False, 4, 4, 32, 4, 1, 1, True), L.LinearConfig(False, 2, 2, 128, 4, 1, 1, True)]
+
+
+@pytest.mark.parametrize("M", [1, 3, 10])
+@pytest.mark.parametrize("cfg", VEC_SMALL, ids=["R4", "R2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_tile_matches_reference(M, cfg, dtype):
+    for opts in OPTS:
+        _run_linear(M, 9, 70, dtype, opts, cfg)
+    x, W13, _, _, nw = _inputs(M, 2 * 9, 70, dtype, scale=3.0)
+    W13 = W13 * 2
+    y = L.linear_silu(x, W13, nw, 1e-5, config=cfg)
+    exact = L.linear_silu_ref(x.double(), W13.double(), nw.double(), 1e-5)
+    assert_close_to_baseline(y, exact, L.linear_silu_ref(x, W13, nw, 1e-5), floor=1e-5,
+                             what=f"linear_silu M={M} {cfg}")
+
+
+VEC_BITWISE = [(3, 9, 70, VEC_SMALL[0]), (10, 5, 70, VEC_SMALL[0]), (5, 9, 300, VEC_SMALL[1])]
+if ON_GPU:   # SmolLM2's products with the tiles exact mode would use, R = 2, 4, 8
+    VEC_BITWISE += [(M, N, K, L.vec_config(N, K, R, silu=N == 1536))
+                    for R in (2, 4, 8) for M in (2, 5, 9) for N, K in ((960, 576), (576, 576), (1536, 576),
+                                                                      (576, 1536), (49152, 576))]
+
+
+@pytest.mark.parametrize("M,N,K,cfg", VEC_BITWISE)
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_tile_row_is_bitwise_the_same_alone(M, N, K, cfg, silu, dtype):
+    # exact mode with a row tile: the plain step (one row, in the tile's first slot, its other
+    # rows masked) and a verify forward (the row in any slot of any tile) give the same bits
+    _assert_rows_bitwise_alone(M, N, K, dtype, silu, cfg, cfg)
+
+
+def test_vec_config_tiles():
+    for N, K in ((960, 576), (576, 576), (576, 1536), (49152, 576), (77, 123)):
+        for R in (2, 4, 8):
+            for silu in (False, True):
+                c = L.vec_config(N, K, R, silu)
+                assert c.vec and c.BLOCK_M == R and c.ROWS == 1 and not c.use_dot
+                assert R * c.BLOCK_N * c.BLOCK_K <= L.VEC_PRODUCTS // (2 if silu else 1) or c.BLOCK_K == 32
+    assert 576 // L.vec_config(576, 576, 4).BLOCK_N >= 2 * L.NUM_SMS_H100
+    with pytest.raises(ValueError, match="row tile"):
+        L.vec_config(576, 576, 3)
+    with pytest.raises(ValueError, match="vec"):
+        x, W, *_ = _inputs(2, 8, 16, torch.float32)
+        L.linear(x, W, config=L.LinearConfig(False, 4, 4, 32, 4, 1, 2, True))
+
+
+def test_exact_mode_row_tile_config(monkeypatch):
+    # KOALA_ROW_TILE=R (koala.model._Fast.row_tile): every exact-mode product, at every M, takes
+    # the one row tile of R rows; 0 keeps the per-row programs
+    from koala import model as Mdl
+    W = torch.empty(576, 1536, dtype=torch.bfloat16)
+    monkeypatch.setattr(Mdl._Fast, "row_tile", 4)
+    for M in (1, 2, 5, 128):
+        assert Mdl._row_config(W, M) == L.vec_config(576, 1536, 4)
+    monkeypatch.setattr(Mdl._Fast, "row_tile", 0)
+    assert Mdl._row_config(W, 5) == L._config(1, 576, 1536)
+
+
 # An MMA tile of 16 rows (bench/linear_bench.py's inv_candidates): M = 17 is two row tiles, the
 # second one masked but for one row; K = 70 at BLOCK_K = 32 is three K blocks, the last masked
 INV_SMALL = L.LinearConfig(True, 16, 16, 32, 4, 2)

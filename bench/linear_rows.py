@@ -45,15 +45,32 @@ LAYER_OPS = [o[0] for o in OPS[:4]]
 
 
 def candidates(N: int, K: int, R: int, silu: bool) -> list[LinearConfig]:
+    """Row tiles of R rows: vec_config's choice, then BLOCK_N x BLOCK_K on 1, 2 and 4 warps."""
     out = [vec_config(N, K, R, silu)]
     bns = (4, 8, 16, 32) if N >= 16384 else (1, 2, 4, 8)
     for bn in bns:
-        for bk in (64, 128, 256, 512, 1024):
+        for bk in (512, 1024):
             bk = min(bk, next_pow2(K))
             if R * bn * bk * (2 if silu else 1) > 16384 or math.ceil(N / bn) < 32:
                 continue
-            out.append(LinearConfig(False, R, bn, bk, 4, 1, 1, True))
+            for w in (1, 2, 4):
+                out.append(LinearConfig(False, R, bn, bk, w, 1, 1, True))
     return list(dict.fromkeys(out))
+
+
+def gemv_candidates(N: int, K: int, R: int) -> list[LinearConfig]:
+    """The per-row GEMV with R rows to a program (ROWS; rows past M are skipped, so M = 1 pays
+    for one), one K block (or two for K > 1024), on 1, 2 and 4 warps: with one warp a row's
+    reductions need no shared memory and no barrier, so its rows' latencies can overlap."""
+    out = []
+    bns = (8, 16, 32) if N >= 16384 else (1, 2, 4, 8)
+    for bn in bns:
+        for bk in sorted({next_pow2(K), min(next_pow2(K), 1024)}):
+            if bn * bk > 16384 or math.ceil(N / bn) < 32:
+                continue
+            for w in (1, 2, 4):
+                out.append(LinearConfig(False, 1, bn, bk, w, 1, R))
+    return out
 
 
 def main():
@@ -62,10 +79,11 @@ def main():
     ap.add_argument("--rows", default="2,4,8", help="row tiles R to sweep")
     ap.add_argument("--only", default="", help="ops whose name contains this")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; stops sweeping after")
+    ap.add_argument("--no-vec", dest="vec", action="store_false", help="skip the row-tile candidates")
+    ap.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the per-row GEMV candidates")
     a = ap.parse_args()
     ms = [int(m) for m in a.ms.split(",")]
     Rs = [int(r) for r in a.rows.split(",")]
-    t0 = time.time()
     torch.manual_seed(0)
     ops = [o for o in OPS if a.only in o[0]]
     inputs = {}
@@ -83,9 +101,14 @@ def main():
     for op, K, N, kind in ops:
         Ws, nw, per_m = inputs[op]
         silu = kind == "silu"
-        tiles = [("exact", None)] + [(f"vec{R}", c) for R in Rs for c in candidates(N, K, R, silu)]
-        for name, c in tiles:
-            if time.time() - t0 > a.budget:
+        tiles = [("exact", None)]
+        if a.gemv:
+            tiles += [(f"gemv{R}", c) for R in Rs for c in gemv_candidates(N, K, R)]
+        if a.vec:
+            tiles += [(f"vec{R}", c) for R in Rs for c in candidates(N, K, R, silu)]
+        t_op = time.time()
+        for name, c in tiles:          # each op gets an equal share of the budget
+            if time.time() - t_op > a.budget / len(ops):
                 stopped = True
                 break
             row = dict(op=op, N=N, K=K, variant=name, config=None if c is None else c._asdict(), us={})
@@ -110,8 +133,8 @@ def main():
                     torch.cuda.synchronize()
                     break
             rows.append(row)
-            desc = "exact" if c is None else f"{name} {c.BLOCK_N}x{c.BLOCK_K}"
-            print(f"{op:<15} {desc:<14} " + " ".join(f"M{m}={v:6.2f}" for m, v in row["us"].items())
+            desc = "exact" if c is None else f"{name} {c.BLOCK_N}x{c.BLOCK_K} w{c.num_warps}"
+            print(f"{op:<15} {desc:<18} " + " ".join(f"M{m}={v:6.2f}" for m, v in row["us"].items())
                   + f"  regs {row.get('n_regs')} spills {row.get('n_spills')}", flush=True)
         del inputs[op]
         torch.cuda.empty_cache()
@@ -119,18 +142,18 @@ def main():
     # per R: each op's tile of least cost, then the forward's products at each M
     summary = {}
     exact = {r["op"]: r["us"] for r in rows if r["variant"] == "exact"}
-    for R in Rs:
+    for fam, R in [(f, R) for f in ("gemv", "vec") for R in Rs]:
         best = {}
         for op in [o[0] for o in ops]:
-            got = [r for r in rows if r["op"] == op and r["variant"] == f"vec{R}" and len(r["us"]) == len(
+            got = [r for r in rows if r["op"] == op and r["variant"] == f"{fam}{R}" and len(r["us"]) == len(
                 [m for m in ms if m <= 8])]
             keys = [str(m) for m in (1, 2, R) if m in ms]
             if got and keys:
                 b = min(got, key=lambda r: sum(r["us"][k] for k in keys))
                 best[op] = b
-                summary[f"vec{R}_{op}_best"] = {"config": b["config"], "us": b["us"]}
+                summary[f"{fam}{R}_{op}_best"] = {"config": b["config"], "us": b["us"]}
         for M in ms:
-            for name, table in ((f"vec{R}", {op: b["us"] for op, b in best.items()}), ("exact", exact)):
+            for name, table in ((f"{fam}{R}", {op: b["us"] for op, b in best.items()}), ("exact", exact)):
                 if all(str(M) in table.get(o, {}) for o in LAYER_OPS + ["lm_head"]):
                     summary[f"M{M}_{name}_forward_ms"] = (30 * sum(table[o][str(M)] for o in LAYER_OPS)
                                                           + table["lm_head"][str(M)]) / 1e3
@@ -140,7 +163,7 @@ def main():
     for k, v in summary.items():
         if not k.startswith("M"):
             c = v["config"]
-            print(f"{k:<28} {c['BLOCK_N']}x{c['BLOCK_K']}  " + " ".join(f"M{m}={u:.2f}" for m, u in v["us"].items()))
+            print(f"{k:<28} {c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} R{c['ROWS']}  " + " ".join(f"M{m}={u:.2f}" for m, u in v["us"].items()))
     print(f"wrote {write('linear_rows.json', dict(dtype='bfloat16', cold_bytes=COLD_BYTES, rows_swept=Rs, ms=ms, stopped_at_budget=stopped, exact_row_tile=_Fast.row_tile, summary=summary, rows=rows))}")
 
 

@@ -39,7 +39,7 @@ def check_prefetch():
     c = linear._config(1, 576, 576)
     ptx = compile_one(linear._linear_kernel, ["*bf16"] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
                       dict(HAS_NORM=True, HAS_BIAS=False, HAS_RESIDUAL=True, SILU=False, USE_DOT=False,
-                           EVEN_K=False, DOT_PRECISION="tf32", UPCAST=False, BLOCK_M=1,
+                           VEC=False, EVEN_K=False, DOT_PRECISION="tf32", UPCAST=False, BLOCK_M=1,
                            BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS, USE_GDC=True), c.num_warps,
                       asm=True)
     wait = ptx.find("griddepcontrol.wait")
@@ -80,12 +80,13 @@ def cases(dt):
     for (M, N, K), silu in (((1, 1728, 576), False), ((1, 4096, 4096), True), ((8, 576, 576), True),
                             ((3, 1728, 576), False), ((8, 4096, 4096), False), ((16, 576, 576), True),
                             ((64, 576, 1536), False)):
-        c = linear._config(M, N, K)
-        yield (f"linear M={M} N={N} K={K} silu={silu}", linear._linear_kernel,
-               [p] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
-               dict(HAS_NORM=True, HAS_BIAS=not silu, HAS_RESIDUAL=not silu, SILU=silu, USE_DOT=c.use_dot,
-                    EVEN_K=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False,
-                    BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS), c.num_warps)
+        for c in (linear._config(M, N, K), linear.vec_config(N, K, min(8, linear.next_pow2(M)), silu)):
+            yield (f"linear M={M} N={N} K={K} silu={silu}{' vec' if c.vec else ''}", linear._linear_kernel,
+                   [p] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
+                   dict(HAS_NORM=True, HAS_BIAS=not silu, HAS_RESIDUAL=not silu, SILU=silu, USE_DOT=c.use_dot,
+                        VEC=c.vec, EVEN_K=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                        UPCAST=False, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS),
+                   c.num_warps)
 
 
 def main():

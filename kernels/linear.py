@@ -143,31 +143,66 @@ def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
 
 
 @triton.jit
-def _vec_product(x_rows, m_mask, w_rows, wu_rows, n_mask, nw_ptr, rstd, K, w0, wu0, nw0,
+def _w_tile3(w_rows3, n_mask3, kk3, K, EVEN_K: tl.constexpr):
+    """W[rn, kk] as (1, BLOCK_N, BLOCK_K): loaded in 3-D, so that its layout is the product's
+    (a 2-D load would be converted through shared memory, with barriers, on the GPU)."""
+    if EVEN_K:
+        return tl.load(w_rows3 + kk3, mask=n_mask3, other=0.0)
+    else:
+        return tl.load(w_rows3 + kk3, mask=n_mask3 & (kk3 < K), other=0.0)
+
+
+@triton.jit
+def _x_tile3(x_rows3, m_mask3, kk3, K, rstd3, nw_ptr, HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr):
+    """(BLOCK_M, 1, BLOCK_K) of x as fp32 values of x's dtype, normalised as _x_tile does (rstd3
+    (BLOCK_M, 1, 1), the norm weight loaded here) when HAS_NORM."""
+    if EVEN_K:
+        xk = tl.load(x_rows3 + kk3, mask=m_mask3, other=0.0).to(tl.float32)
+    else:
+        xk = tl.load(x_rows3 + kk3, mask=m_mask3 & (kk3 < K), other=0.0).to(tl.float32)
+    if HAS_NORM:
+        if EVEN_K:
+            nw = tl.load(nw_ptr + kk3).to(tl.float32)
+        else:
+            nw = tl.load(nw_ptr + kk3, mask=kk3 < K, other=0.0).to(tl.float32)
+        xn = cast_rne(xk * rstd3, x_rows3.dtype.element_ty).to(tl.float32)
+        xk = cast_rne(xn * nw, x_rows3.dtype.element_ty).to(tl.float32)
+    return xk
+
+
+@triton.jit
+def _vec_product(x_rows3, m_mask3, w_rows3, wu_rows3, n_mask3, nw_ptr, K, eps, w0, wu0,
                  HAS_NORM: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr):
     """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T for all BLOCK_M rows at once, and the up
     product when SILU: each K block's fp32 products as one (BLOCK_M, BLOCK_N, BLOCK_K) tile,
     reduced over K, the blocks summed in order from k0 = 0. Every row goes through the same lanes
     of the same tile shape, so its bits depend on BLOCK_M, BLOCK_N and BLOCK_K only, never on M
     or on which of the tile's rows it is. The normalised x block is made once for gate and up.
-    w0 / wu0 (BLOCK_N, BLOCK_K) and nw0 (BLOCK_K,): the first K block, loaded by the caller."""
-    rk = tl.arange(0, BLOCK_K)
-    a = _x_tile(x_rows, m_mask, rk, K, rstd, nw0, HAS_NORM, EVEN_K)        # (BLOCK_M, BLOCK_K)
-    acc = tl.sum(a[:, None, :] * w0.to(tl.float32)[None, :, :], axis=2)   # (BLOCK_M, BLOCK_N)
+    Everything is 3-D ((BLOCK_M, 1, BLOCK_K) rows of x, (1, BLOCK_N, BLOCK_K) tiles of W) so the
+    broadcast product needs no layout conversion. w0 / wu0: the first K block, loaded by the
+    caller (before its PDL wait)."""
+    kk3 = tl.arange(0, BLOCK_K)[None, None, :]
+    if HAS_NORM:
+        ss = tl.sum(tl.zeros_like(tl.load(x_rows3 + kk3, mask=m_mask3 & (kk3 < K), other=0.0)
+                                  .to(tl.float32)), axis=2, keep_dims=True)           # (BM, 1, 1)
+        for k0 in range(0, K, BLOCK_K):
+            xk = tl.load(x_rows3 + k0 + kk3, mask=m_mask3 & (k0 + kk3 < K), other=0.0).to(tl.float32)
+            ss += tl.sum(xk * xk, axis=2, keep_dims=True)
+        rstd3 = tl.rsqrt(ss / K + eps)
+    else:
+        rstd3 = tl.zeros((1, 1, 1), dtype=tl.float32)
+    a = _x_tile3(x_rows3, m_mask3, kk3, K, rstd3, nw_ptr, HAS_NORM, EVEN_K)        # (BM, 1, BK)
+    acc = tl.sum(a * w0.to(tl.float32), axis=2)                                    # (BM, BN)
     if SILU:
-        up = tl.sum(a[:, None, :] * wu0.to(tl.float32)[None, :, :], axis=2)
+        up = tl.sum(a * wu0.to(tl.float32), axis=2)
     else:
         up = acc
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        kk = k0 + rk
-        nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
-        a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
-        w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, False)
-        acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        a = _x_tile3(x_rows3, m_mask3, k0 + kk3, K, rstd3, nw_ptr, HAS_NORM, EVEN_K)
+        acc += tl.sum(a * _w_tile3(w_rows3, n_mask3, k0 + kk3, K, EVEN_K).to(tl.float32), axis=2)
         if SILU:
-            wu = _w_tile(wu_rows, n_mask, kk, K, EVEN_K, False)
-            up += tl.sum(a[:, None, :] * wu.to(tl.float32)[None, :, :], axis=2)
+            up += tl.sum(a * _w_tile3(wu_rows3, n_mask3, k0 + kk3, K, EVEN_K).to(tl.float32), axis=2)
     return acc, up
 
 
@@ -233,10 +268,12 @@ def _linear_kernel(
     elif VEC:
         # all BLOCK_M rows as one tile (_vec_product): W, bias and norm weight before the PDL
         # wait as in the GEMV, then the tile's rows' norms and products together
-        rk = tl.arange(0, BLOCK_K)
-        w0 = _w_tile(w_rows, n_mask, rk, K, EVEN_K, False)               # (BLOCK_N, BLOCK_K)
-        wu0 = _w_tile(wu_rows, n_mask, rk, K, EVEN_K, False) if SILU else w0
-        nw0 = _nw_tile(nw_ptr, rk, K, EVEN_K) if HAS_NORM else rk.to(tl.float32)
+        kk3 = tl.arange(0, BLOCK_K)[None, None, :]
+        n_mask3 = n_mask[None, :, None]
+        w_rows3 = w_rows[None, :, None]                                  # (1, BLOCK_N, 1)
+        wu_rows3 = wu_rows[None, :, None]
+        w0 = _w_tile3(w_rows3, n_mask3, kk3, K, EVEN_K)                  # (1, BLOCK_N, BLOCK_K)
+        wu0 = _w_tile3(wu_rows3, n_mask3, kk3, K, EVEN_K) if SILU else w0
         if HAS_BIAS:
             bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
         else:
@@ -244,13 +281,9 @@ def _linear_kernel(
         pdl_wait(USE_GDC)              # before any read of activations or any store
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = rm < M
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm          # (BLOCK_M, 1)
-        if HAS_NORM:
-            rstd = _row_rstd(x_rows, m_mask, K, eps, BLOCK_M, BLOCK_K)
-        else:
-            rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc, up = _vec_product(x_rows, m_mask, w_rows, wu_rows, n_mask, nw_ptr, rstd, K, w0, wu0,
-                               nw0, HAS_NORM, SILU, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        x_rows3 = x_ptr + rm.to(tl.int64)[:, None, None] * stride_xm    # (BLOCK_M, 1, 1)
+        acc, up = _vec_product(x_rows3, m_mask[:, None, None], w_rows3, wu_rows3, n_mask3, nw_ptr,
+                               K, eps, w0, wu0, HAS_NORM, SILU, EVEN_K, BLOCK_K)
         _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
                   HAS_BIAS, HAS_RESIDUAL, SILU)
     else:

@@ -6,7 +6,8 @@ ablation.json) joined with its MT-bench evaluation (bench.mtbench files), writte
         --evals mtbench_ablation_medusa.json,mtbench_ablation_eagle.json [--out heads.json]
 
 Heads are matched by name: an evaluated head at .../<kind>-k<K>-<adv|base>/head (or at a
-directory of that name) is the ablation's <kind>-k<K>-<adv|base>. Table I uses the chain-mode
+directory of that name) is the ablation's <kind>-k<K>-<adv|base>; --alias names the others, e.g.
+`--alias koala/default_heads/eagle=eagle-k3-adv` for a shipped head that is that ablation head. Table I uses the chain-mode
 greedy rows (--mode, --temperature to change). Speedup is against plain koala measured in the
 same file as the head, so compare speedups within one kind (one file), as the targets do:
   tau gain     tau(best K >= 2 with adv.) - tau(K = 1 without adv.)          target >= +0.3
@@ -52,9 +53,12 @@ def plain_tokens_per_s(ev: dict, temperature: float) -> float | None:
 
 
 def merge(ablation: dict, evals: list[tuple[str, dict]], mode: str = "chain", temperature: float = 0.0,
-          depth: int | None = None) -> dict:
+          depth: int | None = None, aliases: dict | None = None) -> dict:
     """ablation: train.ablation's table {name: {status, step, ...}}; evals: (path, mtbench result)
-    pairs. Returns {name: {kind, K, adversarial, training, eval}} with None where a side is missing."""
+    pairs; aliases: {head path as the files record it: ablation name} for heads whose path does
+    not say their name. Returns {name: {kind, K, adversarial, training, eval}} with None where a
+    side is missing."""
+    aliases = {k.rstrip("/"): v for k, v in (aliases or {}).items()}
     heads = {}
 
     def entry(name):
@@ -78,7 +82,7 @@ def merge(ablation: dict, evals: list[tuple[str, dict]], mode: str = "chain", te
                 continue
             if depth is not None and m.get("depth") != depth:
                 continue
-            name = head_name(m["head"])
+            name = aliases.get(m["head"].rstrip("/")) or head_name(m["head"])
             e = entry(name)
             if e is None:
                 print(f"{path}: head {m['head']!r} is not an ablation head: ignored")
@@ -92,6 +96,8 @@ def merge(ablation: dict, evals: list[tuple[str, dict]], mode: str = "chain", te
                                                 "tokens_per_s", "speedup", "identical_to_plain", "new_tokens")}
             e["eval"].update(temperature=temperature, source=i,
                              plain_tokens_per_s=plain_tokens_per_s(ev, temperature))
+            if e["eval"]["alpha"] and m.get("depth"):   # files before bench.mtbench's fix wrote 0
+                e["eval"]["alpha"] = e["eval"]["alpha"][:m["depth"]]   # for n-alpha past the depth
     return dict(sorted(heads.items(), key=lambda kv: (KINDS.index(kv[1]["kind"]), kv[1]["K"], kv[1]["adversarial"])))
 
 
@@ -182,12 +188,20 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="temperature of the rows used")
     ap.add_argument("--depth", type=int, default=None,
                     help="use only rows drafted at this chain depth (files measuring several depths)")
+    ap.add_argument("--alias", default="",
+                    help="comma-separated PATH=NAME: the evaluated head at PATH is ablation head NAME")
     ap.add_argument("--out", default="heads.json")
     a = ap.parse_args(argv)
+    aliases = {}
+    for item in filter(None, a.alias.split(",")):
+        path, eq, name = item.partition("=")
+        if not eq or not NAME.match(name):
+            raise SystemExit(f"--alias {item!r}: give PATH=NAME with NAME as <kind>-k<K>-<adv|base>")
+        aliases[path] = name
     abl_path = resolve(a.ablation)
     ablation = json.loads(abl_path.read_text())
     evals = [(str(resolve(p)), json.loads(resolve(p).read_text())) for p in a.evals.split(",") if p]
-    heads = merge(ablation, evals, a.mode, a.temperature, a.depth)
+    heads = merge(ablation, evals, a.mode, a.temperature, a.depth, aliases)
     summ = targets(heads)
     table = table_markdown(heads)
     sources = {"ablation": {"path": str(a.ablation),

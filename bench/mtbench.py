@@ -73,7 +73,10 @@ def run_method(gen, questions, max_new, temperature, seed, desc, progress=True):
     return recs
 
 
-def summarise(recs, chain: bool):
+def summarise(recs, chain: bool, depth: int | None = None):
+    """Totals and, for speculative records, tau and (chains) n-alpha for n = 1, 2, 3 up to the
+    chain's depth: a chain of depth d drafts no (d+1)-th token, so its n-alpha for n > d is
+    undefined and left out (not 0)."""
     tok = sum(r["new_tokens"] for r in recs)
     wall = sum(r["wall_s"] for r in recs)
     acc = [a for r in recs for a in r["accepted"]]
@@ -81,7 +84,8 @@ def summarise(recs, chain: bool):
     if acc:
         out["tau"] = sum(a + 1 for a in acc) / len(acc)
         if chain:
-            out["alpha"] = [sum(a >= n for a in acc) / max(1, sum(a >= n - 1 for a in acc)) for n in (1, 2, 3)]
+            out["alpha"] = [sum(a >= n for a in acc) / max(1, sum(a >= n - 1 for a in acc))
+                            for n in (1, 2, 3) if depth is None or n <= depth]
     return out
 
 
@@ -191,14 +195,14 @@ def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budg
         for T in temperatures:
             gen.warmup([T])
             recs = run_method(gen, questions, max_new, T, seed_at[T], f"{Path(name).name} {mode} T={T}", progress)
-            s = summarise(recs, chain)
+            s = summarise(recs, chain, gen.spec.depth)
             if T == 0:
                 s["identical_to_plain"] = sum(r["ids"] == b["ids"] for r, b in zip(recs, base[T])) / len(recs)
             cats = {}
             for c in CATEGORIES:
                 rc = [r for r in recs if r["category"] == c]
                 if rc:
-                    cats[c] = summarise(rc, chain)
+                    cats[c] = summarise(rc, chain, gen.spec.depth)
             s["per_category"] = cats
             s.update(head=str(name), kind=cfg.kind, K=cfg.layers, mode=mode, temperature=T,
                      depth=gen.spec.depth, tree_size=gen.spec.N, top_k=gen.spec.k)

@@ -209,6 +209,13 @@ def test_mtbench_temperatures():
     assert {(t, s) for t, s, _ in timed} == {(0.0, None), (0.7, 5), (0.7, 6)}   # seeded turns at T > 0 only
 
 
+def test_summarise_alpha_stops_at_the_chain_depth():
+    recs = [{"new_tokens": 5, "wall_s": 1.0, "accepted": [1, 0, 1, 1]}]
+    assert bm.summarise(recs, True, 1)["alpha"] == pytest.approx([3 / 4])     # no 2- or 3-alpha at d=1
+    assert bm.summarise(recs, True, 3)["alpha"] == pytest.approx([3 / 4, 0.0, 0.0])
+    assert "alpha" not in bm.summarise(recs, False, 3)                        # trees: tau only
+
+
 def test_mtbench_time_budget():
     ticks = iter(range(0, 1000, 10))
     res, _ = bm.measure(FakeGen(1.0, spec=False), methods("h1", "h2", "h3"), QS, [0.0], 16, seed=0,
@@ -256,6 +263,26 @@ def test_heads_depth_filter_picks_one_depth():
     assert d1["eagle-k2-adv"]["eval"]["tau"] == pytest.approx(1.40) and d1["eagle-k2-adv"]["eval"]["depth"] == 1
     assert both["eagle-k2-adv"]["eval"]["depth"] == 1                  # the later row
     assert bh.merge(ablation(), [("e.json", ev)], depth=3)["eagle-k2-adv"]["eval"] is None
+
+
+def test_heads_alias_names_a_shipped_head(inputs):
+    """--alias: a head evaluated at a path that does not say its name (a shipped copy) joins its
+    ablation row; a bad alias is refused with what to write."""
+    ev = mtbench_file("eagle", "ddddddd444", skip=("eagle-k3-adv",))
+    ev["methods"].append({"head": "koala/default_heads/eagle", "kind": "eagle", "K": 3, "mode": "chain",
+                          "tau": 1.9, "alpha": [0.6], "tokens_per_s": 900.0, "speedup": 0.9,
+                          "identical_to_plain": 1.0, "depth": 1})
+    (inputs / "shipped.json").write_text(json.dumps(ev))
+    args = ["--ablation", str(inputs / "ablation.json"), "--evals", str(inputs / "shipped.json")]
+    heads, _ = bh.main(args)
+    assert heads["eagle-k3-adv"]["eval"] is None                       # unnamed without the alias
+    heads, summ = bh.main(args + ["--alias", "koala/default_heads/eagle/=eagle-k3-adv"])
+    assert heads["eagle-k3-adv"]["eval"]["tau"] == 1.9
+    assert summ["eagle"]["best_tau_head"] == "eagle-k3-adv"
+    with pytest.raises(SystemExit, match="PATH=NAME"):
+        bh.main(args + ["--alias", "koala/default_heads/eagle=shipped"])
+    with pytest.raises(SystemExit, match="K=3 head, but its name says eagle K=2"):
+        bh.main(args + ["--alias", "koala/default_heads/eagle=eagle-k2-adv"])
 
 
 class DriftingGen(FakeGen):

@@ -38,6 +38,9 @@ class _Fast:
     # times the programs of one); R in 2, 4, 8 computes R rows in one tile
     # (kernels.linear.vec_config), the plain step included, so up to R rows cost one launch
     row_tile = int(os.environ.get("KOALA_ROW_TILE", "0") or 0)
+    # the q|k|v projection, RoPE and the cache write in one launch (kernels/linear_rope.py), not
+    # two: bitwise the same result (tests/kernels/test_linear_rope.py), one launch a layer fewer
+    fused_rope = os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0")
 
 
 def argmax_last(x):
@@ -161,10 +164,16 @@ class Attention(nn.Module):
         """Fused path from the q|k|v projection: RoPE + cache write, then masked attention over
         the first mask.shape[-1] slots. qkv (B, T, (h+2nkv)*hd) -> (B, T, h*hd)."""
         from kernels.rope_cache import rope_and_cache_write
-        from kernels.tree_attention import exact_tiles, tree_attention
-        B, T, _ = qkv.shape
         c = self.kv_cache
-        q = rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads, self.n_kv)
+        return self.attend_rotated(rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads,
+                                                        self.n_kv), mask)
+
+    def attend_rotated(self, q, mask):
+        """The fused path's attention of the rotated q (B, h, T, hd), its k and v already in the
+        cache, over the first mask.shape[-1] slots -> (B, T, h*hd)."""
+        from kernels.tree_attention import exact_tiles, tree_attention
+        B, _, T, _ = q.shape
+        c = self.kv_cache
         L = mask.shape[-1]
         # exact mode: the plain step and a verify forward read through different windows L and
         # must still give a query the same bits, so the tiles follow the whole cache, not L
@@ -223,8 +232,17 @@ class Block(nn.Module):
 
         def cf(W, silu=False):        # exact mode: M = 1's tiles, up to 8 rows a program
             return _row_config(W, M, silu) if _Fast.exact else None
-        qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps, config=cf(a.wqkv.weight))
-        x = linear(a.attend(qkv, cos, sin, slots, mask), a.wo.weight, residual=x, config=cf(a.wo.weight))
+        cq = cf(a.wqkv.weight)
+        if _Fast.fused_rope and not (cq is not None and cq.vec):    # GEMV tiles only
+            from kernels.linear_rope import linear_rope_cache
+            c = a.kv_cache
+            q = linear_rope_cache(x, a.wqkv.weight, a.wqkv.bias, n1.weight, n1.eps, cos, sin, slots,
+                                  c.k, c.v, a.n_heads, a.n_kv, config=cq)
+            y = a.attend_rotated(q, mask)
+        else:
+            qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps, config=cq)
+            y = a.attend(qkv, cos, sin, slots, mask)
+        x = linear(y, a.wo.weight, residual=x, config=cf(a.wo.weight))
         g = linear_silu(x, f.w13.weight, n2.weight, n2.eps, config=cf(f.w13.weight, True))
         return linear(g, f.w2.weight, residual=x, config=cf(f.w2.weight))
 

@@ -17,6 +17,10 @@
 #                      once (timings then measure a shared GPU: recorded as concurrent_trainings)
 #   ablation-eval <names>            MT-bench, chain, greedy, of those trained heads
 #   selfdistill <limit>  self-distil the first <limit> ShareGPT conversations into /tmp/sd   ~2 min
+#   launches           needs no staged model (random SmolLM2-shaped weights): the GPU tests of the
+#                      fused q|k|v+RoPE launch and the row tiles, then bench.scale on SmolLM2's
+#                      shape with KOALA_FUSED_ROPE=0 and 1 (plain step and iteration costs)   ~5 min
+#   rows               bench/linear_rows.py: per-row GEMV and row-tile sweep at M = 1..8     ~8 min
 # The MT-bench steps' time budgets leave 40 s (80 s for sampling, two temperatures) more than before for bench.mtbench's closing plain
 # run (--plain-every, default 2), which runs even past the budget, inside the 600 s call limit.
 set -euo pipefail
@@ -25,7 +29,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -129,6 +133,21 @@ PY
     python -m bench.mtbench --heads "$heads" --modes chain --time-budget "${KOALA_EVAL_BUDGET:-470}" --no-progress ${KOALA_EVAL_ARGS:-} \
         --out "mtbench_ablation_$(echo "$names" | tr ',' '_').json" > "$log" 2>&1
     quiet "$log" | tail -n 10
+    ;;
+  launches)
+    python -m pytest -q tests/kernels/test_linear_rope.py tests/kernels/test_linear.py -k "rope or row_tile" \
+        -p no:cacheprovider > "$log" 2>&1 || true
+    python -m pytest -q -m gpu tests/test_speculative.py -k "fused_rope or exact_mode" -p no:cacheprovider \
+        >> "$log" 2>&1 || true
+    for r in 0 1; do
+      KOALA_FUSED_ROPE=$r python -m bench.scale --preset smollm2-135m --quick \
+          --out "scale_smollm2_fused_rope$r.json" >> "$log" 2>&1
+    done
+    quiet "$log" | grep -e passed -e failed -e "plain step" -e "chain N=  2" -e "tree"
+    ;;
+  rows)
+    python bench/linear_rows.py --rows 1,2,4 --budget 430 > "$log" 2>&1
+    quiet "$log" | grep -e "^M" -e best | tail -n 40
     ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;

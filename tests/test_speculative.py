@@ -337,10 +337,42 @@ def test_exact_mode_rows_are_batch_invariant_in_bf16(tmp_path):
 
 
 @pytest.mark.gpu
+def test_fused_rope_path_is_bitwise_the_unfused_one(tmp_path, monkeypatch):
+    """KOALA_FUSED_ROPE (koala.model._Fast.fused_rope): the q|k|v projection, RoPE and cache write
+    in one launch give the model's bf16 logits and caches bit for bit, at prefill, verify and
+    decode sizes."""
+    from koala.model import Transformer, _Fast, causal_mask
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    m = load_target(path, device="cuda", dtype=torch.bfloat16).model
+    m.setup_cache(1, 128)
+    ids = torch.randint(3, 128, (1, 40), device="cuda")
+    Transformer.use_kernels(True, exact=True)
+    outs = []
+    try:
+        for fused in (False, True):
+            monkeypatch.setattr(_Fast, "fused_rope", fused)
+            got = []
+            with torch.no_grad():
+                for a, b in ((0, 30), (30, 35), (35, 36)):
+                    s = torch.arange(a, b, device="cuda")
+                    got.append(m(ids[:, a:b], s[None], s, causal_mask(s, 64))[0])
+            got += [torch.cat([l.attention.kv_cache.k[:, :, :36], l.attention.kv_cache.v[:, :, :36]])
+                    for l in m.layers]
+            outs.append(got)
+    finally:
+        Transformer.use_kernels(False)
+    assert all(torch.equal(u, f) for u, f in zip(*outs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_rope", [False, True], ids=["rope-apart", "rope-fused"])
 @pytest.mark.parametrize("kind,opts", [MODES[0], MODES[2]], ids=["medusa-chain", "eagle-chain"])
-def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, tmp_path):
+def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, fused_rope, tmp_path, monkeypatch):
     """Chains only: a tree's nodes sit in other cache slots than plainly decoded tokens, so its
-    bf16 attention sums keys in another order (exact in fp32, see the tests above)."""
+    bf16 attention sums keys in another order (exact in fp32, see the tests above). With the
+    q|k|v projection and RoPE in one launch (KOALA_FUSED_ROPE) as without."""
+    from koala.model import _Fast
+    monkeypatch.setattr(_Fast, "fused_rope", fused_rope)
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
     lt = load_target(path, device="cuda", dtype=torch.bfloat16)
     plain = SpeculativeGenerator(lt, None, max_seq_len=256)

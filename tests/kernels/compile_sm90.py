@@ -12,7 +12,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import accept, argmax, medusa, rmsnorm, rope_cache, swiglu, tree_attention  # noqa: E402
-from kernels import linear  # noqa: E402
+from kernels import linear, linear_rope  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -71,6 +71,13 @@ def cases(dt):
                + ["i32"] * 21,
                dict(HD=hd, BLOCK_D=hd, BLOCK_M=64, BLOCK_N=32 if dt == "fp32" else 64, SINGLE=single, HAS_KV_LEN=single,
                     FUSED=fused, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False), 4)
+    # the q|k|v projection with RoPE and the cache write: SmolLM2's tiles (one pair a program)
+    # and a 7B's (eight), several rows a program
+    for p_, bk, rows in ((1, 1024, 1), (8, 512, 4)):
+        yield (f"linear_rope P={p_} ROWS={rows}", linear_rope._linear_rope_kernel,
+               [p] * 6 + ["*i64", p, p, p] + ["i32"] * 6 + ["fp32"] + ["i32"] * 15,
+               dict(HALF=32 if p_ == 1 else 64, P=p_, HAS_NORM=True, HAS_BIAS=rows > 1, EVEN_K=False,
+                    BLOCK_K=bk, ROWS=rows), 4)
     yield "argmax partial", argmax._argmax_partial_kernel, [p, "*fp32", "*i32", "i32", "i32", "i32"], dict(BLOCK=1024), 4
     yield "argmax final", argmax._argmax_final_kernel, ["*fp32", "*i32", "*i64", "i32"], dict(BLOCK_P=64), 1
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,

@@ -37,7 +37,8 @@ def environment() -> dict:
             "pipeline": os.environ.get("KOALA_PIPELINE", "1") != "0",
             "exact": os.environ.get("KOALA_EXACT", "1") != "0",
             "row_tile": int(os.environ.get("KOALA_ROW_TILE", "0") or 0),
-            "fused_rope": os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0")}
+            "fused_rope": os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0"),
+            "exact_tiles": os.environ.get("KOALA_EXACT_TILES") or None}
 
 
 def _pdl() -> bool:

@@ -15,7 +15,11 @@ most 16384 products per K block) is timed at every M <= 8 (CUDA-graph replay, W 
 copies so every call reads it from HBM, as a decode step does), with its registers and spills.
 The summary gives, per R, each op's tile with the least `cost` (the sum of its times at
 M = 1, 2 and R, a plain step and two verify sizes), and the forward's products (30 layers + LM
-head) at each M with those tiles, against exact mode's. Writes linear_rows.json.
+head) at each M with those tiles, against exact mode's. Its `tiles` list holds, for each op, the
+tile (of any family, exact mode's own included) of least time summed over M = 1, 2 and 4: a plain
+step and the verifies of chains of depth 1 and 3. `KOALA_EXACT_TILES=linear_rows.json` makes
+exact mode use those tiles (koala.model), so the forward's cost can be timed with them next.
+Writes linear_rows.json.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ OPS = [("wqkv+norm", 576, 960, "norm"), ("wo+residual", 576, 576, "residual"),
        ("w13+norm+silu", 576, 1536, "silu"), ("w2+residual", 1536, 576, "residual"),
        ("lm_head", 576, 49152, "plain")]
 LAYER_OPS = [o[0] for o in OPS[:4]]
+TILE_MS = (1, 2, 4)     # the tiles file's objective: a plain step and the verifies of depth 1 and 3
 
 
 def candidates(N: int, K: int, R: int, silu: bool) -> list[LinearConfig]:
@@ -101,13 +106,13 @@ def main():
     for op, K, N, kind in ops:
         Ws, nw, per_m = inputs[op]
         silu = kind == "silu"
-        tiles = [("exact", None)]
+        cands = [("exact", None)]
         if a.gemv:
-            tiles += [(f"gemv{R}", c) for R in Rs for c in gemv_candidates(N, K, R)]
+            cands += [(f"gemv{R}", c) for R in Rs for c in gemv_candidates(N, K, R)]
         if a.vec:
-            tiles += [(f"vec{R}", c) for R in Rs for c in candidates(N, K, R, silu)]
+            cands += [(f"vec{R}", c) for R in Rs for c in candidates(N, K, R, silu)]
         t_op = time.time()
-        for name, c in tiles:          # each op gets an equal share of the budget
+        for name, c in cands:          # each op gets an equal share of the budget
             if time.time() - t_op > a.budget / len(ops):
                 stopped = True
                 break
@@ -157,6 +162,27 @@ def main():
                 if all(str(M) in table.get(o, {}) for o in LAYER_OPS + ["lm_head"]):
                     summary[f"M{M}_{name}_forward_ms"] = (30 * sum(table[o][str(M)] for o in LAYER_OPS)
                                                           + table["lm_head"][str(M)]) / 1e3
+    # exact mode's tile per op, for KOALA_EXACT_TILES: the least time summed over a plain step
+    # (M = 1) and the verifies of depth 1 and 3 (M = 2, 4), over every family timed
+    want = [str(m) for m in TILE_MS if m in ms]
+    tiles = []
+    for op, K, N, kind in ops:
+        got = [r for r in rows if r["op"] == op and all(k in r["us"] for k in want)]
+        if got and want:
+            b = min(got, key=lambda r: sum(r["us"][k] for k in want))
+            tiles.append(dict(op=op, N=N, K=K, silu=kind == "silu", variant=b["variant"], config=b["config"],
+                              us=b["us"], exact_us=exact.get(op)))
+            if b["config"] is not None:
+                print(f"tile {op:<15} {b['variant']:<6} {b['config']['BLOCK_N']}x{b['config']['BLOCK_K']} "
+                      f"w{b['config']['num_warps']} R{b['config']['ROWS']}  "
+                      + " ".join(f"M{k}={b['us'][k]:.2f}" for k in want) + "  (exact "
+                      + " ".join(f"M{k}={exact[op][k]:.2f}" for k in want if k in exact.get(op, {})) + ")")
+    if want:
+        for M in ms:
+            t = {d["op"]: d["us"] for d in tiles}
+            if all(str(M) in t.get(o, {}) for o in LAYER_OPS + ["lm_head"]):
+                summary[f"M{M}_tiles_forward_ms"] = (30 * sum(t[o][str(M)] for o in LAYER_OPS)
+                                                     + t["lm_head"][str(M)]) / 1e3
     for k, v in summary.items():
         if k.startswith("M"):
             print(f"{k:<28} {v:.3f} ms")
@@ -164,7 +190,7 @@ def main():
         if not k.startswith("M"):
             c = v["config"]
             print(f"{k:<28} {c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} R{c['ROWS']}  " + " ".join(f"M{m}={u:.2f}" for m, u in v["us"].items()))
-    print(f"wrote {write('linear_rows.json', dict(dtype='bfloat16', cold_bytes=COLD_BYTES, rows_swept=Rs, ms=ms, stopped_at_budget=stopped, exact_row_tile=_Fast.row_tile, summary=summary, rows=rows))}")
+    print(f"wrote {write('linear_rows.json', dict(dtype='bfloat16', cold_bytes=COLD_BYTES, rows_swept=Rs, ms=ms, stopped_at_budget=stopped, exact_row_tile=_Fast.row_tile, summary=summary, tiles=tiles, rows=rows))}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ CUDA graphs (draft, verify+accept+commit); times are CUDA-event medians of graph
 With --unfused, the depth-4 chain iteration of every kind and K is measured again on the PyTorch
 path (KOALA_KERNELS=0, still graph-captured): the fused draft against the unfused head.
 
-    python -m bench.spec_cost [--quick] [--ks 1,2,3,4] [--unfused]
+    python -m bench.spec_cost [--quick] [--ks 1,2,3,4] [--unfused] [--random-weights] [--out F]
 """
 from __future__ import annotations
 
@@ -53,9 +53,17 @@ def main():
     ap.add_argument("--context", type=int, default=300, help="committed tokens when timing")
     ap.add_argument("--ks", default="1,2,3,4", help="layers per head")
     ap.add_argument("--unfused", action="store_true", help="also the depth-4 chains on the PyTorch path")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="SmolLM2's shape with random weights (bench.scale's target): no model to stage; "
+                         "costs only, like the heads")
+    ap.add_argument("--out", default="spec_cost.json", help="result file name")
     a = ap.parse_args()
     ks = [int(k) for k in a.ks.split(",")]
-    lt = load_target("smollm2-135m-instruct", device="cuda", dtype=torch.bfloat16)
+    if a.random_weights:
+        from bench.scale import random_target
+        lt = random_target("smollm2-135m", "cuda", torch.bfloat16)
+    else:
+        lt = load_target("smollm2-135m-instruct", device="cuda", dtype=torch.bfloat16)
     plain_ms = plain_step_ms(lt, a.context)
     rows = []
     depths = [1, 2, 4, 8] if a.quick else list(range(1, 9))
@@ -85,7 +93,8 @@ def main():
               f"verify {verify_ms:7.3f} ms  = {row['iteration_over_plain_step']:5.2f} x plain step", flush=True)
         torch.cuda.empty_cache()
     os.environ["KOALA_KERNELS"] = "1"
-    path = write("spec_cost.json", {"model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "context": a.context,
+    path = write(a.out, {"model": "SmolLM2-135M-Instruct" + (" shape, random weights" if a.random_weights else ""),
+                         "dtype": "bfloat16", "context": a.context,
                                     "plain_step_ms": plain_ms, "rows": rows,
                                     "note": "untrained heads with random weights; median of CUDA-graph replays; "
                                             "draft includes EAGLE's catch-up, verify includes acceptance and "

@@ -41,6 +41,27 @@ class _Fast:
     # the q|k|v projection, RoPE and the cache write in one launch (kernels/linear_rope.py), not
     # two: bitwise the same result (tests/kernels/test_linear_rope.py), one launch a layer fewer
     fused_rope = os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0")
+    # exact mode's GEMV tiles per product shape, {(N, K, silu): LinearConfig}, from the file
+    # KOALA_EXACT_TILES names (bench/linear_rows.py's `tiles`); None: not read yet
+    tiles: dict | None = None
+
+
+def load_tiles(path) -> dict:
+    """{(N, K, silu): LinearConfig} from a bench/linear_rows.py result file's `tiles` list (an
+    entry with config null keeps exact mode's own tile for that shape). Any tile serves exact
+    mode: every GEMV path gives a row the same bits at every M, so one tile per shape is enough."""
+    import json
+    from kernels.linear import LinearConfig
+    try:
+        entries = json.loads(open(path).read())["tiles"]
+        out = {}
+        for e in entries:
+            if e.get("config") is not None:
+                out[(int(e["N"]), int(e["K"]), bool(e["silu"]))] = LinearConfig(**e["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"KOALA_EXACT_TILES={path}: not a bench/linear_rows.py result with a `tiles` "
+                         f"list ({type(err).__name__}: {err}); unset it or point it at linear_rows.json") from None
+    return out
 
 
 def argmax_last(x):
@@ -62,6 +83,11 @@ def _row_config(W, M, silu=False):
     its programs take 8 rows each, so it leaves HBM once (47 against 100 us at M = 5)."""
     from kernels.linear import GEMV_MAX_M, _config, vec_config
     n = W.shape[0] // 2 if silu else W.shape[0]
+    if _Fast.tiles is None:
+        path = os.environ.get("KOALA_EXACT_TILES", "")
+        _Fast.tiles = load_tiles(path) if path else {}
+    if (n, W.shape[1], silu) in _Fast.tiles:
+        return _Fast.tiles[(n, W.shape[1], silu)]
     if _Fast.row_tile:
         return vec_config(n, W.shape[1], _Fast.row_tile, silu)
     cfg = _config(min(M, GEMV_MAX_M), n, W.shape[1])

@@ -20,7 +20,9 @@
 #   launches           needs no staged model (random SmolLM2-shaped weights): the GPU tests of the
 #                      fused q|k|v+RoPE launch and the row tiles, then bench.scale on SmolLM2's
 #                      shape with KOALA_FUSED_ROPE=0 and 1 (plain step and iteration costs)   ~5 min
-#   rows               bench/linear_rows.py: per-row GEMV and row-tile sweep at M = 1..8     ~8 min
+#   rows               bench/linear_rows.py: per-row GEMV and row-tile sweep at M = 1..8, then
+#                      bench.scale on SmolLM2's shape with its tiles (KOALA_EXACT_TILES) and
+#                      without (random weights, no staged model)                            ~9 min
 # The MT-bench steps' time budgets leave 40 s (80 s for sampling, two temperatures) more than before for bench.mtbench's closing plain
 # run (--plain-every, default 2), which runs even past the budget, inside the 600 s call limit.
 set -euo pipefail
@@ -146,8 +148,11 @@ PY
     quiet "$log" | grep -e passed -e failed -e "plain step" -e "chain N=  2" -e "tree"
     ;;
   rows)
-    python bench/linear_rows.py --rows 1,2,4 --budget 430 > "$log" 2>&1
-    quiet "$log" | grep -e "^M" -e best | tail -n 40
+    python bench/linear_rows.py --rows 1,2,4 --budget 300 > "$log" 2>&1
+    KOALA_EXACT_TILES="$OUT/linear_rows.json" python -m bench.scale --preset smollm2-135m --quick \
+        --out scale_smollm2_tiles.json >> "$log" 2>&1
+    python -m bench.scale --preset smollm2-135m --quick --out scale_smollm2_exact.json >> "$log" 2>&1
+    quiet "$log" | grep -e "^M" -e "^tile" -e "plain step" -e "chain N=  2" | tail -n 40
     ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;

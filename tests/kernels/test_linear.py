@@ -202,6 +202,35 @@ def test_exact_mode_row_tile_config(monkeypatch):
     assert Mdl._row_config(W, 5) == L._config(1, 576, 1536)
 
 
+def test_exact_mode_tiles_file(tmp_path, monkeypatch):
+    # KOALA_EXACT_TILES: bench/linear_rows.py's `tiles` give exact mode its tile per product shape
+    # (null keeps exact mode's own); a file without them is refused with what to do
+    import json
+    from koala import model as Mdl
+    vec = L.vec_config(576, 1536, 2)
+    gemv = L.LinearConfig(False, 1, 8, 1024, 1, 1, 4)
+    f = tmp_path / "linear_rows.json"
+    f.write_text(json.dumps({"tiles": [
+        dict(op="w2+residual", N=576, K=1536, silu=False, config=vec._asdict()),
+        dict(op="w13+norm+silu", N=1536, K=576, silu=True, config=gemv._asdict()),
+        dict(op="wo+residual", N=576, K=576, silu=False, config=None)]}))
+    monkeypatch.setenv("KOALA_EXACT_TILES", str(f))
+    monkeypatch.setattr(Mdl._Fast, "tiles", None)
+    monkeypatch.setattr(Mdl._Fast, "row_tile", 0)
+    W2, W13, Wo = (torch.empty(576, 1536), torch.empty(2 * 1536, 576), torch.empty(576, 576))
+    for M in (1, 3, 64):
+        assert Mdl._row_config(W2, M) == vec
+        assert Mdl._row_config(W13, M, silu=True) == gemv
+        assert Mdl._row_config(Wo, M) == L._config(1, 576, 576)          # exact mode's own
+    # every family a tiles file can name computes a row alike at any M (the exact-mode promise)
+    _assert_rows_bitwise_alone(5, 9, 70, torch.bfloat16, False, gemv._replace(BLOCK_K=32), gemv._replace(BLOCK_K=32))
+    f.write_text(json.dumps({"rows": []}))
+    monkeypatch.setattr(Mdl._Fast, "tiles", None)
+    with pytest.raises(ValueError, match="KOALA_EXACT_TILES=.*unset it or point it at linear_rows.json"):
+        Mdl._row_config(W2, 1)
+    monkeypatch.setattr(Mdl._Fast, "tiles", None)
+
+
 # An MMA tile of 16 rows (bench/linear_bench.py's inv_candidates): M = 17 is two row tiles, the
 # second one masked but for one row; K = 70 at BLOCK_K = 32 is three K blocks, the last masked
 INV_SMALL = L.LinearConfig(True, 16, 16, 32, 4, 2)

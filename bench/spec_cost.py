@@ -28,7 +28,7 @@ def iteration_ms(lt, head, opts: dict, context: int, max_seq_len: int = 2048):
     W = spec.window(context)
     spec.L.fill_(context); spec.cu_n.fill_(1)
     spec._run(W, [torch.cuda.Event(enable_timing=True) for _ in range(3)])
-    gd, gv = spec.graphs[(True, W)]
+    gd, gv = spec.graphs[("greedy", W)]
 
     def reset():
         spec.L.fill_(context); spec.cu_n.fill_(1)

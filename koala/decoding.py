@@ -30,7 +30,7 @@ class PlainDecoder:
         self.noise = torch.ones(chunk, V, device=dev)                  # (chunk, V) Exp(1) noise
         self.sampler = SamplerState(dev)
         self.slot_range = torch.arange(self.S, device=dev)             # (S,)
-        self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}   # (graph mode, window)
         # attention reads only the first L cache slots: one graph per power-of-two window
         self.windows = [w for w in (256, 512, 1024, 2048, 4096, 8192, 16384) if w < self.S] + [self.S]
         self.pool = None  # one memory pool shared by all captured graphs
@@ -52,7 +52,8 @@ class PlainDecoder:
         return next(w for w in self.windows if w > last_slot)
 
     def _graph(self, greedy: bool, L: int):
-        key = (greedy, L)
+        # sampling with and without top-k / top-p trace different code (warp_probs): a graph each
+        key = ("greedy" if greedy else ("truncate" if self.sampler.truncate else "sample"), L)
         if key in self.graphs:
             return self.graphs[key]
         # warm up and capture at the window's last slot: the real step rewrites it before reading it

@@ -218,13 +218,15 @@ class SpeculativeGenerator:
         stats.tokens_per_s = stats.new_tokens / stats.wall_s if stats.wall_s > 0 else 0.0
         return GenerationResult(text=out.text, token_ids=out.ids, stats=stats)
 
-    def warmup(self, temperatures=(0.0,), new_tokens: int = 8) -> list[int]:
+    def warmup(self, temperatures=(0.0,), new_tokens: int = 8, top_p: float = 1.0, top_k: int = 0) -> list[int]:
         """Compile the kernels and capture the CUDA graphs of every attention window this
         generator can reach (each window up to max_seq_len: prefill, plain decoding and, with a
         head, the draft and verify graphs), for greedy decoding and/or sampling as `temperatures`
         asks, so that later calls pay none of it: first-request latency in a server, steady-state
         timings in a benchmark. Each window is reached by a short generation from a synthetic
-        prompt that ends just past the previous window. Returns the prompt lengths used."""
+        prompt that ends just past the previous window. Sampling with top-k or top-p traces other
+        graphs than temperature alone: pass the top_p / top_k the requests will use. Returns the
+        prompt lengths used."""
         base = self.encode("The quick brown fox jumps over the lazy dog. ", chat=False) or [0]
         margin = self.spec.max_new_per_step if self.spec else self.plain.chunk
         lengths, n = [], 1                      # the first window from a 1-token prompt
@@ -236,7 +238,8 @@ class SpeculativeGenerator:
         for T in temperatures:
             for n in lengths:
                 ids = (base * (n // len(base) + 1))[:n]
-                self.generate(ids, max_new_tokens=new_tokens, temperature=T, seed=0, ignore_eos=True)
+                self.generate(ids, max_new_tokens=new_tokens, temperature=T, seed=0, ignore_eos=True,
+                              **({} if T == 0 else dict(top_p=top_p, top_k=top_k)))
         return lengths
 
     def _prefill(self, ids, params, gen):

@@ -36,6 +36,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def truncates(self) -> bool:
+        """Top-k or top-p cut the distribution (warp_probs must then sort the vocabulary)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
+    @property
+    def graph_mode(self) -> str:
+        """What a captured step traces for these settings: 'greedy' (argmax), 'sample'
+        (temperature only) or 'truncate' (top-k / top-p, a sort): one CUDA graph each."""
+        return "greedy" if self.greedy else ("truncate" if self.truncates else "sample")
+
 
 class SamplerState:
     """The settings as device tensors (so one captured graph serves any setting)."""
@@ -44,16 +55,24 @@ class SamplerState:
         self.temperature = torch.ones((), device=device)
         self.top_p = torch.ones((), device=device)
         self.top_k = torch.zeros((), dtype=torch.long, device=device)
+        # host flag, fixed within a captured graph (graphs are keyed by SamplingParams.graph_mode):
+        # without top-k / top-p, warp_probs is one softmax instead of a sort of the vocabulary
+        self.truncate = False
 
     def set(self, params: SamplingParams):
         self.temperature.fill_(params.temperature if params.temperature > 0 else 1.0)
         self.top_p.fill_(params.top_p)
         self.top_k.fill_(params.top_k)
+        self.truncate = params.truncates
 
 
 def warp_probs(logits, st: SamplerState):
-    """logits (..., V) -> probs (..., V) float32 after temperature, top-k and top-p."""
+    """logits (..., V) -> probs (..., V) float32 after temperature, top-k and top-p.
+    Temperature alone (st.truncate False, the common case) is a softmax; top-k / top-p sort each
+    row of the vocabulary (49,152 values for SmolLM2), cumulate it and softmax twice."""
     x = logits.float() / st.temperature
+    if not st.truncate:
+        return torch.softmax(x, dim=-1)
     V = x.shape[-1]
     sorted_x, idx = x.sort(dim=-1, descending=True)
     rank = torch.arange(V, device=x.device)

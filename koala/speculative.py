@@ -170,7 +170,7 @@ class SpeculativeDecoder:
         self.noise_u = torch.zeros(self.depth + 1, max(self.k, 8), device=dev)  # acceptance draws
         self.noise_bonus = torch.ones(V, device=dev)                    # Exp(1) for the bonus token
         self.tree: dict | None = None
-        self.graphs: dict[tuple[bool, int], tuple] = {}   # (greedy, window) -> draft, verify graphs
+        self.graphs: dict[tuple[str, int], tuple] = {}   # (graph mode, window) -> draft, verify graphs
         self.pool = None
 
     # ------------------------------------------------------------------ helpers
@@ -453,8 +453,9 @@ class SpeculativeDecoder:
                 self.draft(W)
                 self.verify(W)
             return
-        # greedy and sampling trace different code (argmax vs draws, Q or none): one graph each
-        key = (self.greedy, W)
+        # greedy and sampling trace different code (argmax vs draws, Q or none), and so do
+        # sampling with and without top-k / top-p (warp_probs): one graph each
+        key = ("greedy" if self.greedy else ("truncate" if self.sampler.truncate else "sample"), W)
         if key not in self.graphs:
             with self._exact():
                 self.graphs[key] = self._capture(W)

@@ -73,6 +73,25 @@ def test_warp_probs_top_k_top_p():
     assert torch.allclose(p[0, :2], full[:2] / full[:2].sum()) and p[0, 2:].sum() == 0
 
 
+def test_warp_probs_without_truncation_is_one_softmax():
+    """Temperature alone skips the sort: the same distribution as the sorting path computes
+    (to rounding), and top-k / top-p settings switch the sorting path back on."""
+    st = SamplerState("cpu")
+    logits = torch.randn(3, 1000) * 4
+    st.set(SamplingParams(temperature=0.7))
+    assert not st.truncate
+    fast = warp_probs(logits, st)
+    assert torch.equal(fast, torch.softmax(logits / 0.7, -1))
+    st.truncate = True                                # the sorting path on the same settings
+    assert torch.allclose(warp_probs(logits, st), fast, atol=1e-7, rtol=1e-5)
+    for kw in (dict(top_p=0.9), dict(top_k=5)):
+        st.set(SamplingParams(temperature=0.7, **kw))
+        assert st.truncate and (warp_probs(logits, st) == 0).any()
+    assert [SamplingParams(**kw).graph_mode for kw in (dict(), dict(temperature=1.0), dict(temperature=1.0, top_p=0.5),
+                                                        dict(temperature=1.0, top_k=3))] == \
+        ["greedy", "sample", "truncate", "truncate"]
+
+
 def test_exponential_race_samples_the_distribution():
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])

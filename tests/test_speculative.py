@@ -429,3 +429,22 @@ def test_cuda_graphs_switch_between_greedy_and_sampling(kind, opts, tmp_path):
     again = fresh.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True, temperature=1.0, seed=7)
     assert sampled.token_ids == again.token_ids                       # sampled, not a greedy replay
     assert gen.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True).token_ids == ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,opts", [MODES[0], MODES[2]], ids=["medusa-chain", "eagle-chain"])
+def test_cuda_graphs_switch_between_plain_and_truncated_sampling(kind, opts, tmp_path):
+    """Temperature alone and top-p trace different warps (one softmax, or a sort): a call must
+    replay the graphs of its own settings, for the plain decoder and the speculative one."""
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.float32)
+    torch.manual_seed(0)
+    head = DraftConfig(kind=kind, layers=1).build(lt)
+    for h in (None, head):
+        gen = SpeculativeGenerator(lt, h, max_seq_len=256, **({} if h is None else opts))
+        run = lambda g, **kw: g.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True,  # noqa: E731
+                                         temperature=1.0, seed=7, **kw).token_ids
+        first, cut = run(gen), run(gen, top_p=0.5)
+        assert run(gen) == first                                      # not the top-p graphs
+        fresh = SpeculativeGenerator(lt, h, max_seq_len=256, **({} if h is None else opts))
+        assert run(fresh, top_p=0.5) == cut and cut != first

@@ -173,7 +173,7 @@ def _x_tile3(x_rows3, m_mask3, kk3, K, rstd3, nw_ptr, HAS_NORM: tl.constexpr, EV
 @triton.jit
 def _vec_product(x_rows3, m_mask3, w_rows3, wu_rows3, n_mask3, nw_ptr, K, eps, w0, wu0,
                  HAS_NORM: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_M, BLOCK_N) fp32 = x_tile @ W[rn, :].T for all BLOCK_M rows at once, and the up
     product when SILU: each K block's fp32 products as one (BLOCK_M, BLOCK_N, BLOCK_K) tile,
     reduced over K, the blocks summed in order from k0 = 0. Every row goes through the same lanes
@@ -184,8 +184,7 @@ def _vec_product(x_rows3, m_mask3, w_rows3, wu_rows3, n_mask3, nw_ptr, K, eps, w
     caller (before its PDL wait)."""
     kk3 = tl.arange(0, BLOCK_K)[None, None, :]
     if HAS_NORM:
-        ss = tl.sum(tl.zeros_like(tl.load(x_rows3 + kk3, mask=m_mask3 & (kk3 < K), other=0.0)
-                                  .to(tl.float32)), axis=2, keep_dims=True)           # (BM, 1, 1)
+        ss = tl.zeros((BLOCK_M, 1, 1), dtype=tl.float32)          # the rows' sums of squares
         for k0 in range(0, K, BLOCK_K):
             xk = tl.load(x_rows3 + k0 + kk3, mask=m_mask3 & (k0 + kk3 < K), other=0.0).to(tl.float32)
             ss += tl.sum(xk * xk, axis=2, keep_dims=True)
@@ -283,7 +282,7 @@ def _linear_kernel(
         m_mask = rm < M
         x_rows3 = x_ptr + rm.to(tl.int64)[:, None, None] * stride_xm    # (BLOCK_M, 1, 1)
         acc, up = _vec_product(x_rows3, m_mask[:, None, None], w_rows3, wu_rows3, n_mask3, nw_ptr,
-                               K, eps, w0, wu0, HAS_NORM, SILU, EVEN_K, BLOCK_K)
+                               K, eps, w0, wu0, HAS_NORM, SILU, EVEN_K, BLOCK_M, BLOCK_K)
         _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
                   HAS_BIAS, HAS_RESIDUAL, SILU)
     else:

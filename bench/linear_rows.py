@@ -35,16 +35,11 @@ if not torch.cuda.is_available():
 
 from bench.common import write  # noqa: E402
 from bench.linear_bench import COLD_BYTES, graph_us  # noqa: E402
+from bench.linear_waves import EPS, OPS, make_inputs  # noqa: E402  (SmolLM2's five products)
 from kernels._common import next_pow2  # noqa: E402
 from kernels.linear import LinearConfig, _launch, vec_config  # noqa: E402
 from koala.model import _Fast, _row_config  # noqa: E402
 
-DT = torch.bfloat16
-EPS = 1e-5
-# SmolLM2-135M: D 576, 9 query / 3 kv heads of 64, intermediate 1536, vocabulary 49152
-OPS = [("wqkv+norm", 576, 960, "norm"), ("wo+residual", 576, 576, "residual"),
-       ("w13+norm+silu", 576, 1536, "silu"), ("w2+residual", 1536, 576, "residual"),
-       ("lm_head", 576, 49152, "plain")]
 LAYER_OPS = [o[0] for o in OPS[:4]]
 TILE_MS = (1, 2, 4)     # the tiles file's objective: a plain step and the verifies of depth 1 and 3
 
@@ -89,19 +84,8 @@ def main():
     a = ap.parse_args()
     ms = [int(m) for m in a.ms.split(",")]
     Rs = [int(r) for r in a.rows.split(",")]
-    torch.manual_seed(0)
     ops = [o for o in OPS if a.only in o[0]]
-    inputs = {}
-    for op, K, N, kind in ops:
-        rows_w = 2 * N if kind == "silu" else N
-        W0 = (torch.randn(rows_w, K, device="cuda") / K ** 0.5).to(DT)
-        nc = max(2, math.ceil(COLD_BYTES / W0.nbytes))
-        Ws = list(W0.unsqueeze(0).repeat(nc, 1, 1).unbind(0))
-        nw = (1 + 0.1 * torch.randn(K, device="cuda")).to(DT)
-        per_m = {M: (torch.randn(M, K, device="cuda", dtype=DT), torch.randn(M, N, device="cuda", dtype=DT),
-                     torch.empty(M, N, device="cuda", dtype=DT)) for M in ms}
-        inputs[op] = (Ws, nw, per_m)
-    torch.cuda.synchronize()
+    inputs = make_inputs(ops, ms)
     rows, stopped = [], False
     for op, K, N, kind in ops:
         Ws, nw, per_m = inputs[op]

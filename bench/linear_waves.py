@@ -52,6 +52,25 @@ def resident_per_sm(n_regs: int, warps: int, smem: int) -> int:
     return max(0, min(by_regs, 2048 // (32 * warps), 32, by_smem))
 
 
+def make_inputs(ops, ms) -> dict:
+    """{op: (Ws, nw, {M: (x, residual, out)})}, seeded, all made before any graph is captured:
+    Ws is W in enough copies (>= COLD_BYTES) that a graph of calls rotating over them reads W from
+    HBM each call, as a decode step does."""
+    torch.manual_seed(0)
+    inputs = {}
+    for op, K, N, kind in ops:
+        rows_w = 2 * N if kind == "silu" else N
+        W0 = (torch.randn(rows_w, K, device="cuda") / K ** 0.5).to(DT)
+        nc = max(2, math.ceil(COLD_BYTES / W0.nbytes))
+        Ws = list(W0.unsqueeze(0).repeat(nc, 1, 1).unbind(0))
+        nw = (1 + 0.1 * torch.randn(K, device="cuda")).to(DT)
+        per_m = {M: (torch.randn(M, K, device="cuda", dtype=DT), torch.randn(M, N, device="cuda", dtype=DT),
+                     torch.empty(M, N, device="cuda", dtype=DT)) for M in ms}
+        inputs[op] = (Ws, nw, per_m)
+    torch.cuda.synchronize()
+    return inputs
+
+
 def variants(cfg, M):
     out = {"exact": cfg, "w8": cfg._replace(num_warps=8), "w2": cfg._replace(num_warps=2)}
     if M > 1:
@@ -82,19 +101,8 @@ def main():
     ap.add_argument("--only", default="", help="ops whose name contains this")
     a = ap.parse_args()
     ms = [int(m) for m in a.ms.split(",")]
-    torch.manual_seed(0)
-    inputs = {}
     ops = [o for o in OPS if a.only in o[0]]
-    for op, K, N, kind in ops:
-        rows_w = 2 * N if kind == "silu" else N
-        W0 = (torch.randn(rows_w, K, device="cuda") / K ** 0.5).to(DT)
-        nc = max(2, math.ceil(COLD_BYTES / W0.nbytes))
-        Ws = list(W0.unsqueeze(0).repeat(nc, 1, 1).unbind(0))
-        nw = (1 + 0.1 * torch.randn(K, device="cuda")).to(DT)
-        per_m = {M: (torch.randn(M, K, device="cuda", dtype=DT), torch.randn(M, N, device="cuda", dtype=DT),
-                     torch.empty(M, N, device="cuda", dtype=DT)) for M in ms}
-        inputs[op] = (Ws, nw, per_m)
-    torch.cuda.synchronize()
+    inputs = make_inputs(ops, ms)
     rows = []
     print(f"{'op':<15} {'M':>2} {'variant':<6} {'us':>7} {'regs':>4} {'spill':>5} {'progs':>6} {'/SM':>3} "
           f"{'waves':>5}  config", flush=True)

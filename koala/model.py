@@ -44,6 +44,14 @@ class _Fast:
     # exact mode's GEMV tiles per product shape, {(N, K, silu): LinearConfig}, from the file
     # KOALA_EXACT_TILES names (bench/linear_rows.py's `tiles`); None: not read yet
     tiles: dict | None = None
+    # tests only: run the fused path on CPU tensors too, through Triton's interpreter
+    # (Transformer.use_kernels(cpu=True) under TRITON_INTERPRET=1), so CI covers it end to end
+    cpu = False
+
+
+def _fused(t) -> bool:
+    """Does a tensor on t's device take the fused Triton path?"""
+    return _Fast.on and (t.is_cuda or _Fast.cpu)
 
 
 def load_tiles(path) -> dict:
@@ -68,7 +76,7 @@ def argmax_last(x):
     """torch.argmax(x, dim=-1); on the fused path kernels/argmax.py's two short launches (torch
     gives a 49,152-wide row to one block: 15 us on the H100, 3% of a SmolLM2 decode step).
     Same result, ties and NaN included."""
-    if _Fast.on and x.is_cuda:
+    if _fused(x):
         from kernels.argmax import argmax
         return argmax(x)
     return x.argmax(dim=-1)
@@ -110,7 +118,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # (..., D)
-        if _Fast.on and x.is_cuda:
+        if _fused(x):
             from kernels.rmsnorm import rms_norm
             return rms_norm(x.contiguous(), self.weight, self.eps)
         # computed in fp32 as transformers does, then cast back
@@ -158,7 +166,7 @@ class Attention(nn.Module):
         # x: (B, T, D); cos, sin: (B, T, hd); slots: (T,) or None; mask: (B|1, T, S) bool or None
         B, T, _ = x.shape
         h, nkv, hd = self.n_heads, self.n_kv, self.hd
-        if _Fast.on and x.is_cuda and slots is not None:
+        if _fused(x) and slots is not None:
             return self._forward_fused(x, cos, sin, slots, mask, residual)
         q, k, v = self.wqkv(x).split([h * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(B, T, h, hd).transpose(1, 2)      # (B, h, T, hd)
@@ -222,7 +230,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x, residual=None):
-        if _Fast.on and x.is_cuda:
+        if _fused(x):
             from kernels.swiglu import silu_mul
             a = silu_mul(self.w13(x))
             return self.w2(a) if residual is None else _linear_residual(residual, a, self.w2)
@@ -242,7 +250,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, slots=None, mask=None):
-        if _Fast.on and x.is_cuda and slots is not None and x.shape[0] * x.shape[1] <= _small_m():
+        if _fused(x) and slots is not None and x.shape[0] * x.shape[1] <= _small_m():
             return self._forward_small(x, cos, sin, slots, mask)
         x = self.attention(self.attention_norm(x), cos, sin, slots, mask, residual=x)
         return self.feed_forward(self.ffn_norm(x), residual=x)
@@ -351,10 +359,17 @@ class Transformer(CachedStack, nn.Module):
         return self.tok_embeddings.weight.device
 
     @staticmethod
-    def use_kernels(on: bool = True, exact: bool | None = None):
+    def use_kernels(on: bool = True, exact: bool | None = None, cpu: bool = False):
         """Switch the fused Triton path (CUDA tensors only) on or off for every model; exact
-        selects batch-invariant verification (see _Fast)."""
+        selects batch-invariant verification (see _Fast). cpu=True (tests, TRITON_INTERPRET=1
+        only) runs it on CPU tensors too, through Triton's interpreter."""
+        if cpu and on:
+            from kernels._common import interpreting
+            if not interpreting():
+                raise RuntimeError("use_kernels(cpu=True) runs the kernels in Triton's interpreter: "
+                                   "set TRITON_INTERPRET=1 before importing triton")
         _Fast.on = on
+        _Fast.cpu = cpu and on
         if exact is not None:
             _Fast.exact = exact
 
@@ -379,7 +394,7 @@ class Transformer(CachedStack, nn.Module):
         hidden = self.norm(x)
         h = hidden if logits_index is None else hidden.index_select(1, logits_index)
         lm_m = EXACT_M if _Fast.exact else LM_HEAD_M
-        if _Fast.on and h.is_cuda and h.shape[0] * h.shape[1] <= lm_m and slots is not None:
+        if _fused(h) and h.shape[0] * h.shape[1] <= lm_m and slots is not None:
             from kernels.linear import linear
             cfg = _row_config(self.output.weight, h.shape[0] * h.shape[1]) if _Fast.exact else None
             return linear(h, self.output.weight, config=cfg), hidden

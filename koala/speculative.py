@@ -391,7 +391,7 @@ class SpeculativeDecoder:
         self.root.copy_(bonus)
 
     def _fast(self):
-        return _Fast.on and self.dev.type == "cuda"
+        return _Fast.on and (self.dev.type == "cuda" or _Fast.cpu)
 
     def _cache_table(self):
         if getattr(self, "_table", None) is None:

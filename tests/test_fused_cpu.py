@@ -1,0 +1,97 @@
+"""The fused Triton decode path end to end on the CPU, through Triton's interpreter: the kernels
+koala runs on a GPU (norm + GEMV, q|k|v + RoPE + cache, attention, argmax, greedy acceptance and
+KV compaction), in exact mode, give bf16 speculative greedy output equal to plain greedy output
+with the same kernels, for real (random) heads and for oracle heads that get most drafts
+accepted. On a GPU these run as the -m gpu tests of test_speculative.py instead."""
+import pytest
+import torch
+
+from kernels import linear as L
+from kernels._common import interpreting
+from koala import SpeculativeGenerator, load_target
+from koala.heads import DraftConfig
+from koala.model import Transformer, _Fast
+from tests.helpers import make_hf_checkpoint
+from tests.test_speculative import PROMPT, OracleEagle, OracleMedusa
+
+pytestmark = pytest.mark.skipif(not interpreting() or torch.cuda.is_available(),
+                                reason="the fused path on CPU tensors needs TRITON_INTERPRET=1 (no GPU)")
+N_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    path, _ = make_hf_checkpoint(tmp_path_factory.mktemp("fused"), "llama", seed=3)
+    return load_target(path, device="cpu", dtype=torch.bfloat16)
+
+
+# The interpreter runs each program of a launch in turn (~30 ms each), so the tiny model's
+# products take one GEMV tile of 32 output columns (exact mode's tiles file, KOALA_EXACT_TILES's
+# mechanism) instead of the H100's one or two: a few programs a launch, 0.4 s a decode step.
+TINY_TILES = {(128, 64, False): L.LinearConfig(False, 1, 32, 64, 4, 1, 1),    # q|k|v, LM head
+              (64, 64, False): L.LinearConfig(False, 1, 32, 64, 4, 1, 1),     # wo
+              (96, 64, True): L.LinearConfig(False, 1, 32, 64, 4, 1, 1),      # gate|up
+              (64, 96, False): L.LinearConfig(False, 1, 32, 128, 4, 1, 1)}    # w2
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setattr(_Fast, "tiles", TINY_TILES)
+    Transformer.use_kernels(True, exact=True, cpu=True)
+    yield monkeypatch
+    Transformer.use_kernels(False)
+
+
+def _plain(lt):
+    plain = SpeculativeGenerator(lt, None, max_seq_len=128)
+    return plain.generate(PROMPT, max_new_tokens=N_NEW, chat=False, ignore_eos=True).token_ids, plain
+
+
+@pytest.mark.parametrize("kind,opts,fused_rope,real", [
+    ("medusa", dict(mode="chain"), True, False),
+    ("eagle", dict(mode="chain", depth=3), False, False),
+    ("eagle", dict(mode="chain", depth=2), True, True)], ids=["medusa-oracle", "eagle-oracle", "eagle-real-rope-fused"])
+def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope, real):
+    """An oracle head gets most drafts accepted (the accept and compaction kernels take long
+    paths); a real head of two random layers runs its own layers through the kernels too."""
+    fused.setattr(_Fast, "fused_rope", fused_rope)
+    ref, plain = _plain(tiny_bf16)
+    if real:
+        torch.manual_seed(1)
+        head = DraftConfig(kind=kind, layers=2).build(tiny_bf16)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_(0, 0.05)
+    else:
+        head = (OracleMedusa if kind == "medusa" else OracleEagle)(DraftConfig(kind=kind), tiny_bf16.model, "tiny")
+    gen = SpeculativeGenerator(tiny_bf16, head, max_seq_len=128, **opts)
+    if not real:
+        full = plain.encode(PROMPT, chat=False) + ref
+        head.bind(full, gen.spec) if kind == "medusa" else head.bind(full)
+    res = gen.generate(PROMPT, max_new_tokens=N_NEW, chat=False, ignore_eos=True)
+    assert res.token_ids == ref
+    assert real or res.stats.tau > 1.8
+
+
+def test_fused_cpu_path_is_the_kernels(tiny_bf16, fused):
+    """The switch really routes CPU tensors through the kernels: the fused forward's logits are
+    close to the PyTorch path's, not equal (other rounding), and use_kernels(cpu=True) refuses
+    to run without the interpreter."""
+    from koala.model import causal_mask
+    m = tiny_bf16.model
+    m.setup_cache(1, 64)
+    ids = torch.randint(3, 128, (1, 12))
+    s = torch.arange(12)
+    with torch.no_grad():
+        a = m(ids, s[None], s, causal_mask(s, 64))[0].float()
+        Transformer.use_kernels(False)
+        b = m(ids, s[None], s, causal_mask(s, 64))[0].float()
+    assert (a - b).abs().max() < 0.25 and not torch.equal(a, b)
+
+
+def test_use_kernels_cpu_needs_the_interpreter(monkeypatch):
+    import kernels._common as C
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        Transformer.use_kernels(True, cpu=True)
+    assert not _Fast.cpu

@@ -47,14 +47,21 @@ def _plain(lt):
     return plain.generate(PROMPT, max_new_tokens=N_NEW, chat=False, ignore_eos=True).token_ids, plain
 
 
-@pytest.mark.parametrize("kind,opts,fused_rope,real", [
-    ("medusa", dict(mode="chain"), True, False),
-    ("eagle", dict(mode="chain", depth=3), False, False),
-    ("eagle", dict(mode="chain", depth=2), True, True)], ids=["medusa-oracle", "eagle-oracle", "eagle-real-rope-fused"])
-def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope, real):
+# the row-tile path (KOALA_ROW_TILE's): two rows in one tile, the plain step included
+TINY_ROW_TILES = {k: L.LinearConfig(False, 2, c.BLOCK_N, c.BLOCK_K, 4, 1, 1, True) for k, c in TINY_TILES.items()}
+
+
+@pytest.mark.parametrize("kind,opts,fused_rope,real,tiles", [
+    ("medusa", dict(mode="chain"), True, False, TINY_TILES),
+    ("eagle", dict(mode="chain", depth=3), False, False, TINY_TILES),
+    ("eagle", dict(mode="chain", depth=2), True, True, TINY_TILES),
+    ("eagle", dict(mode="chain", depth=3), False, False, TINY_ROW_TILES)],
+    ids=["medusa-oracle", "eagle-oracle", "eagle-real-rope-fused", "eagle-oracle-row-tiles"])
+def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope, real, tiles):
     """An oracle head gets most drafts accepted (the accept and compaction kernels take long
     paths); a real head of two random layers runs its own layers through the kernels too."""
     fused.setattr(_Fast, "fused_rope", fused_rope)
+    fused.setattr(_Fast, "tiles", tiles)
     ref, plain = _plain(tiny_bf16)
     if real:
         torch.manual_seed(1)

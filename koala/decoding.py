@@ -12,7 +12,7 @@ import torch
 
 from .graphs import capture
 from .model import Transformer, argmax_last
-from .sampling import SamplerState, sample, warp_probs
+from .sampling import SamplerState, graph_mode, sample, warp_probs
 
 
 class PlainDecoder:
@@ -53,7 +53,7 @@ class PlainDecoder:
 
     def _graph(self, greedy: bool, L: int):
         # sampling with and without top-k / top-p trace different code (warp_probs): a graph each
-        key = ("greedy" if greedy else ("truncate" if self.sampler.truncate else "sample"), L)
+        key = (graph_mode(greedy, self.sampler.truncate), L)
         if key in self.graphs:
             return self.graphs[key]
         # warm up and capture at the window's last slot: the real step rewrites it before reading it

@@ -43,9 +43,13 @@ class SamplingParams:
 
     @property
     def graph_mode(self) -> str:
-        """What a captured step traces for these settings: 'greedy' (argmax), 'sample'
-        (temperature only) or 'truncate' (top-k / top-p, a sort): one CUDA graph each."""
-        return "greedy" if self.greedy else ("truncate" if self.truncates else "sample")
+        return graph_mode(self.greedy, self.truncates)
+
+
+def graph_mode(greedy: bool, truncate: bool) -> str:
+    """What a captured step traces: 'greedy' (argmax), 'sample' (temperature only) or 'truncate'
+    (top-k / top-p, a sort of the vocabulary): one CUDA graph each."""
+    return "greedy" if greedy else ("truncate" if truncate else "sample")
 
 
 class SamplerState:

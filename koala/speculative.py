@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .errors import HeadMismatchError, KoalaError
 from .graphs import capture
 from .model import Transformer, _Fast, argmax_last, causal_mask, tree_mask
-from .sampling import SamplerState, warp_probs
+from .sampling import SamplerState, graph_mode, warp_probs
 
 NEG = -1e30
 
@@ -455,7 +455,7 @@ class SpeculativeDecoder:
             return
         # greedy and sampling trace different code (argmax vs draws, Q or none), and so do
         # sampling with and without top-k / top-p (warp_probs): one graph each
-        key = ("greedy" if self.greedy else ("truncate" if self.sampler.truncate else "sample"), W)
+        key = (graph_mode(self.greedy, self.sampler.truncate), W)
         if key not in self.graphs:
             with self._exact():
                 self.graphs[key] = self._capture(W)

@@ -265,8 +265,9 @@ def _linear_kernel(
         _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, stride_ym,
                   HAS_BIAS, HAS_RESIDUAL, SILU)
     elif VEC:
-        # all BLOCK_M rows as one tile (_vec_product): W, bias and norm weight before the PDL
-        # wait as in the GEMV, then the tile's rows' norms and products together
+        # all BLOCK_M rows as one tile (_vec_product): the first K block of W and the bias
+        # before the PDL wait as in the GEMV (the norm weight is read with x, after it), then
+        # the tile's rows' norms and products together
         kk3 = tl.arange(0, BLOCK_K)[None, None, :]
         n_mask3 = n_mask[None, :, None]
         w_rows3 = w_rows[None, :, None]                                  # (1, BLOCK_N, 1)

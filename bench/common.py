@@ -38,7 +38,9 @@ def environment() -> dict:
             "exact": os.environ.get("KOALA_EXACT", "1") != "0",
             "row_tile": int(os.environ.get("KOALA_ROW_TILE", "0") or 0),
             "fused_rope": os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0"),
-            "exact_tiles": os.environ.get("KOALA_EXACT_TILES") or None}
+            # exact mode's tiles file: koala/exact_tiles.json unless KOALA_EXACT_TILES names another
+            # (or none); files measured at 7c09695 and before, when there was no default, wrote null for none
+            "exact_tiles": os.environ.get("KOALA_EXACT_TILES", "").strip() or "koala/exact_tiles.json"}
 
 
 def _pdl() -> bool:

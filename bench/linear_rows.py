@@ -82,6 +82,9 @@ def main():
     ap.add_argument("--no-vec", dest="vec", action="store_false", help="skip the row-tile candidates")
     ap.add_argument("--no-gemv", dest="gemv", action="store_false", help="skip the per-row GEMV candidates")
     a = ap.parse_args()
+    # `exact` is exact mode's per-row programs, not the tiles of an earlier sweep (the shipped
+    # koala/exact_tiles.json or KOALA_EXACT_TILES): this sweep is what chooses those
+    _Fast.tiles = {}
     ms = [int(m) for m in a.ms.split(",")]
     Rs = [int(r) for r in a.rows.split(",")]
     ops = [o for o in OPS if a.only in o[0]]

@@ -13,6 +13,7 @@ Weights are stored fused (q|k|v and gate|up) so a layer is 4 matrix products.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -54,6 +55,20 @@ def _fused(t) -> bool:
     return _Fast.on and (t.is_cuda or _Fast.cpu)
 
 
+DEFAULT_TILES = Path(__file__).with_name("exact_tiles.json")
+
+
+def exact_tiles() -> dict:
+    """Exact mode's tiles per product shape: KOALA_EXACT_TILES's file, or by default the shipped
+    koala/exact_tiles.json (swept on an H200 for SmolLM2's shapes: chain verifies 4 to 9% faster,
+    bench/results/scale_smollm2_tiles_7c09695.json); KOALA_EXACT_TILES=none: exact mode's
+    per-row programs for every shape. Shapes a file does not name keep those too."""
+    path = os.environ.get("KOALA_EXACT_TILES", "").strip()
+    if path.lower() in ("none", "0", "off"):
+        return {}
+    return load_tiles(path or DEFAULT_TILES)
+
+
 def load_tiles(path) -> dict:
     """{(N, K, silu): LinearConfig} from a bench/linear_rows.py result file's `tiles` list (an
     entry with config null keeps exact mode's own tile for that shape). Any tile serves exact
@@ -67,8 +82,9 @@ def load_tiles(path) -> dict:
             if e.get("config") is not None:
                 out[(int(e["N"]), int(e["K"]), bool(e["silu"]))] = LinearConfig(**e["config"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"KOALA_EXACT_TILES={path}: not a bench/linear_rows.py result with a `tiles` "
-                         f"list ({type(err).__name__}: {err}); unset it or point it at linear_rows.json") from None
+        raise ValueError(f"exact-mode tiles {path} (KOALA_EXACT_TILES): not a bench/linear_rows.py result with a "
+                         f"`tiles` list ({type(err).__name__}: {err}); point KOALA_EXACT_TILES at linear_rows.json, "
+                         f"or set it to none for exact mode's per-row programs") from None
     return out
 
 
@@ -92,12 +108,11 @@ def _row_config(W, M, silu=False):
     from kernels.linear import GEMV_MAX_M, _config, vec_config
     n = W.shape[0] // 2 if silu else W.shape[0]
     if _Fast.tiles is None:
-        path = os.environ.get("KOALA_EXACT_TILES", "")
-        _Fast.tiles = load_tiles(path) if path else {}
+        _Fast.tiles = exact_tiles()
+    if _Fast.row_tile:   # KOALA_ROW_TILE asks for one row tile everywhere: it overrides any tiles file
+        return vec_config(n, W.shape[1], _Fast.row_tile, silu)
     if (n, W.shape[1], silu) in _Fast.tiles:
         return _Fast.tiles[(n, W.shape[1], silu)]
-    if _Fast.row_tile:
-        return vec_config(n, W.shape[1], _Fast.row_tile, silu)
     cfg = _config(min(M, GEMV_MAX_M), n, W.shape[1])
     return cfg._replace(ROWS=1) if W.numel() * W.element_size() <= _L2_RESIDENT else cfg
 

@@ -63,7 +63,7 @@ def _rows_config(M, base):
     return base._replace(ROWS=min(8, L.next_pow2(M)))
 
 
-def test_gemv_config_tiles_do_not_depend_on_M():
+def test_gemv_config_tiles_do_not_depend_on_M(monkeypatch):
     # the bitwise promise below needs the same tiles at every M; exact mode reuses them for M > 8
     for N, K in ((576, 576), (1728, 576), (1536, 576), (576, 1536), (49152, 576), (11008, 4096), (77, 123)):
         one = L._config(1, N, K)
@@ -74,8 +74,10 @@ def test_gemv_config_tiles_do_not_depend_on_M():
     # N = 576 (SmolLM2's wo and w2) still gives >= 2 programs per SM on the H100's 132
     assert 576 // L._config(8, 576, 576).BLOCK_N >= 2 * L.NUM_SMS_H100
 
-    # exact mode: a layer's W (L2-resident) gets one row per program; the LM head's 8
-    from koala.model import _row_config
+    # exact mode's own tiles (no tiles file): a layer's W (L2-resident) gets one row per program;
+    # the LM head's 8
+    from koala.model import _Fast, _row_config
+    monkeypatch.setattr(_Fast, "tiles", {})
     W, W13 = torch.empty(576, 1536, dtype=torch.bfloat16), torch.empty(2 * 1536, 576, dtype=torch.bfloat16)
     lm = torch.empty(49152, 576, dtype=torch.bfloat16)
     for M in (1, 3, 8, 9, 64, 128):
@@ -196,9 +198,11 @@ def test_exact_mode_row_tile_config(monkeypatch):
     from koala import model as Mdl
     W = torch.empty(576, 1536, dtype=torch.bfloat16)
     monkeypatch.setattr(Mdl._Fast, "row_tile", 4)
+    monkeypatch.setattr(Mdl._Fast, "tiles", None)          # the shipped tiles name this shape: R wins
     for M in (1, 2, 5, 128):
         assert Mdl._row_config(W, M) == L.vec_config(576, 1536, 4)
     monkeypatch.setattr(Mdl._Fast, "row_tile", 0)
+    monkeypatch.setattr(Mdl._Fast, "tiles", {})
     assert Mdl._row_config(W, 5) == L._config(1, 576, 1536)
 
 
@@ -226,8 +230,33 @@ def test_exact_mode_tiles_file(tmp_path, monkeypatch):
     _assert_rows_bitwise_alone(5, 9, 70, torch.bfloat16, False, gemv._replace(BLOCK_K=32), gemv._replace(BLOCK_K=32))
     f.write_text(json.dumps({"rows": []}))
     monkeypatch.setattr(Mdl._Fast, "tiles", None)
-    with pytest.raises(ValueError, match="KOALA_EXACT_TILES=.*unset it or point it at linear_rows.json"):
+    with pytest.raises(ValueError, match="KOALA_EXACT_TILES.*point KOALA_EXACT_TILES at linear_rows.json, "
+                                         "or set it to none"):
         Mdl._row_config(W2, 1)
+    monkeypatch.setattr(Mdl._Fast, "tiles", None)
+
+
+def test_exact_mode_default_tiles(monkeypatch):
+    # unset, KOALA_EXACT_TILES gives exact mode the shipped koala/exact_tiles.json (swept on the
+    # GPU for SmolLM2's shapes); "none" gives every shape exact mode's per-row programs
+    import json
+    from koala import model as Mdl
+    shipped = json.loads(Mdl.DEFAULT_TILES.read_text())
+    named = [e for e in shipped["tiles"] if e["config"] is not None]
+    assert named and shipped["device"] and shipped["commit"]          # provenance travels with it
+    monkeypatch.setattr(Mdl._Fast, "row_tile", 0)
+    monkeypatch.delenv("KOALA_EXACT_TILES", raising=False)
+    monkeypatch.setattr(Mdl._Fast, "tiles", None)
+    for e in named:
+        W = torch.empty(2 * e["N"] if e["silu"] else e["N"], e["K"])
+        assert Mdl._row_config(W, 1, silu=e["silu"]) == L.LinearConfig(**e["config"])
+        assert Mdl._row_config(W, 5, silu=e["silu"]) == L.LinearConfig(**e["config"])
+    for off in ("none", "0"):
+        monkeypatch.setenv("KOALA_EXACT_TILES", off)
+        monkeypatch.setattr(Mdl._Fast, "tiles", None)
+        for e in named:
+            W = torch.empty(2 * e["N"] if e["silu"] else e["N"], e["K"])
+            assert Mdl._row_config(W, 1, silu=e["silu"]) == L._config(1, e["N"], e["K"])._replace(ROWS=1)
     monkeypatch.setattr(Mdl._Fast, "tiles", None)
 
 

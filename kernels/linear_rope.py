@@ -88,8 +88,10 @@ def _linear_rope_kernel(
                 c2 = tl.load(cos_ptr + b * s_cos_b + t * s_cos_t + HALF + o).to(tl.float32)
                 s1 = tl.load(sin_ptr + b * s_sin_b + t * s_sin_t + o).to(tl.float32)
                 s2 = tl.load(sin_ptr + b * s_sin_b + t * s_sin_t + HALF + o).to(tl.float32)
-                r1 = x1 * c1 - x2 * s1
-                r2 = x2 * c2 + x1 * s2
+                # the multiply-adds spelled out: left to the compiler, fp contraction fused a different
+                # product of r2 here and in the other kernel, 1 ulp apart in fp32 (found on an H200)
+                r1 = tl.fma(x1, c1, -(x2 * s1))
+                r2 = tl.fma(x2, c2, x1 * s2)
             else:                              # v: stored as projected
                 r1 = x1
                 r2 = x2

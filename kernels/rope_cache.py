@@ -46,8 +46,10 @@ def _rope_cache_kernel(
     src = row + head.to(tl.int64) * (2 * HALF)       # q heads then k heads: head j of k sits at h + j
     x1 = tl.load(src + o, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF + o, mask=m, other=0.0).to(tl.float32)
-    r1 = x1 * c1 - x2 * s1
-    r2 = x2 * c2 + x1 * s2
+    # the multiply-adds spelled out: left to the compiler, fp contraction fused a different
+    # product of r2 here and in the other kernel, 1 ulp apart in fp32 (found on an H200)
+    r1 = tl.fma(x1, c1, -(x2 * s1))
+    r2 = tl.fma(x2, c2, x1 * s2)
     if head < n_heads:
         dst = q_ptr + b * s_q_b + head.to(tl.int64) * s_q_h + t * s_q_t
         tl.store(dst + o, cast_rne(r1, q_ptr.dtype.element_ty), mask=m)

@@ -22,7 +22,8 @@
 #                      shape with KOALA_FUSED_ROPE=0 and 1 (plain step and iteration costs)   ~5 min
 #   rows               bench/linear_rows.py: per-row GEMV and row-tile sweep at M = 1..8, then
 #                      bench.scale on SmolLM2's shape with its tiles (KOALA_EXACT_TILES) and
-#                      without (random weights, no staged model)                            ~9 min
+#                      without (KOALA_EXACT_TILES=none; random weights, no staged model)    ~7 min
+#   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
 # The MT-bench steps' time budgets leave 40 s (80 s for sampling, two temperatures) more than before for bench.mtbench's closing plain
 # run (--plain-every, default 2), which runs even past the budget, inside the 600 s call limit.
 set -euo pipefail
@@ -31,7 +32,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -153,6 +154,12 @@ PY
         --out scale_smollm2_tiles.json >> "$log" 2>&1
     KOALA_EXACT_TILES=none python -m bench.scale --preset smollm2-135m --quick --out scale_smollm2_exact.json >> "$log" 2>&1
     quiet "$log" | grep -e "^M" -e "^tile" -e "plain step" -e "chain N=  2" | tail -n 40
+    ;;
+  vec)
+    # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)
+    python bench/linear_rows.py --no-gemv --rows 2,4 --budget 300 > "$log" 2>&1
+    mv "$OUT/linear_rows.json" "$OUT/linear_rows_vec.json"
+    quiet "$log" | grep -e "^M" -e "^tile" | tail -n 30
     ;;
   *)
     echo "unknown step $step" >&2; exit 2 ;;

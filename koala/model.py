@@ -58,15 +58,34 @@ def _fused(t) -> bool:
 DEFAULT_TILES = Path(__file__).with_name("exact_tiles.json")
 
 
+def _cuda_arch() -> str | None:
+    """'sm_90' for an H100 or H200 (the current CUDA device's compute capability), None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
 def exact_tiles() -> dict:
     """Exact mode's tiles per product shape: KOALA_EXACT_TILES's file, or by default the shipped
     koala/exact_tiles.json (swept on an H200 for SmolLM2's shapes: chain verifies 4 to 9% faster,
-    bench/results/scale_smollm2_tiles_7c09695.json); KOALA_EXACT_TILES=none: exact mode's
-    per-row programs for every shape. Shapes a file does not name keep those too."""
+    bench/results/scale_smollm2_tiles_7c09695.json) on a GPU of the architecture it was swept on
+    (its `arch`; elsewhere they are untimed, so exact mode keeps its own); KOALA_EXACT_TILES=none:
+    exact mode's per-row programs for every shape. Shapes a file does not name keep those too."""
     path = os.environ.get("KOALA_EXACT_TILES", "").strip()
     if path.lower() in ("none", "0", "off"):
         return {}
-    return load_tiles(path or DEFAULT_TILES)
+    if path:
+        return load_tiles(path)
+    import json
+    try:
+        arch = json.loads(DEFAULT_TILES.read_text()).get("arch")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"the shipped exact-mode tiles {DEFAULT_TILES} are unreadable ({err}): reinstall koala, "
+                         f"or set KOALA_EXACT_TILES=none") from None
+    if arch is not None and arch != _cuda_arch():
+        return {}
+    return load_tiles(DEFAULT_TILES)
 
 
 def load_tiles(path) -> dict:

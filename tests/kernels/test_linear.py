@@ -244,8 +244,14 @@ def test_exact_mode_default_tiles(monkeypatch):
     shipped = json.loads(Mdl.DEFAULT_TILES.read_text())
     named = [e for e in shipped["tiles"] if e["config"] is not None]
     assert named and shipped["device"] and shipped["commit"]          # provenance travels with it
+    assert shipped["arch"] == "sm_90"
     monkeypatch.setattr(Mdl._Fast, "row_tile", 0)
     monkeypatch.delenv("KOALA_EXACT_TILES", raising=False)
+    # on a GPU of another architecture (or none) the tiles are untimed: exact mode keeps its own
+    for arch in ("sm_80", None):
+        monkeypatch.setattr(Mdl, "_cuda_arch", lambda arch=arch: arch)
+        assert Mdl.exact_tiles() == {}
+    monkeypatch.setattr(Mdl, "_cuda_arch", lambda: "sm_90")
     monkeypatch.setattr(Mdl._Fast, "tiles", None)
     for e in named:
         W = torch.empty(2 * e["N"] if e["silu"] else e["N"], e["K"])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from koala.model import exact_tiles_source
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -38,9 +40,9 @@ def environment() -> dict:
             "exact": os.environ.get("KOALA_EXACT", "1") != "0",
             "row_tile": int(os.environ.get("KOALA_ROW_TILE", "0") or 0),
             "fused_rope": os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0"),
-            # exact mode's tiles file: koala/exact_tiles.json unless KOALA_EXACT_TILES names another
-            # (or none); files measured at 7c09695 and before, when there was no default, wrote null for none
-            "exact_tiles": os.environ.get("KOALA_EXACT_TILES", "").strip() or "koala/exact_tiles.json"}
+            # exact mode's tiles file (None: its own tiles): koala/exact_tiles.json on sm_90 unless
+            # KOALA_EXACT_TILES names another or none; at 7c09695 and before there was no default
+            "exact_tiles": exact_tiles_source()}
 
 
 def _pdl() -> bool:

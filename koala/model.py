@@ -66,6 +66,22 @@ def _cuda_arch() -> str | None:
     return f"sm_{major}{minor}"
 
 
+def exact_tiles_source() -> str | None:
+    """Which tiles file exact mode uses in this process (result files record it): KOALA_EXACT_TILES's,
+    the shipped one on its architecture, or None (exact mode's own tiles)."""
+    path = os.environ.get("KOALA_EXACT_TILES", "").strip()
+    if path.lower() in ("none", "0", "off"):
+        return None
+    if path:
+        return path
+    try:
+        import json
+        arch = json.loads(DEFAULT_TILES.read_text()).get("arch")
+    except (OSError, ValueError):
+        return None
+    return "koala/exact_tiles.json" if arch is None or arch == _cuda_arch() else None
+
+
 def exact_tiles() -> dict:
     """Exact mode's tiles per product shape: KOALA_EXACT_TILES's file, or by default the shipped
     koala/exact_tiles.json (swept on an H200 for SmolLM2's shapes: chain verifies 4 to 9% faster,

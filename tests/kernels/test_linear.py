@@ -251,7 +251,9 @@ def test_exact_mode_default_tiles(monkeypatch):
     for arch in ("sm_80", None):
         monkeypatch.setattr(Mdl, "_cuda_arch", lambda arch=arch: arch)
         assert Mdl.exact_tiles() == {}
+        assert Mdl.exact_tiles_source() is None          # what result files record
     monkeypatch.setattr(Mdl, "_cuda_arch", lambda: "sm_90")
+    assert Mdl.exact_tiles_source() == "koala/exact_tiles.json"
     monkeypatch.setattr(Mdl._Fast, "tiles", None)
     for e in named:
         W = torch.empty(2 * e["N"] if e["silu"] else e["N"], e["K"])
@@ -259,6 +261,7 @@ def test_exact_mode_default_tiles(monkeypatch):
         assert Mdl._row_config(W, 5, silu=e["silu"]) == L.LinearConfig(**e["config"])
     for off in ("none", "0"):
         monkeypatch.setenv("KOALA_EXACT_TILES", off)
+        assert Mdl.exact_tiles_source() is None
         monkeypatch.setattr(Mdl._Fast, "tiles", None)
         for e in named:
             W = torch.empty(2 * e["N"] if e["silu"] else e["N"], e["K"])

@@ -102,3 +102,28 @@ def test_use_kernels_cpu_needs_the_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         Transformer.use_kernels(True, cpu=True)
     assert not _Fast.cpu
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tmp_path_factory):
+    path, _ = make_hf_checkpoint(tmp_path_factory.mktemp("fused32"), "llama", seed=3)
+    return load_target(path, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_fused_batch_rows_equal_each_prompt_alone(tiny_fp32, fused, kind):
+    """generate_batch through the kernels (per-row masks of pad slots and rejected drafts, a
+    (B, T, S) attention mask, B-row caches): in fp32 each row's tokens are those of the prompt
+    decoded alone through the same kernels."""
+    from tests.test_batch import PROMPTS
+    torch.manual_seed(2)
+    head = DraftConfig(kind=kind, layers=1).build(tiny_fp32)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gen = SpeculativeGenerator(tiny_fp32, head, max_seq_len=128, mode="chain", depth=2)
+    res = gen.generate_batch(PROMPTS, max_new_tokens=N_NEW, chat=False, ignore_eos=True)
+    for p, r in zip(PROMPTS, res):
+        one = gen.generate(p, max_new_tokens=N_NEW, chat=False, ignore_eos=True)
+        assert r.token_ids == one.token_ids
+        assert r.stats.accepted_per_step == one.stats.accepted_per_step

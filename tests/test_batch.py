@@ -1,0 +1,172 @@
+"""Batch size > 1 (koala/batch.py): every row of a batch gets exactly the tokens that decoding it
+alone gives (fp32, greedy), plainly and with Medusa and EAGLE chains, prompts of different lengths,
+rows that accept different amounts and rows that stop early."""
+import pytest
+import torch
+
+from koala import KoalaError, SpeculativeGenerator, load_target
+from koala.errors import ContextLengthError
+from koala.heads import DraftConfig, EagleHead, MedusaHead
+from tests.helpers import make_hf_checkpoint
+
+PROMPTS = [" ".join(f"w{i}" for i in range(5, 13)), "w3 w9", " ".join(f"w{i}" for i in range(20, 41, 3))]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, _ = make_hf_checkpoint(tmp_path_factory.mktemp("batch"), "llama", seed=3)
+    return load_target(path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def refs(tiny):
+    """Each prompt decoded alone, plainly: (prompt ids + answer ids, answer ids)."""
+    plain = SpeculativeGenerator(tiny, None, max_seq_len=256)
+    out = []
+    for p in PROMPTS:
+        r = plain.generate(p, max_new_tokens=40, chat=False, ignore_eos=True)
+        out.append((plain.encode(p, chat=False) + r.token_ids, r.token_ids))
+    return out
+
+
+def _wrong(pos):   # a deterministic wrong guess at some positions, so rows accept different amounts
+    return (pos * 7919) % 3 == 0
+
+
+class BatchOracleMedusa(MedusaHead):
+    """Head i proposes row b's true token at pos_b + 1 + i (pos: the decoder's positions of the
+    rows' last tokens), wrong at some positions (test only)."""
+
+    def bind(self, full, dec):
+        self.full, self.dec = full, dec
+        return self
+
+    def forward(self, hidden):
+        H, V = self.config.n_heads, self.target_config.vocab_size
+        pos = self.dec.pos[None, :] + 1 + torch.arange(H)[:, None]                  # (H, B)
+        tok = torch.stack([self.full[b][pos[:, b].clamp_max(len(self.full[b]) - 1)] for b in range(pos.shape[1])], 1)
+        tok = torch.where(_wrong(pos), (tok + 1) % V, tok)
+        return torch.nn.functional.one_hot(tok, V).float().mul(8.0)[:, :, None]     # (H, B, 1, V)
+
+
+class BatchOracleEagle(EagleHead):
+    """The entry at position t of row b proposes row b's x_{t+2}, wrong at some positions."""
+
+    def bind(self, full):
+        self.full = full
+        return self
+
+    def forward(self, tokens, features, positions=None, slots=None, mask=None):
+        V = self.target_config.vocab_size
+        pos = positions + 2
+        tok = torch.stack([self.full[b][pos[b].clamp_max(len(self.full[b]) - 1)] for b in range(pos.shape[0])])
+        tok = torch.where(_wrong(pos), (tok + 1) % V, tok)
+        return torch.nn.functional.one_hot(tok, V).float().mul(8.0), features
+
+
+def _full(refs):
+    return [torch.tensor(f) for f, _ in refs]
+
+
+def test_plain_batch_equals_each_prompt_alone(tiny, refs):
+    gen = SpeculativeGenerator(tiny, None, max_seq_len=256)
+    res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+    assert [r.token_ids for r in res] == [a for _, a in refs]
+    assert [r.stats.prompt_tokens for r in res] == [len(f) - 40 for f, _ in refs]
+    assert len({r.stats.prompt_tokens for r in res}) == 3          # the rows really were ragged
+    assert all(r.stats.tau is None for r in res)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_untrained_heads_batch_equals_plain(tiny, refs, kind, depth):
+    torch.manual_seed(depth)
+    head = DraftConfig(kind=kind, layers=2).build(tiny)
+    with torch.no_grad():   # an untrained head drafts junk: the reject path, row by row
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=depth)
+    res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+    assert [r.token_ids for r in res] == [a for _, a in refs]
+    for p, r in zip(PROMPTS, res):
+        assert len(r.stats.accepted_per_step) == r.stats.target_forwards
+        # the same drafts as the batch-1 decoder's, step by step (the head's own cache and masks)
+        one = gen.generate(p, max_new_tokens=40, chat=False, ignore_eos=True)
+        assert r.stats.accepted_per_step == one.stats.accepted_per_step
+    if depth == 3:   # some row accepted drafts, so the comparison above had something to compare
+        assert sum(sum(r.stats.accepted_per_step) for r in res) > 0
+
+
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_oracle_heads_accept_long_and_ragged_runs(tiny, refs, kind):
+    cls = BatchOracleMedusa if kind == "medusa" else BatchOracleEagle
+    head = cls(DraftConfig(kind=kind), tiny.model, "tiny")
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=4)
+    head.bind(_full(refs), None) if kind == "medusa" else head.bind(_full(refs))
+    if kind == "medusa":
+        from koala import batch
+        real = batch.BatchDecoder.__init__
+
+        def init(self, *a, **k):    # the oracle reads the decoder's positions
+            real(self, *a, **k)
+            head.dec = self
+        batch.BatchDecoder.__init__ = init
+    try:
+        res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+    finally:
+        if kind == "medusa":
+            batch.BatchDecoder.__init__ = real
+    assert [r.token_ids for r in res] == [a for _, a in refs]
+    for r in res:
+        assert r.stats.tau > 1.8, r.stats.tau
+        assert max(r.stats.accepted_per_step) >= 2 and len(r.stats.alpha) == 3
+    # rows advance at their own pace: their per-step acceptances differ
+    assert len({tuple(r.stats.accepted_per_step) for r in res}) > 1
+
+
+def test_rows_stop_on_their_own_eos(tiny, refs):
+    head = BatchOracleEagle(DraftConfig(kind="eagle"), tiny.model, "tiny").bind(_full(refs))
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=4)
+    a0 = refs[0][1]
+    stop_tok = max(set(a0), key=a0.index)   # the token that first appears latest in row 0's answer
+    first = a0.index(stop_tok)
+    assert first >= 3
+    eos = tiny.model.config.eos_token_ids[:]
+    tiny.model.config.eos_token_ids[:] = [stop_tok]
+    try:
+        res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False)
+    finally:
+        tiny.model.config.eos_token_ids[:] = eos
+    for r, (_, a) in zip(res, refs):
+        want = a[:a.index(stop_tok) + 1] if stop_tok in a else a
+        assert r.token_ids == want
+    assert len(res[0].token_ids) == first + 1
+
+
+def test_batch_leaves_the_generator_as_it_was(tiny, refs):
+    head = DraftConfig(kind="eagle", layers=1).build(tiny)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2)
+    caches = [l.attention.kv_cache for l in tiny.model.layers] + [l.attention.kv_cache for l in head.layers]
+    one = gen.generate(PROMPTS[0], max_new_tokens=20, chat=False, ignore_eos=True)
+    gen.generate_batch(PROMPTS, max_new_tokens=20, chat=False, ignore_eos=True)
+    assert [l.attention.kv_cache for l in tiny.model.layers] + [l.attention.kv_cache for l in head.layers] == caches
+    assert gen.generate(PROMPTS[0], max_new_tokens=20, chat=False, ignore_eos=True).token_ids == one.token_ids
+
+
+def test_bad_batch_input(tiny):
+    plain = SpeculativeGenerator(tiny, None, max_seq_len=64)
+    with pytest.raises(KoalaError, match="greedy only"):
+        plain.generate_batch(PROMPTS, temperature=0.7)
+    with pytest.raises(KoalaError, match="non-empty list"):
+        plain.generate_batch([])
+    with pytest.raises(KoalaError, match="max_new_tokens"):
+        plain.generate_batch(PROMPTS, max_new_tokens=0)
+    with pytest.raises(ContextLengthError, match="longest prompt"):
+        plain.generate_batch(PROMPTS, max_new_tokens=60, chat=False)
+    head = DraftConfig(kind="medusa").build(tiny)
+    tree = SpeculativeGenerator(tiny, head, max_seq_len=64, mode="tree", tree_size=8, top_k=2)
+    with pytest.raises(KoalaError, match="chains only"):
+        tree.generate_batch(PROMPTS, chat=False)
+    chain = SpeculativeGenerator(tiny, head, max_seq_len=64, mode="chain")
+    with pytest.raises(KoalaError, match="drafts at most"):
+        chain.generate_batch(PROMPTS, chat=False, max_new_tokens=4, depth=head.config.n_heads + 1)

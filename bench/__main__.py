@@ -10,6 +10,7 @@ BENCHES = {
     "vanilla": "plain decoding ms/token: koala fused, koala PyTorch path, transformers generate (GPU)",
     "spec_cost": "one speculative iteration's draft and verify cost against a plain step, K = 1..4 (GPU)",
     "mtbench": "MT-bench tau, n-alpha, speedup per head, mode and temperature, with peers (GPU)",
+    "batch": "generate_batch throughput at batch 1, 2, 4, 8, plain and with the shipped heads (GPU)",
     "scale": "the speculative loop's cost on a Llama-7B shape, implied speedup at tau 3, 4, 5 (GPU)",
     "kernels_bench": "each Triton kernel against its PyTorch reference, GB/s (GPU)",
     "linear_bench": "small-M linear kernels against cuBLAS (GPU)",

@@ -23,6 +23,7 @@
 #   rows               bench/linear_rows.py: per-row GEMV and row-tile sweep at M = 1..8, then
 #                      bench.scale on SmolLM2's shape with its tiles (KOALA_EXACT_TILES) and
 #                      without (KOALA_EXACT_TILES=none; random weights, no staged model)    ~7 min
+#   batch              bench.batch: generate_batch at B = 1, 2, 4, 8, plain and shipped heads ~4 min?
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
 # The MT-bench steps' time budgets leave 40 s (80 s for sampling, two temperatures) more than before for bench.mtbench's closing plain
 # run (--plain-every, default 2), which runs even past the budget, inside the 600 s call limit.
@@ -32,7 +33,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -154,6 +155,11 @@ PY
         --out scale_smollm2_tiles.json >> "$log" 2>&1
     KOALA_EXACT_TILES=none python -m bench.scale --preset smollm2-135m --quick --out scale_smollm2_exact.json >> "$log" 2>&1
     quiet "$log" | grep -e "^M" -e "^tile" -e "plain step" -e "chain N=  2" | tail -n 40
+    ;;
+  batch)
+    # generate_batch throughput (needs the staged model): plain and the shipped heads, B = 1..8
+    python -m bench.batch --batches 1,2,4,8 --prompts 8 --new-tokens 128 > "$log" 2>&1
+    quiet "$log" | tail -n 14
     ;;
   vec)
     # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)

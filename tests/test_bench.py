@@ -360,3 +360,24 @@ def test_disc_probe_tells_apart_only_what_differs():
     assert same["held_out_accuracy"] == pytest.approx(0.5, abs=0.01)   # identical inputs: one score for both
     with pytest.raises(ValueError, match="inputs must be one of"):
         probe((c1, r1, r1), (c2, r2, r2), "raw", 1, 8, 1e-3, 1, 16)
+
+
+def test_batch_bench_runs_and_counts(tmp_path):
+    # bench.batch's loop on the CPU with a tiny target and a saved head: every group's rows are
+    # counted, tau only with a head, and batch 1 also goes through generate()
+    from bench.batch import run
+    from koala import load_target
+    from koala.heads import DraftConfig
+    from tests.helpers import make_hf_checkpoint
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cpu")
+    head = DraftConfig(kind="medusa", layers=1).build(lt)
+    head.save_pretrained(tmp_path / "head")
+    prompts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
+    rows = run(lt, ["none", str(tmp_path / "head")], [1, 2], prompts, 5, 128)
+    assert [(r["head"] == "none", r["batch"], r["groups"]) for r in rows] == [
+        (True, 1, 4), (True, 2, 2), (False, 1, 4), (False, 2, 2)]
+    for r in rows:
+        assert r["new_tokens"] == 4 * 5 and r["tokens_per_s"] > 0
+        assert (r["tau"] is None) == (r["head"] == "none")
+        assert ("generate_tokens_per_s" in r) == (r["batch"] == 1)

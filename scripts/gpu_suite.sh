@@ -23,7 +23,7 @@
 #   rows               bench/linear_rows.py: per-row GEMV and row-tile sweep at M = 1..8, then
 #                      bench.scale on SmolLM2's shape with its tiles (KOALA_EXACT_TILES) and
 #                      without (KOALA_EXACT_TILES=none; random weights, no staged model)    ~7 min
-#   batch              bench.batch: generate_batch at B = 1, 2, 4, 8, plain and shipped heads ~4 min?
+#   batch              bench.batch: generate_batch at B = 1, 2, 4, 8, plain and shipped heads ~2 min
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
 # The MT-bench steps' time budgets leave 40 s (80 s for sampling, two temperatures) more than before for bench.mtbench's closing plain
 # run (--plain-every, default 2), which runs even past the budget, inside the 600 s call limit.

@@ -1,5 +1,5 @@
-"""Batch size > 1: several prompts decoded together, greedily, plainly or on a chain of drafts
-(SpeculativeGenerator.generate_batch).
+"""Batch size > 1: several prompts decoded together, plainly or on a chain of drafts, greedily or
+by speculative sampling (SpeculativeGenerator.generate_batch).
 
 Every row accepts its own prefix of the drafts, so rows advance by different amounts. The rows
 share one slot space (the model writes a step's T tokens at the same T cache slots in every row,
@@ -12,8 +12,11 @@ those of `generate` (the tests check it), in bf16 a near-tie may resolve otherwi
 A step uses depth + 1 slots whatever it accepts, so a batch needs the longest prompt plus
 (depth + 1) x max_new_tokens slots (the EAGLE head 2 x depth more per step for its drafted
 levels). The batch has caches of its own, allocated per call; the generator's batch-1 caches and
-their CUDA graphs are left as they were. This path runs eagerly (no CUDA graph) and is greedy
-only; sampling, trees and graphs are batch 1 for now.
+their CUDA graphs are left as they were. This path runs eagerly (no CUDA graph) and drafts
+chains only; trees and graphs are batch 1 for now. Sampling is speculative sampling row by row:
+each draft is kept with probability min(1, p/q), the first rejected one is replaced from the
+residual, so every row's tokens are distributed as the target's own samples (tested against
+the exact distribution), though not the same draws as `generate` with the same seed.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 from .errors import ContextLengthError, KoalaError
 from .model import KVCache, argmax_last
+from .sampling import SamplerState, SamplingParams, draw_noise, sample, warp_probs
 
 
 @contextmanager
@@ -49,8 +53,9 @@ def _block_mask(valid, s0: int, T: int):
 
 
 class BatchDecoder:
-    """Greedy decoding of B prompts at once: plain (head None) or a chain of `depth` drafts from
-    a Medusa or EAGLE head. run() returns each row's new token ids and accepted-per-step list."""
+    """Decoding of B prompts at once: plain (head None) or a chain of `depth` drafts from a
+    Medusa or EAGLE head, greedy or sampled. run() reports each row's new tokens to done_fn and
+    returns its accepted-per-step list."""
 
     def __init__(self, model, head=None, depth: int = 1):
         from .heads import EagleHead
@@ -69,11 +74,17 @@ class BatchDecoder:
         return target, head
 
     @torch.inference_mode()
-    def run(self, prompts: list[list[int]], max_new: int, done_fn):
+    def run(self, prompts: list[list[int]], max_new: int, done_fn, params: SamplingParams | None = None,
+            generator: torch.Generator | None = None):
         """prompts: token id lists; done_fn(b, new_ids) -> True when row b is finished (it sees
-        the new ids of one step). Returns per-row accepted-per-step lists and the target
+        the new ids of one step); params: greedy by default, else speculative sampling of every
+        row (generator: its noise). Returns per-row accepted-per-step lists and the target
         forwards run after the prefill."""
         model, dev = self.model, self.model.device
+        self.params = params or SamplingParams()
+        self.gen = generator
+        self.sampler = SamplerState(dev)
+        self.sampler.set(self.params)
         B = len(prompts)
         n = torch.tensor([len(p) for p in prompts], device=dev)
         Pmax = int(n.max())
@@ -94,7 +105,7 @@ class BatchDecoder:
         rows = torch.arange(B, device=dev)
         _, hidden = model(tokens, ar.expand(B, Pmax), ar, mask, logits_index=ar[-1:])
         h_last = hidden[rows, n - 1]                                     # (B, D)
-        last = argmax_last(model.output(h_last))                         # (B,) the first new token
+        last = self._choose(model.output(h_last))                        # (B,) the first new token
         pos = n.clone()                                                  # position of `last`
         s0 = Pmax                                                        # next free target slot
         firsts = last.tolist()
@@ -117,36 +128,79 @@ class BatchDecoder:
             self.pos = pos          # (tests' oracle heads read it)
             # ---- draft: (B, d) tokens
             if d == 0:
-                drafts = last.new_zeros(B, 0)
+                drafts, Q = last.new_zeros(B, 0), None
             elif self.eagle:
-                drafts, hs0 = self._draft_eagle(lg, f, pos, hvalid, hs0)
+                drafts, Q, hs0 = self._draft_eagle(lg, f, pos, hvalid, hs0)
             else:
                 logits = head(h_last[:, None])[:d, :, 0]                  # (d, B, V)
-                drafts = argmax_last(logits).T                           # (B, d)
+                drafts, Q = self._draft(logits.transpose(0, 1))          # (B, d), (B, d, V) or None
             # ---- verify: the rows' last token and drafts at slots s0 .. s0+d, one forward
             T = d + 1
             step = torch.cat([last[:, None], drafts], dim=1)             # (B, T)
             at = torch.arange(T, device=dev)
             slots = s0 + at
             logits, hidden = model(step, pos[:, None] + at, slots, _block_mask(valid, s0, T))
-            g = argmax_last(logits)                                      # (B, T) the target's choices
-            ok = (drafts == g[:, :d]).long().cumprod(dim=1)              # (B, d)
-            acc = ok.sum(dim=1)                                          # (B,) accepted drafts
+            acc, new_last = self._accept(drafts, Q, logits)               # (B,), (B,)
             valid[:, s0:s0 + T] = at[None, :] <= acc[:, None]            # fed token + accepted drafts
             forwards += 1
             h_last = hidden[rows, acc]
-            new_last = g[rows, acc]
-            if self.eagle:   # head entries for positions pos .. pos+acc: (g_j, f_{pos+j})
-                lg, f, hs0 = self._catch_up(g, hidden, pos[:, None] + at, acc, hvalid, hs0)
+            emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # (B, T): drafts[:acc], then
+            emitted[rows, acc] = new_last                                # the target's token
+            if self.eagle:   # head entries for positions pos .. pos+acc: (x_{pos+j+1}, f_{pos+j})
+                lg, f, hs0 = self._catch_up(emitted, hidden, pos[:, None] + at, acc, hvalid, hs0)
             pos = pos + acc + 1
             s0 += T
             last = new_last
-            acc_l, g_l = acc.tolist(), g.tolist()                        # the step's one sync
+            acc_l, em_l = acc.tolist(), emitted.tolist()                 # the step's one sync
             for b in range(B):
                 if not finished[b]:
                     per_step[b].append(acc_l[b])
-                    finished[b] = done_fn(b, g_l[b][:acc_l[b] + 1])
+                    finished[b] = done_fn(b, em_l[b][:acc_l[b] + 1])
         return per_step, forwards
+
+    # ---- greedy choice or sampling (speculative sampling, per row, on a chain)
+    def _noise(self, shape):
+        return draw_noise(shape, self.gen, self.model.device)
+
+    def _choose(self, logits):
+        """The target's token from logits (..., V): argmax, or a sample of its warped p."""
+        if self.params.greedy:
+            return argmax_last(logits)
+        return sample(warp_probs(logits, self.sampler), self._noise(logits.shape))
+
+    def _draft(self, logits):
+        """Draft tokens from the head's logits (B, d, V): argmax, or samples of the warped q
+        (returned too, (B, d, V), for the acceptance test)."""
+        if self.params.greedy:
+            return argmax_last(logits), None
+        q = warp_probs(logits, self.sampler)
+        return sample(q, self._noise(q.shape)), q
+
+    def _accept(self, drafts, Q, logits):
+        """Each row's accepted drafts (B,) and its next token (B,) from the verify logits
+        (B, d+1, V). Greedy: the longest prefix equal to the target's argmax, then its argmax.
+        Sampling: draft j is kept with probability min(1, p_j(x) / q_j(x)) while all before it
+        were; at the first rejection the token comes from the residual max(p - q, 0),
+        normalised, else (all kept) from p_d: the output is distributed as the target's."""
+        B, d = drafts.shape
+        rows = torch.arange(B, device=drafts.device)
+        if self.params.greedy:
+            g = argmax_last(logits)                                      # (B, d+1)
+            acc = (drafts == g[:, :d]).long().cumprod(dim=1).sum(dim=1)
+            return acc, g[rows, acc]
+        p = warp_probs(logits, self.sampler)                             # (B, d+1, V)
+        if d == 0:
+            return drafts.new_zeros(B), sample(p[:, 0], self._noise(p[:, 0].shape))
+        px = p[:, :d].gather(-1, drafts[..., None])[..., 0]              # (B, d)
+        qx = Q.gather(-1, drafts[..., None])[..., 0]
+        u = torch.rand((B, d), generator=self.gen, device=drafts.device)
+        acc = (u * qx < px).long().cumprod(dim=1).sum(dim=1)             # u < p/q, in order
+        p_a = p[rows, acc]                                               # (B, V)
+        resid = (p_a - Q[rows, acc.clamp_max(d - 1)]).clamp_min(0)
+        rs = resid.sum(-1, keepdim=True)
+        rejected = (acc < d)[:, None]
+        dist = torch.where(rejected & (rs > 0), resid / rs.clamp_min(1e-30), p_a)
+        return acc, sample(dist, self._noise(dist.shape))
 
     def _catch_up(self, toks, feats, positions, idx, hvalid, hs0):
         """Write the head entries (toks (B, T), features (B, T, D)) at head slots hs0 .. hs0+T-1,
@@ -163,12 +217,13 @@ class BatchDecoder:
         """A chain of depth d from the catch-up's logits lg (B, V) and feature f (B, D): level j's
         token is fed at position pos + j (`pos` is the position of the rows' last token) into a
         scratch slot, never valid afterwards (the next catch-up writes the true entries)."""
-        B = lg.shape[0]
-        toks = []
+        toks, qs = [], []
         scratch = []
         for j in range(self.depth):
-            t = argmax_last(lg)                                          # (B,)
+            t, q = self._draft(lg[:, None])                              # (B, 1), (B, 1, V) or None
+            t = t[:, 0]
             toks.append(t)
+            qs.append(q)
             if j < self.depth - 1:
                 m = _block_mask(hvalid, hs0, 1)                          # (B, 1, hs0 + 1)
                 if scratch:   # the earlier levels' scratch slots are this level's ancestors
@@ -177,16 +232,16 @@ class BatchDecoder:
                 lg, f = lg[:, 0], f[:, 0]
                 scratch.append(hs0)
                 hs0 += 1
-        return torch.stack(toks, dim=1), hs0
+        Q = None if self.params.greedy else torch.cat(qs, dim=1)        # (B, d, V)
+        return torch.stack(toks, dim=1), Q, hs0
 
 
-def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float = 0.0, stop=None,
-                   chat: bool | None = None, ignore_eos: bool = False, depth: int | None = None):
+def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                   top_k: int = 0, seed: int | None = None, stop=None, chat: bool | None = None,
+                   ignore_eos: bool = False, depth: int | None = None):
     """SpeculativeGenerator.generate_batch: see its docstring."""
     from .generator import GenerationResult, GenerationStats, OutputTracker
-    if temperature != 0:
-        raise KoalaError(f"generate_batch is greedy only (temperature=0), got temperature={temperature!r}: "
-                         f"sample one prompt at a time with generate()")
+    params = SamplingParams(temperature, top_p, top_k)          # checks the settings
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise KoalaError("generate_batch takes a non-empty list of prompts (each a string, chat messages "
                          "or token ids)")
@@ -217,7 +272,11 @@ def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float =
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    per_step, _ = dec.run(ids, max_new_tokens, lambda b, new: outs[b].add(new))
+    rng = None
+    if not params.greedy:
+        rng = torch.Generator(device=dev)
+        rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    per_step, _ = dec.run(ids, max_new_tokens, lambda b, new: outs[b].add(new), params, rng)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

@@ -218,17 +218,19 @@ class SpeculativeGenerator:
         stats.tokens_per_s = stats.new_tokens / stats.wall_s if stats.wall_s > 0 else 0.0
         return GenerationResult(text=out.text, token_ids=out.ids, stats=stats)
 
-    def generate_batch(self, prompts, max_new_tokens: int = 256, temperature: float = 0.0, stop=None,
-                       chat: bool | None = None, ignore_eos: bool = False,
-                       depth: int | None = None) -> list[GenerationResult]:
-        """Greedy decoding of several prompts at once (batch size > 1), with this generator's
-        head drafting a chain of `depth` tokens (default: its depth) or plainly without a head.
-        Each row accepts its own prefix, so rows advance at their own pace; prompts may differ in
-        length. Returns one GenerationResult per prompt (wall_s and tokens_per_s are the batch's;
-        tau and alpha the row's own). Greedy, chain and eager only for now; see koala/batch.py
+    def generate_batch(self, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                       top_k: int = 0, seed: int | None = None, stop=None, chat: bool | None = None,
+                       ignore_eos: bool = False, depth: int | None = None) -> list[GenerationResult]:
+        """Decode several prompts at once (batch size > 1), with this generator's head drafting a
+        chain of `depth` tokens (default: its depth), or plainly without a head; greedy, or
+        sampled (temperature, top_p, top_k, seed as in generate) by speculative sampling, row by
+        row. Each row accepts its own prefix, so rows advance at their own pace; prompts may
+        differ in length. Returns one GenerationResult per prompt (wall_s and tokens_per_s are
+        the batch's; tau and alpha the row's own). Chains only, run eagerly; see koala/batch.py
         for how rows share the cache."""
         from .batch import generate_batch
-        return generate_batch(self, prompts, max_new_tokens, temperature, stop, chat, ignore_eos, depth)
+        return generate_batch(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, chat,
+                              ignore_eos, depth)
 
     def warmup(self, temperatures=(0.0,), new_tokens: int = 8, top_p: float = 1.0, top_k: int = 0) -> list[int]:
         """Compile the kernels and capture the CUDA graphs of every attention window this

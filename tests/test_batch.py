@@ -1,6 +1,7 @@
 """Batch size > 1 (koala/batch.py): every row of a batch gets exactly the tokens that decoding it
 alone gives (fp32, greedy), plainly and with Medusa and EAGLE chains, prompts of different lengths,
 rows that accept different amounts and rows that stop early."""
+import numpy as np
 import pytest
 import torch
 
@@ -155,8 +156,11 @@ def test_batch_leaves_the_generator_as_it_was(tiny, refs):
 
 def test_bad_batch_input(tiny):
     plain = SpeculativeGenerator(tiny, None, max_seq_len=64)
-    with pytest.raises(KoalaError, match="greedy only"):
-        plain.generate_batch(PROMPTS, temperature=0.7)
+    from koala.errors import SamplingError
+    with pytest.raises(SamplingError, match="temperature must be"):
+        plain.generate_batch(PROMPTS, temperature=-1.0)
+    with pytest.raises(SamplingError, match="top_p"):
+        plain.generate_batch(PROMPTS, temperature=0.7, top_p=0.0)
     with pytest.raises(KoalaError, match="non-empty list"):
         plain.generate_batch([])
     with pytest.raises(KoalaError, match="max_new_tokens"):
@@ -211,3 +215,75 @@ def test_eagle_drafted_levels_match_batch_one(tiny, monkeypatch):
                 assert batch[b][p][:k] == toks[:k], (b, p)
                 n_levels += k
     assert n_levels >= 10
+
+
+# ---- sampling: every row's tokens are distributed as the target's (exact distribution by
+# enumeration on a 3-token continuation, as tests/test_speculative.py does for batch 1)
+from tests.test_speculative import NEW, V_SMALL, _exact_distribution, small  # noqa: E402,F401
+
+
+class BatchSkewedMedusa(MedusaHead):
+    """A draft that disagrees with the target everywhere: fixed random logits for every row."""
+
+    def forward(self, hidden):
+        g = torch.Generator().manual_seed(11)
+        H, V = self.config.n_heads, self.target_config.vocab_size
+        lg = (torch.randn(H, 1, 1, V, generator=g) * 2).to(hidden.dtype)
+        return lg.expand(H, hidden.shape[0], 1, V)
+
+
+def _batch_tv(gen, small, rows=1500, temperature=1.0, seed=0):
+    ids = gen.encode("w3 w5 w7", chat=False)
+    exact = _exact_distribution(small, ids, temperature)
+    res = gen.generate_batch([ids] * rows, max_new_tokens=NEW, temperature=temperature, seed=seed,
+                             ignore_eos=True)
+    counts = np.zeros(V_SMALL ** NEW)
+    for r in res:
+        t = r.token_ids
+        counts[(t[0] * V_SMALL + t[1]) * V_SMALL + t[2]] += 1
+    tv = 0.5 * np.abs(counts / rows - exact).sum()
+    rng = np.random.default_rng(0)
+    null = [0.5 * np.abs(rng.multinomial(rows, exact / exact.sum()) / rows - exact).sum() for _ in range(300)]
+    return tv, float(np.quantile(null, 0.999)), res
+
+
+@pytest.mark.parametrize("kind", [None, "medusa", "eagle"])
+def test_sampled_rows_follow_the_target(small, kind):
+    torch.manual_seed(0)
+    if kind == "medusa":
+        head = BatchSkewedMedusa(DraftConfig(kind="medusa", n_heads=3), small.model, "small")
+    elif kind == "eagle":
+        head = DraftConfig(kind="eagle").build(small)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_(0, 0.3)
+    else:
+        head = None
+    gen = SpeculativeGenerator(small, head, max_seq_len=64, mode="chain", depth=3)
+    tv, bound, res = _batch_tv(gen, small)
+    assert tv < bound, (tv, bound)
+    if head is not None:   # drafts were both kept and rejected, so both branches were sampled
+        steps = [a for r in res for a in r.stats.accepted_per_step]
+        assert 0 < sum(steps) and min(steps) == 0
+
+
+def test_batch_distribution_test_detects_a_lossy_verifier(small, monkeypatch):
+    from koala import batch
+    head = BatchSkewedMedusa(DraftConfig(kind="medusa", n_heads=3), small.model, "small")
+    gen = SpeculativeGenerator(small, head, max_seq_len=64, mode="chain", depth=3)
+    real = batch.BatchDecoder._accept
+
+    def keep_all(self, drafts, Q, logits):   # accepts every draft: lossy
+        acc, nxt = real(self, drafts, Q, logits)
+        return torch.full_like(acc, drafts.shape[1]), nxt
+    monkeypatch.setattr(batch.BatchDecoder, "_accept", keep_all)
+    tv, bound, _ = _batch_tv(gen, small, rows=600)
+    assert tv > bound
+
+
+def test_seeded_batch_sampling_repeats(tiny):
+    head = DraftConfig(kind="eagle").build(tiny)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2)
+    kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, chat=False, ignore_eos=True)
+    a, b, c = ([r.token_ids for r in gen.generate_batch(PROMPTS, seed=s, **kw)] for s in (1, 1, 2))
+    assert a == b and a != c

@@ -287,3 +287,30 @@ def test_seeded_batch_sampling_repeats(tiny):
     kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, chat=False, ignore_eos=True)
     a, b, c = ([r.token_ids for r in gen.generate_batch(PROMPTS, seed=s, **kw)] for s in (1, 1, 2))
     assert a == b and a != c
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_cuda_batch_rows_equal_each_prompt_alone(kind, tmp_path):
+    """On the GPU (fused kernels, fp32): each row of a batch gets the tokens and acceptances of
+    its prompt decoded alone by generate() with its CUDA graphs; bf16 batches run too."""
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    for dtype in (torch.float32, torch.bfloat16):
+        lt = load_target(path, device="cuda", dtype=dtype)
+        torch.manual_seed(4)
+        head = DraftConfig(kind=kind, layers=2).build(lt)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        gen = SpeculativeGenerator(lt, head, max_seq_len=256, mode="chain", depth=3)
+        res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+        assert [len(r.token_ids) for r in res] == [40] * len(PROMPTS)
+        if dtype == torch.float32:
+            for p, r in zip(PROMPTS, res):
+                one = gen.generate(p, max_new_tokens=40, chat=False, ignore_eos=True)
+                assert gen.spec.use_graph
+                assert r.token_ids == one.token_ids
+                assert r.stats.accepted_per_step == one.stats.accepted_per_step
+        sampled = gen.generate_batch(PROMPTS, max_new_tokens=20, temperature=0.8, seed=0, chat=False,
+                                     ignore_eos=True)
+        assert [len(r.token_ids) for r in sampled] == [20] * len(PROMPTS)

@@ -314,3 +314,19 @@ def test_cuda_batch_rows_equal_each_prompt_alone(kind, tmp_path):
         sampled = gen.generate_batch(PROMPTS, max_new_tokens=20, temperature=0.8, seed=0, chat=False,
                                      ignore_eos=True)
         assert [len(r.token_ids) for r in sampled] == [20] * len(PROMPTS)
+
+
+def test_cli_prompts_file_decodes_a_batch(tiny, tmp_path, capsys):
+    from koala.__main__ import main
+    head = DraftConfig(kind="medusa", layers=1).build(tiny)
+    head.save_pretrained(tmp_path / "head")
+    f = tmp_path / "prompts.txt"
+    f.write_text("w3 w9\n\nw5 w6 w7\n")
+    target = str(tiny.source)
+    rc = main(["--target", target, "--draft", str(tmp_path / "head"), "--device", "cpu", "--prompts-file", str(f),
+               "--max-new-tokens", "6", "--max-seq-len", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "> w3 w9" in out and "> w5 w6 w7" in out and "a batch of 2" in out and "tau" in out
+    assert main(["--target", target, "--draft", "none", "--device", "cpu", "--max-seq-len", "128",
+                 "--prompts-file", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read --prompts-file" in capsys.readouterr().err

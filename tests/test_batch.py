@@ -330,3 +330,22 @@ def test_cli_prompts_file_decodes_a_batch(tiny, tmp_path, capsys):
     assert main(["--target", target, "--draft", "none", "--device", "cpu", "--max-seq-len", "128",
                  "--prompts-file", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read --prompts-file" in capsys.readouterr().err
+
+
+def test_one_token_prompt_beside_longer_ones(tiny):
+    """A 1-token prompt has no EAGLE head entries before its first catch-up: every query of its
+    row in the head's prefill attends to nothing (SDPA and kernels/tree_attention.py give such a
+    row zeros), and the row must still decode as it does alone."""
+    plain = SpeculativeGenerator(tiny, None, max_seq_len=256)
+    prompts = ["w3", PROMPTS[0]]
+    want = [plain.generate(p, max_new_tokens=20, chat=False, ignore_eos=True).token_ids for p in prompts]
+    torch.manual_seed(3)
+    head = DraftConfig(kind="eagle", layers=2).build(tiny)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2)
+    res = gen.generate_batch(prompts, max_new_tokens=20, chat=False, ignore_eos=True)
+    assert [r.token_ids for r in res] == want
+    one = gen.generate(prompts[0], max_new_tokens=20, chat=False, ignore_eos=True)
+    assert res[0].stats.accepted_per_step == one.stats.accepted_per_step

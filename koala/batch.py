@@ -78,8 +78,8 @@ class BatchDecoder:
             generator: torch.Generator | None = None):
         """prompts: token id lists; done_fn(b, new_ids) -> True when row b is finished (it sees
         the new ids of one step); params: greedy by default, else speculative sampling of every
-        row (generator: its noise). Returns per-row accepted-per-step lists and the target
-        forwards run after the prefill."""
+        row (generator: its noise). Returns each row's accepted-per-step list (one entry per target
+        forward the row took part in after the prefill)."""
         model, dev = self.model, self.model.device
         self.params = params or SamplingParams()
         self.gen = generator
@@ -111,7 +111,6 @@ class BatchDecoder:
         firsts = last.tolist()
         finished = [done_fn(b, [firsts[b]]) for b in range(B)]
         per_step: list[list[int]] = [[] for _ in range(B)]
-        forwards = 0
         if self.eagle:
             hvalid = torch.zeros(B, Sh, dtype=torch.bool, device=dev)
             hs0 = 0
@@ -142,7 +141,6 @@ class BatchDecoder:
             logits, hidden = model(step, pos[:, None] + at, slots, _block_mask(valid, s0, T))
             acc, new_last = self._accept(drafts, Q, logits)               # (B,), (B,)
             valid[:, s0:s0 + T] = at[None, :] <= acc[:, None]            # fed token + accepted drafts
-            forwards += 1
             h_last = hidden[rows, acc]
             emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # (B, T): drafts[:acc], then
             emitted[rows, acc] = new_last                                # the target's token
@@ -156,7 +154,7 @@ class BatchDecoder:
                 if not finished[b]:
                     per_step[b].append(acc_l[b])
                     finished[b] = done_fn(b, em_l[b][:acc_l[b] + 1])
-        return per_step, forwards
+        return per_step
 
     # ---- greedy choice or sampling (speculative sampling, per row, on a chain)
     def _noise(self, shape):
@@ -276,7 +274,7 @@ def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float =
     if not params.greedy:
         rng = torch.Generator(device=dev)
         rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    per_step, _ = dec.run(ids, max_new_tokens, lambda b, new: outs[b].add(new), params, rng)
+    per_step = dec.run(ids, max_new_tokens, lambda b, new: outs[b].add(new), params, rng)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

@@ -40,10 +40,10 @@ class _Fast:
     # (kernels.linear.vec_config), the plain step included, so up to R rows cost one launch
     row_tile = int(os.environ.get("KOALA_ROW_TILE", "0") or 0)
     # the q|k|v projection, RoPE and the cache write in one launch (kernels/linear_rope.py), not
-    # two: bitwise the same result (tests/kernels/test_linear_rope.py), one launch a layer fewer
+    # two: one launch a layer fewer, but slower on the H200 (README, "One launch fewer per layer")
     fused_rope = os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0")
-    # exact mode's GEMV tiles per product shape, {(N, K, silu): LinearConfig}, from the file
-    # KOALA_EXACT_TILES names (bench/linear_rows.py's `tiles`); None: not read yet
+    # exact mode's GEMV tiles per product shape, {(N, K, silu): LinearConfig}, from the shipped
+    # koala/exact_tiles.json or the file KOALA_EXACT_TILES names (exact_tiles); None: not read yet
     tiles: dict | None = None
     # tests only: run the fused path on CPU tensors too, through Triton's interpreter
     # (Transformer.use_kernels(cpu=True) under TRITON_INTERPRET=1), so CI covers it end to end
@@ -66,42 +66,37 @@ def _cuda_arch() -> str | None:
     return f"sm_{major}{minor}"
 
 
-def exact_tiles_source() -> str | None:
-    """Which tiles file exact mode uses in this process (result files record it): KOALA_EXACT_TILES's,
-    the shipped one on its architecture, or None (exact mode's own tiles)."""
+def _tiles_path():
+    """The tiles file exact mode reads (a Path or KOALA_EXACT_TILES's string), or None for its own
+    tiles: KOALA_EXACT_TILES's file; unset, the shipped koala/exact_tiles.json on a GPU of the
+    architecture it was swept on (its `arch`; elsewhere it is untimed); KOALA_EXACT_TILES=none."""
     path = os.environ.get("KOALA_EXACT_TILES", "").strip()
     if path.lower() in ("none", "0", "off"):
         return None
     if path:
         return path
-    try:
-        import json
-        arch = json.loads(DEFAULT_TILES.read_text()).get("arch")
-    except (OSError, ValueError):
-        return None
-    return "koala/exact_tiles.json" if arch is None or arch == _cuda_arch() else None
-
-
-def exact_tiles() -> dict:
-    """Exact mode's tiles per product shape: KOALA_EXACT_TILES's file, or by default the shipped
-    koala/exact_tiles.json (swept on an H200 for SmolLM2's shapes: chain verifies 4 to 9% faster,
-    bench/results/scale_smollm2_tiles_7c09695.json) on a GPU of the architecture it was swept on
-    (its `arch`; elsewhere they are untimed, so exact mode keeps its own); KOALA_EXACT_TILES=none:
-    exact mode's per-row programs for every shape. Shapes a file does not name keep those too."""
-    path = os.environ.get("KOALA_EXACT_TILES", "").strip()
-    if path.lower() in ("none", "0", "off"):
-        return {}
-    if path:
-        return load_tiles(path)
     import json
     try:
         arch = json.loads(DEFAULT_TILES.read_text()).get("arch")
     except (OSError, ValueError) as err:
         raise ValueError(f"the shipped exact-mode tiles {DEFAULT_TILES} are unreadable ({err}): reinstall koala, "
                          f"or set KOALA_EXACT_TILES=none") from None
-    if arch is not None and arch != _cuda_arch():
-        return {}
-    return load_tiles(DEFAULT_TILES)
+    return DEFAULT_TILES if arch is None or arch == _cuda_arch() else None
+
+
+def exact_tiles_source() -> str | None:
+    """Which tiles file exact mode uses in this process (result files record it), None for its own."""
+    path = _tiles_path()
+    return "koala/exact_tiles.json" if path == DEFAULT_TILES else path
+
+
+def exact_tiles() -> dict:
+    """Exact mode's tiles per product shape (see _tiles_path for which file). The shipped ones
+    were swept on an H200 for SmolLM2's shapes: chain verifies 4 to 9% faster
+    (bench/results/scale_smollm2_tiles_7c09695.json). Shapes a file does not name keep exact
+    mode's per-row programs."""
+    path = _tiles_path()
+    return {} if path is None else load_tiles(path)
 
 
 def load_tiles(path) -> dict:

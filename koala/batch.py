@@ -11,9 +11,10 @@ those of `generate` (the tests check it), in bf16 a near-tie may resolve otherwi
 
 A step uses depth + 1 slots whatever it accepts, so a batch needs the longest prompt plus
 (depth + 1) x max_new_tokens slots (the EAGLE head 2 x depth more per step for its drafted
-levels). The batch has caches of its own, allocated per call; the generator's batch-1 caches and
-their CUDA graphs are left as they were. This path runs eagerly (no CUDA graph) and drafts
-chains only; trees and graphs are batch 1 for now. Sampling is speculative sampling row by row:
+levels), rounded up to a power of two. The batch has caches of its own; the generator's batch-1
+caches and their CUDA graphs are left as they were. On CUDA each iteration (draft, verify,
+accept, the EAGLE head's catch-up) is one CUDA graph per attention window; the prefill runs
+eagerly. Chains only: trees are batch 1 for now. Sampling is speculative sampling row by row:
 each draft is kept with probability min(1, p/q), the first rejected one is replaced from the
 residual, so every row's tokens are distributed as the target's own samples (tested against
 the exact distribution), though not the same draws as `generate` with the same seed.
@@ -26,38 +27,63 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .errors import ContextLengthError, KoalaError
+from .graphs import capture
 from .model import KVCache, argmax_last
 from .sampling import SamplerState, SamplingParams, draw_noise, sample, warp_probs
 
 
+MIN_WINDOW = 256
+
+
+def _bucket(n: int) -> int:
+    """The power of two >= n, at least MIN_WINDOW: cache sizes and attention windows come in
+    these, so a decoder (its caches and CUDA graphs) serves many calls and a graph many steps."""
+    w = MIN_WINDOW
+    while w < n:
+        w *= 2
+    return w
+
+
 @contextmanager
-def _own_cache(stack, batch: int, slots: int):
-    """Give a CachedStack (the target or an EAGLE head) fresh (batch, slots) KV caches for the
-    block, then put its own back (the same tensors, so captured graphs stay valid)."""
-    cfg = stack.stack_config()
+def _swapped_caches(stack, caches):
+    """Give a CachedStack (the target or an EAGLE head) the batch's KV caches for the block, then
+    put its own back (the same tensors, so the batch-1 decoders' captured graphs stay valid)."""
     saved = [layer.attention.kv_cache for layer in stack.layers]
     try:
-        for layer in stack.layers:
-            layer.attention.kv_cache = KVCache(batch, cfg.n_kv_heads, slots, cfg.head_dim, stack.dtype, stack.device)
+        for layer, c in zip(stack.layers, caches):
+            layer.attention.kv_cache = c
         yield
     finally:
         for layer, c in zip(stack.layers, saved):
             layer.attention.kv_cache = c
 
 
-def _block_mask(valid, s0: int, T: int):
-    """(B, T, s0 + T): the rows' valid slots before s0, then causal over the step's T slots."""
-    B = valid.shape[0]
-    new = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
-    return torch.cat([valid[:, None, :s0].expand(B, T, s0), new.expand(B, T, T)], dim=-1)
+def _span_mask(valid, cols, start, hi):
+    """(B, Q, L) attention mask: each row's valid slots (valid (B, L)), plus for query i the slots
+    start .. start + hi[i] (start a 0-d device tensor, hi (Q,)): a step's own tokens, causally,
+    or a drafted level and the scratch levels before it. cols: arange(L)."""
+    rel = cols[None, :] - start                                         # (1, L)
+    own = (rel >= 0) & (rel <= hi[:, None])                             # (Q, L)
+    return valid[:, None, :] | own[None]
 
 
 class BatchDecoder:
     """Decoding of B prompts at once: plain (head None) or a chain of `depth` drafts from a
     Medusa or EAGLE head, greedy or sampled. run() reports each row's new tokens to done_fn and
-    returns its accepted-per-step list."""
+    returns its accepted-per-step list.
 
-    def __init__(self, model, head=None, depth: int = 1):
+    After the prefill (eager: its shapes follow the prompts) every iteration reads and writes
+    only static device buffers: the rows' last tokens and positions, the next free slot s0 (a
+    0-d tensor), the valid-slot masks, the target's last features (EAGLE: the head's first-draft
+    logits and feature, its own valid mask and next slot), and noise drawn before the iteration.
+    So on CUDA an iteration is one CUDA graph per (sampling mode, target window, head window),
+    replayed; elsewhere the same code runs eagerly. The host only counts slots (an iteration
+    uses depth + 1 target slots and 2 x depth head slots, whatever it accepts) to pick the
+    window, and reads the accepted counts and tokens once per iteration. The caches, buffers and
+    graphs belong to the decoder and are reused by later calls of the same batch size and cache
+    size or less (generate_batch keeps the last decoder)."""
+
+    def __init__(self, model, head=None, depth: int = 1, use_graph: bool | None = None):
         from .heads import EagleHead
         self.model, self.head = model, head
         self.eagle = isinstance(head, EagleHead)
@@ -65,6 +91,11 @@ class BatchDecoder:
         if head is not None and not self.eagle and self.depth > head.config.n_heads:
             raise KoalaError(f"a Medusa head with {head.config.n_heads} heads drafts at most "
                              f"{head.config.n_heads} tokens deep; got depth={depth}")
+        self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        self.shape = None                 # (B, S, Sh) of the allocated caches and buffers
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.sampler = SamplerState(model.device)
 
     def slots_needed(self, longest_prompt: int, max_new: int) -> tuple[int, int]:
         """(target slots, EAGLE head slots) a batch needs."""
@@ -73,6 +104,47 @@ class BatchDecoder:
         head = longest_prompt + (d1 + max(0, self.depth - 1)) * max_new if self.eagle else 0
         return target, head
 
+    def _alloc(self, B: int, S: int, Sh: int):
+        """Caches and state buffers for B rows, S target slots, Sh head slots. A later call of
+        the same B that fits in them reuses them, and the graphs captured over them; otherwise
+        they are replaced, and the graphs go with them."""
+        if self.shape is not None and self.shape[0] == B and self.shape[1] >= S and self.shape[2] >= Sh:
+            return
+        model, head, dev = self.model, self.head, self.model.device
+        self.graphs, self.pool = {}, None
+        self.shape = None
+        self.caches = []                                                  # free the old first
+        cfg = model.stack_config()
+        self.caches = [KVCache(B, cfg.n_kv_heads, S, cfg.head_dim, model.dtype, dev) for _ in model.layers]
+        self.hcaches = []
+        if self.eagle:
+            hc = head.stack_config()
+            self.hcaches = [KVCache(B, hc.n_kv_heads, Sh, hc.head_dim, head.dtype, dev) for _ in head.layers]
+        D, V, d = cfg.dim, cfg.vocab_size, self.depth
+        long = dict(dtype=torch.long, device=dev)
+        self.B = B
+        self.rows = torch.arange(B, device=dev)
+        self.at = torch.arange(d + 1, device=dev)
+        self.cols = torch.arange(max(S, Sh), device=dev)
+        self.last = torch.zeros(B, **long)                                # each row's last token
+        self.pos = torch.zeros(B, **long)                                 # its position
+        self.s0 = torch.zeros((), **long)                                 # next free target slot
+        self.valid = torch.zeros(B, S, dtype=torch.bool, device=dev)      # slots holding row text
+        self.h_last = torch.zeros(B, D, dtype=model.dtype, device=dev)    # target feature of `last`
+        self.acc = torch.zeros(B, **long)                                 # results of an iteration
+        self.emitted = torch.zeros(B, d + 1, **long)
+        self.nz_draft = torch.ones(B, max(d, 1), V, device=dev)           # Exp(1) noise, drafts
+        self.nz_u = torch.zeros(B, max(d, 1), device=dev)                 # U(0, 1), acceptance
+        self.nz_final = torch.ones(B, V, device=dev)                      # Exp(1), the new token
+        self.state = [self.last, self.pos, self.s0, self.valid, self.h_last, self.acc, self.emitted]
+        if self.eagle:
+            self.lg = torch.zeros(B, V, dtype=head.dtype, device=dev)      # head logits, first draft
+            self.f = torch.zeros(B, head.stack_config().dim, dtype=head.dtype, device=dev)
+            self.hvalid = torch.zeros(B, Sh, dtype=torch.bool, device=dev)
+            self.hs0 = torch.zeros((), **long)
+            self.state += [self.lg, self.f, self.hvalid, self.hs0]
+        self.shape = (B, S, Sh)
+
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], max_new: int, done_fn, params: SamplingParams | None = None,
             generator: torch.Generator | None = None):
@@ -80,99 +152,146 @@ class BatchDecoder:
         the new ids of one step); params: greedy by default, else speculative sampling of every
         row (generator: its noise). Returns each row's accepted-per-step list (one entry per target
         forward the row took part in after the prefill)."""
-        model, dev = self.model, self.model.device
         self.params = params or SamplingParams()
         self.gen = generator
-        self.sampler = SamplerState(dev)
         self.sampler.set(self.params)
         B = len(prompts)
-        n = torch.tensor([len(p) for p in prompts], device=dev)
-        Pmax = int(n.max())
+        Pmax = max(len(p) for p in prompts)
         S, Sh = self.slots_needed(Pmax, max_new)
-        with _own_cache(model, B, S), (_own_cache(self.head, B, Sh) if self.eagle else nullcontext()):
-            return self._run(prompts, n, Pmax, S, Sh, done_fn)
+        self._alloc(B, _bucket(S), _bucket(Sh) if self.eagle else 0)
+        with _swapped_caches(self.model, self.caches), \
+                (_swapped_caches(self.head, self.hcaches) if self.eagle else nullcontext()):
+            return self._run(prompts, Pmax, done_fn)
 
-    def _run(self, prompts, n, Pmax, S, Sh, done_fn):
+    def _prefill(self, prompts, Pmax):
+        """The prompts (right-padded, pad slots masked), eagerly; sets the state for the first
+        iteration and returns the first new tokens (B,)."""
         model, head, dev = self.model, self.head, self.model.device
-        B, d = len(prompts), self.depth
+        B = len(prompts)
+        n = torch.tensor([len(p) for p in prompts], device=dev)
         ar = torch.arange(Pmax, device=dev)
-        tokens = torch.zeros(B, Pmax, dtype=torch.long, device=dev)      # right-padded (masked)
+        tokens = torch.zeros(B, Pmax, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p, device=dev)
-        valid = torch.zeros(B, S, dtype=torch.bool, device=dev)          # the slots of each row's text
-        valid[:, :Pmax] = ar[None, :] < n[:, None]
-        mask = (ar[None, :] <= ar[:, None])[None] & valid[:, None, :Pmax]  # (B, Pmax, Pmax)
-        rows = torch.arange(B, device=dev)
+        self.valid.zero_()
+        self.valid[:, :Pmax] = ar[None, :] < n[:, None]
+        mask = (ar[None, :] <= ar[:, None])[None] & self.valid[:, None, :Pmax]   # (B, Pmax, Pmax)
         _, hidden = model(tokens, ar.expand(B, Pmax), ar, mask, logits_index=ar[-1:])
-        h_last = hidden[rows, n - 1]                                     # (B, D)
-        last = self._choose(model.output(h_last))                        # (B,) the first new token
-        pos = n.clone()                                                  # position of `last`
-        s0 = Pmax                                                        # next free target slot
-        firsts = last.tolist()
-        finished = [done_fn(b, [firsts[b]]) for b in range(B)]
-        per_step: list[list[int]] = [[] for _ in range(B)]
+        self.h_last.copy_(hidden[self.rows, n - 1])
+        first = self._choose(model.output(self.h_last))                  # (B,)
+        self.last.copy_(first)
+        self.pos.copy_(n)                                                # position of `last`
+        self.s0.fill_(Pmax)
         if self.eagle:
-            hvalid = torch.zeros(B, Sh, dtype=torch.bool, device=dev)
-            hs0 = 0
+            self.hvalid.zero_()
+            self.hs0.zero_()
             if Pmax > 1:     # head entries of positions 0..n-2: (x_{t+1}, f_t)
                 T = Pmax - 1
-                hvalid[:, :T] = ar[None, :T] < (n - 1)[:, None]
-                hmask = (ar[None, :T] <= ar[:T, None])[None] & hvalid[:, None, :T]
+                self.hvalid[:, :T] = ar[None, :T] < (n - 1)[:, None]
+                hmask = (ar[None, :T] <= ar[:T, None])[None] & self.hvalid[:, None, :T]
                 head(tokens[:, 1:], hidden[:, :T], ar[:T].expand(B, T), ar[:T], hmask)
-                hs0 = T
-            # the first catch-up: position n-1 (token `last`, feature f_{n-1}), one entry a row
-            lg, f, hs0 = self._catch_up(last[:, None], h_last[:, None], (n - 1)[:, None],
-                                        torch.zeros(B, dtype=torch.long, device=dev), hvalid, hs0)
+                self.hs0.fill_(T)
+            # the first catch-up: position n-1 (token `first`, feature f_{n-1}), one entry a row
+            self._catch_up(first[:, None], self.h_last[:, None], (n - 1)[:, None],
+                           torch.zeros(B, dtype=torch.long, device=dev), _bucket(Pmax))
+        return first
+
+    def _run(self, prompts, Pmax, done_fn):
+        B, d = len(prompts), self.depth
+        T = d + 1
+        firsts = self._prefill(prompts, Pmax).tolist()
+        finished = [done_fn(b, [firsts[b]]) for b in range(B)]
+        per_step: list[list[int]] = [[] for _ in range(B)]
+        s0 = Pmax                                                        # the host's count of s0,
+        hs0 = max(Pmax - 1, 0) + 1 if self.eagle else 0                  # and of the head's
+        S, Sh = self.shape[1], self.shape[2]
         while not all(finished):
-            self.pos = pos          # (tests' oracle heads read it)
-            # ---- draft: (B, d) tokens
-            if d == 0:
-                drafts, Q = last.new_zeros(B, 0), None
-            elif self.eagle:
-                drafts, Q, hs0 = self._draft_eagle(lg, f, pos, hvalid, hs0)
-            else:
-                logits = head(h_last[:, None])[:d, :, 0]                  # (d, B, V)
-                drafts, Q = self._draft(logits.transpose(0, 1))          # (B, d), (B, d, V) or None
-            # ---- verify: the rows' last token and drafts at slots s0 .. s0+d, one forward
-            T = d + 1
-            step = torch.cat([last[:, None], drafts], dim=1)             # (B, T)
-            at = torch.arange(T, device=dev)
-            slots = s0 + at
-            logits, hidden = model(step, pos[:, None] + at, slots, _block_mask(valid, s0, T))
-            acc, new_last = self._accept(drafts, Q, logits)               # (B,), (B,)
-            valid[:, s0:s0 + T] = at[None, :] <= acc[:, None]            # fed token + accepted drafts
-            h_last = hidden[rows, acc]
-            emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)  # (B, T): drafts[:acc], then
-            emitted[rows, acc] = new_last                                # the target's token
-            if self.eagle:   # head entries for positions pos .. pos+acc: (x_{pos+j+1}, f_{pos+j})
-                lg, f, hs0 = self._catch_up(emitted, hidden, pos[:, None] + at, acc, hvalid, hs0)
-            pos = pos + acc + 1
+            L = min(_bucket(s0 + T), S)
+            Lh = min(_bucket(hs0 + max(0, d - 1) + T), Sh) if self.eagle else 0
+            self._draw_noise()
+            self._step(L, Lh)
             s0 += T
-            last = new_last
-            acc_l, em_l = acc.tolist(), emitted.tolist()                 # the step's one sync
+            hs0 += max(0, d - 1) + T
+            acc_l, em_l = self.acc.tolist(), self.emitted.tolist()       # the iteration's one sync
             for b in range(B):
                 if not finished[b]:
                     per_step[b].append(acc_l[b])
                     finished[b] = done_fn(b, em_l[b][:acc_l[b] + 1])
         return per_step
 
-    # ---- greedy choice or sampling (speculative sampling, per row, on a chain)
-    def _noise(self, shape):
-        return draw_noise(shape, self.gen, self.model.device)
+    # ---- one iteration over the static buffers: eager, or a CUDA graph per window
+    def _step(self, L, Lh):
+        if not self.use_graph:
+            self._iterate(L, Lh)
+            return
+        key = (self.params.graph_mode, L, Lh)
+        if key not in self.graphs:
+            saved = [t.clone() for t in self.state]
 
+            def reset():
+                for t, s in zip(self.state, saved):
+                    t.copy_(s)
+            (g,), self.pool = capture([lambda: self._iterate(L, Lh)], reset, self.pool)
+            reset()      # capturing ran the iteration: back to the state before it
+            self.graphs[key] = g
+        self.graphs[key].replay()
+
+    def _draw_noise(self):
+        """The iteration's randomness, drawn before it (so a captured graph replays fresh draws),
+        in a fixed order: draft samples, acceptance uniforms, the new tokens."""
+        if self.params.greedy:
+            return
+        g = self.gen
+        if self.depth:
+            self.nz_draft.exponential_(generator=g).clamp_min_(1e-30)
+            self.nz_u.uniform_(generator=g)
+        self.nz_final.exponential_(generator=g).clamp_min_(1e-30)
+
+    def _iterate(self, L, Lh):
+        """Draft (B, d) tokens, verify them with the rows' last tokens at slots s0 .. s0+d in one
+        forward over the first L slots, accept each row's prefix, and advance the state."""
+        model, head = self.model, self.head
+        B, d = self.B, self.depth
+        T, at, rows = d + 1, self.at, self.rows
+        if d == 0:
+            drafts, Q = self.last.new_zeros(B, 0), None
+        elif self.eagle:
+            drafts, Q = self._draft_eagle(Lh)
+        else:
+            logits = head(self.h_last[:, None])[:d, :, 0]                 # (d, B, V)
+            drafts, Q = self._draft(logits.transpose(0, 1), self.nz_draft[:, :d])  # (B, d), (B, d, V)
+        step = torch.cat([self.last[:, None], drafts], dim=1)            # (B, T)
+        slots = self.s0 + at
+        mask = _span_mask(self.valid[:, :L], self.cols[:L], self.s0, at)
+        logits, hidden = model(step, self.pos[:, None] + at, slots, mask)
+        acc, new_last = self._accept(drafts, Q, logits)                   # (B,), (B,)
+        self.valid.scatter_(1, slots.expand(B, T), at[None, :] <= acc[:, None])  # fed + accepted
+        self.h_last.copy_(hidden[rows, acc])
+        emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)      # drafts[:acc], then
+        emitted.scatter_(1, acc[:, None], new_last[:, None])             # the target's token
+        if self.eagle:   # head entries for positions pos .. pos+acc: (x_{pos+j+1}, f_{pos+j})
+            self._catch_up(emitted, hidden, self.pos[:, None] + at, acc, Lh)
+        self.pos.add_(acc + 1)
+        self.s0.add_(T)
+        self.last.copy_(new_last)
+        self.acc.copy_(acc)
+        self.emitted.copy_(emitted)
+
+    # ---- greedy choice or sampling (speculative sampling, per row, on a chain)
     def _choose(self, logits):
-        """The target's token from logits (..., V): argmax, or a sample of its warped p."""
+        """The target's token from logits (..., V): argmax, or a sample of its warped p (fresh
+        noise: the prefill's, eager)."""
         if self.params.greedy:
             return argmax_last(logits)
-        return sample(warp_probs(logits, self.sampler), self._noise(logits.shape))
+        return sample(warp_probs(logits, self.sampler), draw_noise(logits.shape, self.gen, logits.device))
 
-    def _draft(self, logits):
-        """Draft tokens from the head's logits (B, d, V): argmax, or samples of the warped q
-        (returned too, (B, d, V), for the acceptance test)."""
+    def _draft(self, logits, noise):
+        """Draft tokens from the head's logits (B, k, V): argmax, or samples of the warped q
+        (returned too, (B, k, V), for the acceptance test) with noise (B, k, V)."""
         if self.params.greedy:
             return argmax_last(logits), None
         q = warp_probs(logits, self.sampler)
-        return sample(q, self._noise(q.shape)), q
+        return sample(q, noise), q
 
     def _accept(self, drafts, Q, logits):
         """Each row's accepted drafts (B,) and its next token (B,) from the verify logits
@@ -181,57 +300,60 @@ class BatchDecoder:
         were; at the first rejection the token comes from the residual max(p - q, 0),
         normalised, else (all kept) from p_d: the output is distributed as the target's."""
         B, d = drafts.shape
-        rows = torch.arange(B, device=drafts.device)
+        rows = self.rows
         if self.params.greedy:
             g = argmax_last(logits)                                      # (B, d+1)
             acc = (drafts == g[:, :d]).long().cumprod(dim=1).sum(dim=1)
-            return acc, g[rows, acc]
+            return acc, g.gather(1, acc[:, None])[:, 0]
         p = warp_probs(logits, self.sampler)                             # (B, d+1, V)
         if d == 0:
-            return drafts.new_zeros(B), sample(p[:, 0], self._noise(p[:, 0].shape))
+            return drafts.new_zeros(B), sample(p[:, 0], self.nz_final)
         px = p[:, :d].gather(-1, drafts[..., None])[..., 0]              # (B, d)
         qx = Q.gather(-1, drafts[..., None])[..., 0]
-        u = torch.rand((B, d), generator=self.gen, device=drafts.device)
-        acc = (u * qx < px).long().cumprod(dim=1).sum(dim=1)             # u < p/q, in order
+        acc = (self.nz_u[:, :d] * qx < px).long().cumprod(dim=1).sum(dim=1)   # u < p/q, in order
         p_a = p[rows, acc]                                               # (B, V)
         resid = (p_a - Q[rows, acc.clamp_max(d - 1)]).clamp_min(0)
         rs = resid.sum(-1, keepdim=True)
         rejected = (acc < d)[:, None]
         dist = torch.where(rejected & (rs > 0), resid / rs.clamp_min(1e-30), p_a)
-        return acc, sample(dist, self._noise(dist.shape))
+        return acc, sample(dist, self.nz_final)
 
-    def _catch_up(self, toks, feats, positions, idx, hvalid, hs0):
+    def _catch_up(self, toks, feats, positions, idx, Lh):
         """Write the head entries (toks (B, T), features (B, T, D)) at head slots hs0 .. hs0+T-1,
-        valid up to index idx (B,) of each row; returns the head's logits and feature at idx
-        (the first draft's logits (B, V) and f for the next position (B, D)) and the next slot."""
+        valid up to index idx (B,) of each row, attending over the first Lh head slots; keeps the
+        head's logits and feature at idx (the first draft's logits and f for the next position)
+        and advances hs0."""
         B, T = toks.shape
-        at = torch.arange(T, device=toks.device)
-        lg, f = self.head(toks, feats, positions, hs0 + at, _block_mask(hvalid, hs0, T))
-        hvalid[:, hs0:hs0 + T] = at[None, :] <= idx[:, None]
-        rows = torch.arange(B, device=toks.device)
-        return lg[rows, idx], f[rows, idx], hs0 + T
+        at = self.at[:T]
+        slots = self.hs0 + at
+        mask = _span_mask(self.hvalid[:, :Lh], self.cols[:Lh], self.hs0, at)
+        lg, f = self.head(toks, feats, positions, slots, mask)
+        self.hvalid.scatter_(1, slots.expand(B, T), at[None, :] <= idx[:, None])
+        self.lg.copy_(lg[self.rows, idx])
+        self.f.copy_(f[self.rows, idx])
+        self.hs0.add_(T)
 
-    def _draft_eagle(self, lg, f, pos, hvalid, hs0):
-        """A chain of depth d from the catch-up's logits lg (B, V) and feature f (B, D): level j's
-        token is fed at position pos + j (`pos` is the position of the rows' last token) into a
-        scratch slot, never valid afterwards (the next catch-up writes the true entries)."""
+    def _draft_eagle(self, Lh):
+        """A chain of depth d from the catch-up's logits and feature: level j's token is fed at
+        position pos + j (`pos` is the position of the rows' last token) into scratch slot
+        hs0 + j, seeing the scratch levels before it, never valid afterwards (the next catch-up
+        writes the true entries after them)."""
         toks, qs = [], []
-        scratch = []
+        lg, f = self.lg, self.f
+        hv, cols = self.hvalid[:, :Lh], self.cols[:Lh]
         for j in range(self.depth):
-            t, q = self._draft(lg[:, None])                              # (B, 1), (B, 1, V) or None
+            t, q = self._draft(lg[:, None], self.nz_draft[:, j:j + 1])  # (B, 1), (B, 1, V) or None
             t = t[:, 0]
             toks.append(t)
             qs.append(q)
             if j < self.depth - 1:
-                m = _block_mask(hvalid, hs0, 1)                          # (B, 1, hs0 + 1)
-                if scratch:   # the earlier levels' scratch slots are this level's ancestors
-                    m[:, :, scratch] = True
-                lg, f = self.head(t[:, None], f[:, None], (pos + j)[:, None], torch.tensor([hs0], device=t.device), m)
+                m = _span_mask(hv, cols, self.hs0, self.at[j:j + 1])     # (B, 1, Lh): slots hs0..hs0+j
+                lg, f = self.head(t[:, None], f[:, None], (self.pos + j)[:, None], (self.hs0 + j).view(1), m)
                 lg, f = lg[:, 0], f[:, 0]
-                scratch.append(hs0)
-                hs0 += 1
+        if self.depth > 1:
+            self.hs0.add_(self.depth - 1)
         Q = None if self.params.greedy else torch.cat(qs, dim=1)        # (B, d, V)
-        return torch.stack(toks, dim=1), Q, hs0
+        return torch.stack(toks, dim=1), Q
 
 
 def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -256,7 +378,10 @@ def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float =
     if isinstance(stop, str):
         stop = [stop]
     ids = [gen.encode(p, chat) for p in prompts]
-    dec = BatchDecoder(gen.model, head, depth)
+    dec = gen._batch_decoder
+    if dec is None or dec.head is not head or dec.depth != (depth if head is not None else 0):
+        dec = gen._batch_decoder = None     # the old one's caches go before the new one's come
+        dec = gen._batch_decoder = BatchDecoder(gen.model, head, depth, use_graph=gen.use_cuda_graph)
     longest = max(len(i) for i in ids)
     limit = gen.max_seq_len
     if longest + max_new_tokens + dec.depth + 1 > limit:

@@ -121,6 +121,7 @@ class SpeculativeGenerator:
         self.sampler = SamplerState(self.device)
         self.head = head
         self.spec = None
+        self._batch_decoder = None    # generate_batch's last decoder (its caches and graphs), reused
         if head is not None:
             from .speculative import SpeculativeDecoder
             self.spec = SpeculativeDecoder(self.model, head, use_graph=self.use_cuda_graph, **draft_options)
@@ -226,8 +227,9 @@ class SpeculativeGenerator:
         sampled (temperature, top_p, top_k, seed as in generate) by speculative sampling, row by
         row. Each row accepts its own prefix, so rows advance at their own pace; prompts may
         differ in length. Returns one GenerationResult per prompt (wall_s and tokens_per_s are
-        the batch's; tau and alpha the row's own). Chains only, run eagerly; see koala/batch.py
-        for how rows share the cache."""
+        the batch's; tau and alpha the row's own). Chains only; on CUDA each iteration is a CUDA
+        graph. The last call's decoder (its caches, sized for that call, and its graphs) is kept
+        for the next call of the same batch size; see koala/batch.py for how rows share the cache."""
         from .batch import generate_batch
         return generate_batch(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, chat,
                               ignore_eos, depth)

@@ -292,8 +292,9 @@ def test_seeded_batch_sampling_repeats(tiny):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
 def test_cuda_batch_rows_equal_each_prompt_alone(kind, tmp_path):
-    """On the GPU (fused kernels, fp32): each row of a batch gets the tokens and acceptances of
-    its prompt decoded alone by generate() with its CUDA graphs; bf16 batches run too."""
+    """On the GPU (fused kernels, fp32): each row of a batch, decoded through the batch's CUDA
+    graphs, gets the tokens and acceptances of its prompt decoded alone by generate() with its
+    CUDA graphs; in fp32 and bf16 the graphs give the tokens of the same batch run eagerly."""
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
     for dtype in (torch.float32, torch.bfloat16):
         lt = load_target(path, device="cuda", dtype=dtype)
@@ -305,6 +306,11 @@ def test_cuda_batch_rows_equal_each_prompt_alone(kind, tmp_path):
         gen = SpeculativeGenerator(lt, head, max_seq_len=256, mode="chain", depth=3)
         res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
         assert [len(r.token_ids) for r in res] == [40] * len(PROMPTS)
+        dec = gen._batch_decoder
+        assert dec.use_graph and dec.graphs                     # every iteration was a graph replay
+        eager = SpeculativeGenerator(lt, head, max_seq_len=256, mode="chain", depth=3, use_cuda_graph=False)
+        want = eager.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+        assert [r.token_ids for r in res] == [r.token_ids for r in want]     # the same kernels, eagerly
         if dtype == torch.float32:
             for p, r in zip(PROMPTS, res):
                 one = gen.generate(p, max_new_tokens=40, chat=False, ignore_eos=True)
@@ -349,3 +355,65 @@ def test_one_token_prompt_beside_longer_ones(tiny):
     assert [r.token_ids for r in res] == want
     one = gen.generate(prompts[0], max_new_tokens=20, chat=False, ignore_eos=True)
     assert res[0].stats.accepted_per_step == one.stats.accepted_per_step
+
+
+class _ReplayByRerun:
+    """A stand-in for a captured CUDA graph on the CPU: replay() runs the captured function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        self.fn()
+
+
+def _fake_capture(log):
+    def capture(fns, reset, pool=None):
+        for _ in range(2):            # the warm-up runs, which change every state buffer
+            reset()
+            for f in fns:
+                f()
+        reset()
+        log.append(len(fns))
+        return [_ReplayByRerun(f) for f in fns], pool
+    return capture
+
+
+@pytest.mark.parametrize("kind", [None, "medusa", "eagle"])
+def test_graph_mode_bookkeeping_on_cpu(tiny, refs, monkeypatch, kind):
+    """The CUDA-graph path's host logic, run on the CPU with a capture that runs the iteration
+    twice as warm-up (as koala.graphs.capture does) and a replay that reruns it: the state put
+    back after capture must be complete, one graph per (mode, window) must serve many steps,
+    windows must grow as the slots fill, and a second call must reuse the decoder and its
+    graphs. The rows still equal each prompt decoded alone."""
+    from koala import batch
+    log = []
+    monkeypatch.setattr(batch, "capture", _fake_capture(log))
+    monkeypatch.setattr(batch, "MIN_WINDOW", 16)          # several windows within 40 tokens
+    torch.manual_seed(7)
+    head = None if kind is None else DraftConfig(kind=kind, layers=1).build(tiny)
+    if head is not None:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2, use_cuda_graph=True)
+    res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+    assert [r.token_ids for r in res] == [a for _, a in refs]
+    dec = gen._batch_decoder
+    assert dec.use_graph and len(dec.graphs) == len(log) >= 3    # windows 16, 32, 64, ...
+    assert len({L for _, L, _ in dec.graphs}) >= 3                   # the target's window grew
+    assert len(dec.graphs) < max(r.stats.target_forwards for r in res)    # a graph serves many steps
+    n = len(log)
+    again = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+    assert [r.token_ids for r in again] == [a for _, a in refs]
+    assert gen._batch_decoder is dec and len(log) == n               # nothing captured again
+    short = gen.generate_batch(PROMPTS, max_new_tokens=10, chat=False, ignore_eos=True)
+    assert [r.token_ids for r in short] == [a[:10] for _, a in refs]
+    assert gen._batch_decoder is dec and len(log) == n               # a smaller call fits too
+    if head is not None:
+        eager = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2, use_cuda_graph=False)
+        want = eager.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+        assert [r.stats.accepted_per_step for r in res] == [r.stats.accepted_per_step for r in want]
+        kw = dict(max_new_tokens=16, temperature=0.9, seed=3, chat=False, ignore_eos=True)
+        assert ([r.token_ids for r in gen.generate_batch(PROMPTS, **kw)]
+                == [r.token_ids for r in eager.generate_batch(PROMPTS, **kw)])   # the same draws

@@ -374,10 +374,11 @@ def test_batch_bench_runs_and_counts(tmp_path):
     head = DraftConfig(kind="medusa", layers=1).build(lt)
     head.save_pretrained(tmp_path / "head")
     prompts = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10"]
-    rows = run(lt, ["none", str(tmp_path / "head")], [1, 2], prompts, 5, 128)
+    rows = run(lt, ["none", str(tmp_path / "head")], [1, 2], prompts, 5, 128, eager_batches=(2,))
     assert [(r["head"] == "none", r["batch"], r["groups"]) for r in rows] == [
         (True, 1, 4), (True, 2, 2), (False, 1, 4), (False, 2, 2)]
     for r in rows:
         assert r["new_tokens"] == 4 * 5 and r["tokens_per_s"] > 0
         assert (r["tau"] is None) == (r["head"] == "none")
         assert ("generate_tokens_per_s" in r) == (r["batch"] == 1)
+        assert ("eager_tokens_per_s" in r) == (r["batch"] == 2) and r["cold_tokens_per_s"] > 0

@@ -216,7 +216,9 @@ class SpeculativeDecoder:
         return head(self.h_prev.view(1, 1, -1))[:, 0, 0]
 
     def _draft_medusa(self):
-        logits = self._medusa_logits()                                    # (H, V)
+        # heads beyond the drafting depth draft nothing (a head of 4 heads drafting a depth-1
+        # chain, as the shipped one does): only the first `depth` rows are ranked or sampled
+        logits = self._medusa_logits()[: self.depth]                      # (depth, V)
         if self.greedy:   # a ranking needs no normalisation: the top-k of the logits themselves
             rank_tok = (argmax_last(logits).unsqueeze(-1) if self.k == 1
                         else logits.topk(self.k, dim=-1).indices)            # (H, k)

@@ -244,9 +244,10 @@ class SkewedMedusa(MedusaHead):
 
 
 @pytest.mark.parametrize("kind,opts", [("medusa", dict(mode="chain", depth=3)),
+                                       ("medusa", dict(mode="chain", depth=1)),   # fewer than its 3 heads
                                        ("eagle", dict(mode="chain", depth=3)),
                                        ("eagle", dict(mode="tree", depth=3, tree_size=8, top_k=3))],
-                         ids=["medusa-chain", "eagle-chain", "eagle-tree"])
+                         ids=["medusa-chain", "medusa-chain-depth1", "eagle-chain", "eagle-tree"])
 def test_sampled_sequences_follow_the_target(small, kind, opts):
     torch.manual_seed(0)
     if kind == "medusa":

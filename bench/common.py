@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -26,11 +27,28 @@ def commit() -> str:
         return "unknown"
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def source_digest() -> str:
+    """sha256 (first 16 hex digits) of every .py file of koala/, kernels/, bench/ and train/, in
+    path order: it names the code that ran even where the commit cannot be known (the GPU
+    machine's copy of the tree has no reliable git; a missing KOALA_COMMIT once recorded a stale
+    commit). Compare with `python -c "from bench.common import source_digest as d; print(d())"`
+    at a checkout."""
+    h = hashlib.sha256()
+    for d in ("koala", "kernels", "bench", "train"):
+        for f in sorted((_ROOT / d).rglob("*.py")):
+            h.update(str(f.relative_to(_ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def environment() -> dict:
     import triton
     import transformers
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"device": dev, "date": datetime.date.today().isoformat(), "commit": commit(),
+            "source_digest": source_digest(),
             "command": "python " + " ".join([sys.argv[0].replace(str(Path.cwd()) + "/", "")] + sys.argv[1:]),
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
             "kernels": os.environ.get("KOALA_KERNELS", "1") != "0", "pdl": _pdl(),

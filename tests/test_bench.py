@@ -382,3 +382,21 @@ def test_batch_bench_runs_and_counts(tmp_path):
         assert (r["tau"] is None) == (r["head"] == "none")
         assert ("generate_tokens_per_s" in r) == (r["batch"] == 1)
         assert ("eager_tokens_per_s" in r) == (r["batch"] == 2) and r["cold_tokens_per_s"] > 0
+
+
+def test_source_digest_names_the_code(tmp_path, monkeypatch):
+    # results record a digest of the sources (bench.common.environment): equal for equal trees,
+    # different after any edit or rename of a source file
+    from bench import common
+    for d in ("koala", "kernels", "bench", "train"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "m.py").write_text(f"x = '{d}'\n")
+    monkeypatch.setattr(common, "_ROOT", tmp_path)
+    a = common.source_digest()
+    assert common.source_digest() == a and len(a) == 16
+    (tmp_path / "kernels" / "m.py").write_text("x = 'kernels' \n")
+    b = common.source_digest()
+    assert b != a
+    (tmp_path / "kernels" / "m.py").rename(tmp_path / "kernels" / "n.py")
+    assert common.source_digest() != b
+    assert "source_digest" in common.environment()

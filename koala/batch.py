@@ -44,6 +44,15 @@ def _bucket(n: int) -> int:
     return w
 
 
+def _windows(S: int) -> list[int]:
+    """The attention windows of a cache of S slots (a power of two): MIN_WINDOW, 2x, ... S."""
+    out, w = [], MIN_WINDOW
+    while w < S:
+        out.append(w)
+        w *= 2
+    return out + [S]
+
+
 @contextmanager
 def _swapped_caches(stack, caches):
     """Give a CachedStack (the target or an EAGLE head) the batch's KV caches for the block, then
@@ -144,6 +153,36 @@ class BatchDecoder:
             self.hs0 = torch.zeros((), **long)
             self.state += [self.lg, self.f, self.hvalid, self.hs0]
         self.shape = (B, S, Sh)
+
+    @torch.inference_mode()
+    def warm(self, B: int, longest_prompt: int, max_new: int, params: SamplingParams) -> int:
+        """Allocate what a batch of B prompts of up to longest_prompt tokens and max_new new
+        tokens needs, and capture the graph of every window it can reach (the head's window never
+        trails the target's: the head takes 2 x depth slots a step, the target depth + 1), so
+        that such calls capture nothing. The iterations run on placeholder state (the next call's
+        prefill resets it). Returns the number of graphs captured."""
+        self.params, self.gen = params, None
+        self.sampler.set(params)
+        S, Sh = self.slots_needed(longest_prompt, max_new)
+        self._alloc(B, _bucket(S), _bucket(Sh) if self.eagle else 0)
+        if not self.use_graph:
+            return 0
+        T = self.depth + 1
+        per_step_h = max(0, self.depth - 1) + T
+        n = len(self.graphs)
+        with _swapped_caches(self.model, self.caches), \
+                (_swapped_caches(self.head, self.hcaches) if self.eagle else nullcontext()):
+            for L in _windows(self.shape[1]):
+                for Lh in (_windows(self.shape[2]) if self.eagle else [0]):
+                    if (self.eagle and Lh < L) or (self.params.graph_mode, L, Lh) in self.graphs:
+                        continue
+                    self.valid.zero_()
+                    self.s0.fill_(L - T)             # the last step this window serves
+                    if self.eagle:
+                        self.hvalid.zero_()
+                        self.hs0.fill_(Lh - per_step_h)
+                    self._step(L, Lh)
+        return len(self.graphs) - n
 
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], max_new: int, done_fn, params: SamplingParams | None = None,
@@ -356,6 +395,50 @@ class BatchDecoder:
         return torch.stack(toks, dim=1), Q
 
 
+def _decoder(gen, head, depth):
+    """The generator's batch decoder for this head and depth (the last one made, or a new one)."""
+    dec = gen._batch_decoder
+    if dec is None or dec.head is not head or dec.depth != (depth if head is not None else 0):
+        dec = gen._batch_decoder = None     # the old one's caches go before the new one's come
+        dec = gen._batch_decoder = BatchDecoder(gen.model, head, depth, use_graph=gen.use_cuda_graph)
+    return dec
+
+
+def _check_depth(gen, head, depth):
+    if head is not None and gen.spec.mode != "chain":
+        raise KoalaError("generate_batch drafts chains only: build the generator with mode='chain' "
+                         "(trees are batch 1 for now)")
+    if depth is None:
+        depth = gen.spec.depth if gen.spec is not None else 0
+    if head is not None and (not isinstance(depth, int) or not 1 <= depth <= 16):
+        raise KoalaError(f"depth must be an integer in 1..16, got {depth!r}")
+    return depth
+
+
+def warmup_batch(gen, batch_size: int, prompt_tokens: int, max_new_tokens: int = 256, temperatures=(0.0,),
+                 top_p: float = 1.0, top_k: int = 0, depth: int | None = None) -> int:
+    """SpeculativeGenerator.warmup_batch: see its docstring."""
+    head = gen.spec.head if gen.spec is not None else None
+    depth = _check_depth(gen, head, depth)
+    for name, v in (("batch_size", batch_size), ("prompt_tokens", prompt_tokens), ("max_new_tokens", max_new_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise KoalaError(f"{name} must be a positive integer, got {v!r}")
+    if prompt_tokens + max_new_tokens + depth + 1 > gen.max_seq_len:
+        raise ContextLengthError(f"prompt_tokens + max_new_tokens = {prompt_tokens + max_new_tokens} reaches past "
+                                 f"the {gen.max_seq_len} positions the generator was built for")
+    dec = _decoder(gen, head, depth)
+    base = gen.encode("The quick brown fox jumps over the lazy dog. ", chat=False) or [0]
+    ids = (base * (prompt_tokens // len(base) + 1))[:prompt_tokens]
+    captured = 0
+    for T in temperatures:
+        params = SamplingParams(T, top_p, top_k) if T else SamplingParams()
+        captured += dec.warm(batch_size, prompt_tokens, max_new_tokens, params)
+        # and the eager parts (the prefill's kernels at this shape): a short real call
+        generate_batch(gen, [ids] * batch_size, max_new_tokens=2, temperature=T, seed=0, ignore_eos=True,
+                       depth=depth, **({} if T == 0 else dict(top_p=top_p, top_k=top_k)))
+    return captured
+
+
 def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                    top_k: int = 0, seed: int | None = None, stop=None, chat: bool | None = None,
                    ignore_eos: bool = False, depth: int | None = None):
@@ -368,20 +451,11 @@ def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float =
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise KoalaError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     head = gen.spec.head if gen.spec is not None else None
-    if head is not None and gen.spec.mode != "chain":
-        raise KoalaError("generate_batch drafts chains only: build the generator with mode='chain' "
-                         "(trees are batch 1 for now)")
-    if depth is None:
-        depth = gen.spec.depth if gen.spec is not None else 0
-    if head is not None and (not isinstance(depth, int) or not 1 <= depth <= 16):
-        raise KoalaError(f"depth must be an integer in 1..16, got {depth!r}")
+    depth = _check_depth(gen, head, depth)
     if isinstance(stop, str):
         stop = [stop]
     ids = [gen.encode(p, chat) for p in prompts]
-    dec = gen._batch_decoder
-    if dec is None or dec.head is not head or dec.depth != (depth if head is not None else 0):
-        dec = gen._batch_decoder = None     # the old one's caches go before the new one's come
-        dec = gen._batch_decoder = BatchDecoder(gen.model, head, depth, use_graph=gen.use_cuda_graph)
+    dec = _decoder(gen, head, depth)
     longest = max(len(i) for i in ids)
     limit = gen.max_seq_len
     if longest + max_new_tokens + dec.depth + 1 > limit:

@@ -234,6 +234,17 @@ class SpeculativeGenerator:
         return generate_batch(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, chat,
                               ignore_eos, depth)
 
+    def warmup_batch(self, batch_size: int, prompt_tokens: int, max_new_tokens: int = 256, temperatures=(0.0,),
+                     top_p: float = 1.0, top_k: int = 0, depth: int | None = None) -> int:
+        """generate_batch's warmup: allocate the caches of a batch of batch_size prompts of up to
+        prompt_tokens tokens with max_new_tokens new tokens, and capture the CUDA graph of every
+        attention window such a batch reaches, for the sampling modes `temperatures` asks (pass
+        the top_p / top_k the requests will use), so that later calls of batch_size prompts
+        that fit (no longer prompts, no more new tokens) capture nothing; without it a call pays
+        a capture per window it reaches first. Returns the number of graphs captured."""
+        from .batch import warmup_batch
+        return warmup_batch(self, batch_size, prompt_tokens, max_new_tokens, temperatures, top_p, top_k, depth)
+
     def warmup(self, temperatures=(0.0,), new_tokens: int = 8, top_p: float = 1.0, top_k: int = 0) -> list[int]:
         """Compile the kernels and capture the CUDA graphs of every attention window this
         generator can reach (each window up to max_seq_len: prefill, plain decoding and, with a

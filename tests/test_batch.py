@@ -417,3 +417,28 @@ def test_graph_mode_bookkeeping_on_cpu(tiny, refs, monkeypatch, kind):
         kw = dict(max_new_tokens=16, temperature=0.9, seed=3, chat=False, ignore_eos=True)
         assert ([r.token_ids for r in gen.generate_batch(PROMPTS, **kw)]
                 == [r.token_ids for r in eager.generate_batch(PROMPTS, **kw)])   # the same draws
+
+
+@pytest.mark.parametrize("kind", [None, "eagle"])
+def test_warmup_batch_captures_what_later_calls_need(tiny, refs, monkeypatch, kind):
+    """After warmup_batch(B, prompt_tokens, max_new_tokens), a call of B prompts that fits
+    captures no graph (greedy here; a sampled call after a greedy-only warmup does), and still
+    decodes each row as alone."""
+    from koala import batch
+    log = []
+    monkeypatch.setattr(batch, "capture", _fake_capture(log))
+    monkeypatch.setattr(batch, "MIN_WINDOW", 16)
+    head = None if kind is None else DraftConfig(kind=kind, layers=1).build(tiny)
+    gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2, use_cuda_graph=True)
+    longest = max(len(gen.encode(p, chat=False)) for p in PROMPTS)
+    n = gen.warmup_batch(len(PROMPTS), longest + 4, max_new_tokens=40)
+    assert n == len(log) >= 3
+    res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+    assert [r.token_ids for r in res] == [a for _, a in refs]
+    assert len(log) == n                                            # nothing captured
+    gen.generate_batch(PROMPTS, max_new_tokens=5, temperature=0.8, seed=1, chat=False, ignore_eos=True)
+    assert len(log) > n                                             # another mode's graphs
+    with pytest.raises(KoalaError, match="batch_size must be a positive integer"):
+        gen.warmup_batch(0, 8)
+    with pytest.raises(ContextLengthError, match="reaches past"):
+        gen.warmup_batch(2, 200, max_new_tokens=100)

@@ -17,6 +17,7 @@
 #                      once (timings then measure a shared GPU: recorded as concurrent_trainings)
 #   ablation-eval <names>            MT-bench, chain, greedy, of those trained heads
 #   selfdistill <limit>  self-distil the first <limit> ShareGPT conversations into /tmp/sd   ~2 min
+#                      (16,000: ~8 min on the H100), and return the finished set under $OUT/sd
 #   launches           needs no staged model (random SmolLM2-shaped weights): the GPU tests of the
 #                      fused q|k|v+RoPE launch and the row tiles, then bench.scale on SmolLM2's
 #                      shape with KOALA_FUSED_ROPE=0 and 1 (plain step and iteration costs)   ~5 min
@@ -127,7 +128,16 @@ PY
     limit="${1:?selfdistill needs the number of conversations}"
     python -m train.selfdistill --data runs/data/sharegpt --out /tmp/sd --batch-size 512 --max-new 384 \
         --limit "$limit" --time-budget 520 > "$log" 2>&1
-    cp /tmp/sd/meta.json "$OUT/selfdistill_meta.json"
+    # a finished shard set comes back whole (6 .npy files and meta.json, each under the 16 MiB a
+    # returned file may have: uint16 tokens; with the log, the 8 files a call may return), so
+    # later sessions carry runs/data/sharegpt-sd instead of regenerating it: copy files_at/sd/*
+    # there. An unfinished one (run the step again to continue) returns its meta.json only.
+    if [ -f /tmp/sd/train.tokens.npy ]; then
+      mkdir -p "$OUT/sd"
+      cp /tmp/sd/*.npy /tmp/sd/meta.json "$OUT/sd/"
+    else
+      cp /tmp/sd/meta.json "$OUT/selfdistill_meta.json" 2>/dev/null || true
+    fi
     quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 12
     ;;
   ablation-eval)

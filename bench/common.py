@@ -55,6 +55,7 @@ def environment() -> dict:
             "fused_combine": os.environ.get("KOALA_FUSED_COMBINE", "0") == "1",
             "cast_by_hand": os.environ.get("KOALA_CAST_BY_HAND", "0") not in ("", "0"),
             "pipeline": os.environ.get("KOALA_PIPELINE", "1") != "0",
+            "batch_pipeline": os.environ.get("KOALA_BATCH_PIPELINE", "0") not in ("", "0"),
             "exact": os.environ.get("KOALA_EXACT", "1") != "0",
             "row_tile": int(os.environ.get("KOALA_ROW_TILE", "0") or 0),
             "fused_rope": os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0"),

@@ -21,6 +21,7 @@ the exact distribution), though not the same draws as `generate` with the same s
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -92,7 +93,8 @@ class BatchDecoder:
     graphs belong to the decoder and are reused by later calls of the same batch size and cache
     size or less (generate_batch keeps the last decoder)."""
 
-    def __init__(self, model, head=None, depth: int = 1, use_graph: bool | None = None):
+    def __init__(self, model, head=None, depth: int = 1, use_graph: bool | None = None,
+                 pipeline: bool | None = None):
         from .heads import EagleHead
         self.model, self.head = model, head
         self.eagle = isinstance(head, EagleHead)
@@ -101,6 +103,10 @@ class BatchDecoder:
             raise KoalaError(f"a Medusa head with {head.config.n_heads} heads drafts at most "
                              f"{head.config.n_heads} tokens deep; got depth={depth}")
         self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        # queue the next iteration before reading the last one's tokens (as the batch-1 decoder
+        # does); opt-in until timed: KOALA_BATCH_PIPELINE=1 or pipeline=True
+        self.pipeline = (os.environ.get("KOALA_BATCH_PIPELINE", "0") not in ("", "0")) if pipeline is None \
+            else bool(pipeline)
         self.shape = None                 # (B, S, Sh) of the allocated caches and buffers
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -238,25 +244,67 @@ class BatchDecoder:
     def _run(self, prompts, Pmax, done_fn):
         B, d = len(prompts), self.depth
         T = d + 1
+        hstep = max(0, d - 1) + T                                        # head slots an iteration takes
         firsts = self._prefill(prompts, Pmax).tolist()
         finished = [done_fn(b, [firsts[b]]) for b in range(B)]
         per_step: list[list[int]] = [[] for _ in range(B)]
-        s0 = Pmax                                                        # the host's count of s0,
-        hs0 = max(Pmax - 1, 0) + 1 if self.eagle else 0                  # and of the head's
         S, Sh = self.shape[1], self.shape[2]
-        while not all(finished):
+        cuda = self.model.device.type == "cuda"
+        bufs = self._result_buffers(B, T, cuda)
+        s0, hs0 = Pmax, (max(Pmax - 1, 0) + 1 if self.eagle else 0)    # the host's counts of the slots
+        inflight, launched = [], 0
+
+        def launch():
+            """Queue one iteration, and the copy of its results to a host buffer."""
+            nonlocal s0, hs0, launched
             L = min(_bucket(s0 + T), S)
-            Lh = min(_bucket(hs0 + max(0, d - 1) + T), Sh) if self.eagle else 0
+            Lh = min(_bucket(hs0 + hstep), Sh) if self.eagle else 0
             self._draw_noise()
             self._step(L, Lh)
+            buf, ev = bufs[launched % 2]
+            launched += 1
+            buf[:, 0].copy_(self.acc, non_blocking=cuda)
+            buf[:, 1:].copy_(self.emitted, non_blocking=cuda)
+            if ev is not None:
+                ev.record()
+            inflight.append((buf, ev))
             s0 += T
-            hs0 += max(0, d - 1) + T
-            acc_l, em_l = self.acc.tolist(), self.emitted.tolist()       # the iteration's one sync
+            hs0 += hstep
+
+        if not all(finished):
+            launch()
+        while inflight:
+            # pipelined: the next iteration goes in before the host reads this one's tokens (its
+            # inputs are all on the device); the cache has room for it, since every row is done
+            # after at most max_new - 1 iterations. If this one finishes the batch, it is wasted.
+            if self.pipeline and len(inflight) == 1 and s0 + T <= S and (not self.eagle or hs0 + hstep <= Sh):
+                launch()
+            buf, ev = inflight.pop(0)
+            if ev is not None:
+                ev.synchronize()
+            res = buf.tolist()                                           # the iteration's one sync
             for b in range(B):
                 if not finished[b]:
-                    per_step[b].append(acc_l[b])
-                    finished[b] = done_fn(b, em_l[b][:acc_l[b] + 1])
+                    a = res[b][0]
+                    per_step[b].append(a)
+                    finished[b] = done_fn(b, res[b][1:a + 2])
+            if all(finished):
+                break
+            if not inflight:
+                launch()
+        for _, ev in inflight:                # a discarded iteration: let it finish before reuse
+            if ev is not None:
+                ev.synchronize()
         return per_step
+
+    def _result_buffers(self, B, T, cuda):
+        """Two (host buffer (B, 1 + T): accepted count, tokens; completion event) pairs."""
+        key = (B, T, cuda)
+        if getattr(self, "_bufs_key", None) != key:
+            self._bufs = [(torch.zeros(B, 1 + T, dtype=torch.long, pin_memory=cuda),
+                           torch.cuda.Event() if cuda else None) for _ in range(2)]
+            self._bufs_key = key
+        return self._bufs
 
     # ---- one iteration over the static buffers: eager, or a CUDA graph per window
     def _step(self, L, Lh):

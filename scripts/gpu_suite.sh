@@ -24,7 +24,8 @@
 #   rows               bench/linear_rows.py: per-row GEMV and row-tile sweep at M = 1..8, then
 #                      bench.scale on SmolLM2's shape with its tiles (KOALA_EXACT_TILES) and
 #                      without (KOALA_EXACT_TILES=none; random weights, no staged model)    ~7 min
-#   batch              bench.batch: generate_batch at B = 1, 2, 4, 8, plain and shipped heads ~2 min
+#   batch              bench.batch: generate_batch at B = 1, 2, 4, 8, plain and shipped heads,
+#                      then plain and EAGLE at B = 1, 8 with KOALA_BATCH_PIPELINE=1        ~5 min
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
 # The MT-bench steps' time budgets leave 40 s (80 s for sampling, two temperatures) more than before for bench.mtbench's closing plain
 # run (--plain-every, default 2), which runs even past the budget, inside the 600 s call limit.
@@ -169,7 +170,10 @@ PY
   batch)
     # generate_batch throughput (needs the staged model): plain and the shipped heads, B = 1..8
     python -m bench.batch --batches 1,2,4,8 --prompts 8 --new-tokens 128 > "$log" 2>&1
-    quiet "$log" | tail -n 14
+    # and with the batch's iterations pipelined (KOALA_BATCH_PIPELINE=1, opt-in until timed)
+    KOALA_BATCH_PIPELINE=1 python -m bench.batch --heads none,eagle --batches 1,8 --eager "" --prompts 8 \
+        --new-tokens 128 --out batch_pipelined.json >> "$log" 2>&1
+    quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 20
     ;;
   vec)
     # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)

@@ -442,3 +442,35 @@ def test_warmup_batch_captures_what_later_calls_need(tiny, refs, monkeypatch, ki
         gen.warmup_batch(0, 8)
     with pytest.raises(ContextLengthError, match="reaches past"):
         gen.warmup_batch(2, 200, max_new_tokens=100)
+
+
+@pytest.mark.parametrize("kind", [None, "medusa", "eagle"])
+def test_pipelined_batch_gives_the_same_rows(tiny, refs, monkeypatch, kind):
+    """KOALA_BATCH_PIPELINE=1 queues the next iteration before the host reads the last one: the
+    same tokens, acceptances and seeded samples as one iteration at a time, early EOS included
+    (its queued iteration is discarded)."""
+    torch.manual_seed(11)
+    head = None if kind is None else DraftConfig(kind=kind, layers=1).build(tiny)
+    if head is not None:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KOALA_BATCH_PIPELINE", flag)
+        gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2)
+        greedy = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
+        assert gen._batch_decoder.pipeline == (flag == "1")
+        sampled = gen.generate_batch(PROMPTS, max_new_tokens=12, temperature=0.9, seed=5, chat=False,
+                                     ignore_eos=True)
+        stop_tok = refs[0][1][5]
+        eos = tiny.model.config.eos_token_ids[:]
+        tiny.model.config.eos_token_ids[:] = [stop_tok]
+        try:
+            stopped = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False)
+        finally:
+            tiny.model.config.eos_token_ids[:] = eos
+        runs[flag] = [[(r.token_ids, r.stats.accepted_per_step) for r in rs] for rs in (greedy, sampled, stopped)]
+        assert [r.token_ids for r in greedy] == [a for _, a in refs]
+        assert len(stopped[0].token_ids) <= 6
+    assert runs["0"] == runs["1"]

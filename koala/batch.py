@@ -146,12 +146,14 @@ class BatchDecoder:
         self.s0 = torch.zeros((), **long)                                 # next free target slot
         self.valid = torch.zeros(B, S, dtype=torch.bool, device=dev)      # slots holding row text
         self.h_last = torch.zeros(B, D, dtype=model.dtype, device=dev)    # target feature of `last`
-        self.acc = torch.zeros(B, **long)                                 # results of an iteration
-        self.emitted = torch.zeros(B, d + 1, **long)
+        # an iteration's results, one contiguous (B, 1 + T) buffer (so one copy brings them to the
+        # host): each row's accepted count, then its emitted tokens
+        self.result = torch.zeros(B, d + 2, **long)
+        self.acc, self.emitted = self.result[:, 0], self.result[:, 1:]
         self.nz_draft = torch.ones(B, max(d, 1), V, device=dev)           # Exp(1) noise, drafts
         self.nz_u = torch.zeros(B, max(d, 1), device=dev)                 # U(0, 1), acceptance
         self.nz_final = torch.ones(B, V, device=dev)                      # Exp(1), the new token
-        self.state = [self.last, self.pos, self.s0, self.valid, self.h_last, self.acc, self.emitted]
+        self.state = [self.last, self.pos, self.s0, self.valid, self.h_last, self.result]
         if self.eagle:
             self.lg = torch.zeros(B, V, dtype=head.dtype, device=dev)      # head logits, first draft
             self.f = torch.zeros(B, head.stack_config().dim, dtype=head.dtype, device=dev)
@@ -263,8 +265,7 @@ class BatchDecoder:
             self._step(L, Lh)
             buf, ev = bufs[launched % 2]
             launched += 1
-            buf[:, 0].copy_(self.acc, non_blocking=cuda)
-            buf[:, 1:].copy_(self.emitted, non_blocking=cuda)
+            buf.copy_(self.result, non_blocking=cuda)       # contiguous both: a plain async copy
             if ev is not None:
                 ev.record()
             inflight.append((buf, ev))

@@ -1,6 +1,8 @@
 """Batch size > 1 (koala/batch.py): every row of a batch gets exactly the tokens that decoding it
 alone gives (fp32, greedy), plainly and with Medusa and EAGLE chains, prompts of different lengths,
 rows that accept different amounts and rows that stop early."""
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,30 @@ def _full(refs):
     return [torch.tensor(f) for f, _ in refs]
 
 
+def _jittered_head(target, kind, layers, seed, scale=0.05):
+    """An untrained head (None for kind None) with its weights moved off their init, seeded: it
+    drafts junk, so rows take the reject path and accept different amounts."""
+    torch.manual_seed(seed)
+    if kind is None:
+        return None
+    head = DraftConfig(kind=kind, layers=layers).build(target)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return head
+
+
+@contextmanager
+def _eos_as(target, tok):
+    """The target's EOS ids replaced by [tok] for the block."""
+    eos = target.model.config.eos_token_ids[:]
+    target.model.config.eos_token_ids[:] = [tok]
+    try:
+        yield
+    finally:
+        target.model.config.eos_token_ids[:] = eos
+
+
 def test_plain_batch_equals_each_prompt_alone(tiny, refs):
     gen = SpeculativeGenerator(tiny, None, max_seq_len=256)
     res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
@@ -81,11 +107,7 @@ def test_plain_batch_equals_each_prompt_alone(tiny, refs):
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
 @pytest.mark.parametrize("depth", [1, 3])
 def test_untrained_heads_batch_equals_plain(tiny, refs, kind, depth):
-    torch.manual_seed(depth)
-    head = DraftConfig(kind=kind, layers=2).build(tiny)
-    with torch.no_grad():   # an untrained head drafts junk: the reject path, row by row
-        for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    head = _jittered_head(tiny, kind, 2, seed=depth)   # drafts junk: the reject path, row by row
     gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=depth)
     res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
     assert [r.token_ids for r in res] == [a for _, a in refs]
@@ -132,12 +154,8 @@ def test_rows_stop_on_their_own_eos(tiny, refs):
     stop_tok = max(set(a0), key=a0.index)   # the token that first appears latest in row 0's answer
     first = a0.index(stop_tok)
     assert first >= 3
-    eos = tiny.model.config.eos_token_ids[:]
-    tiny.model.config.eos_token_ids[:] = [stop_tok]
-    try:
+    with _eos_as(tiny, stop_tok):
         res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False)
-    finally:
-        tiny.model.config.eos_token_ids[:] = eos
     for r, (_, a) in zip(res, refs):
         want = a[:a.index(stop_tok) + 1] if stop_tok in a else a
         assert r.token_ids == want
@@ -179,11 +197,7 @@ def test_bad_batch_input(tiny):
 def test_eagle_drafted_levels_match_batch_one(tiny, monkeypatch):
     """The EAGLE head's deeper levels (fed at scratch slots, each seeing the levels before it)
     draft, row by row, the tokens the batch-1 decoder drafts at the same positions."""
-    torch.manual_seed(5)
-    head = DraftConfig(kind="eagle", layers=2).build(tiny)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
+    head = _jittered_head(tiny, "eagle", 2, seed=5, scale=0.2)
     gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=4)
     calls = []
     real = type(head).forward
@@ -298,11 +312,7 @@ def test_cuda_batch_rows_equal_each_prompt_alone(kind, tmp_path):
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
     for dtype in (torch.float32, torch.bfloat16):
         lt = load_target(path, device="cuda", dtype=dtype)
-        torch.manual_seed(4)
-        head = DraftConfig(kind=kind, layers=2).build(lt)
-        with torch.no_grad():
-            for p in head.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+        head = _jittered_head(lt, kind, 2, seed=4)
         gen = SpeculativeGenerator(lt, head, max_seq_len=256, mode="chain", depth=3)
         res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
         assert [len(r.token_ids) for r in res] == [40] * len(PROMPTS)
@@ -345,11 +355,7 @@ def test_one_token_prompt_beside_longer_ones(tiny):
     plain = SpeculativeGenerator(tiny, None, max_seq_len=256)
     prompts = ["w3", PROMPTS[0]]
     want = [plain.generate(p, max_new_tokens=20, chat=False, ignore_eos=True).token_ids for p in prompts]
-    torch.manual_seed(3)
-    head = DraftConfig(kind="eagle", layers=2).build(tiny)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    head = _jittered_head(tiny, "eagle", 2, seed=3)
     gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2)
     res = gen.generate_batch(prompts, max_new_tokens=20, chat=False, ignore_eos=True)
     assert [r.token_ids for r in res] == want
@@ -390,12 +396,7 @@ def test_graph_mode_bookkeeping_on_cpu(tiny, refs, monkeypatch, kind):
     log = []
     monkeypatch.setattr(batch, "capture", _fake_capture(log))
     monkeypatch.setattr(batch, "MIN_WINDOW", 16)          # several windows within 40 tokens
-    torch.manual_seed(7)
-    head = None if kind is None else DraftConfig(kind=kind, layers=1).build(tiny)
-    if head is not None:
-        with torch.no_grad():
-            for p in head.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+    head = _jittered_head(tiny, kind, 1, seed=7)
     gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2, use_cuda_graph=True)
     res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
     assert [r.token_ids for r in res] == [a for _, a in refs]
@@ -449,12 +450,7 @@ def test_pipelined_batch_gives_the_same_rows(tiny, refs, monkeypatch, kind):
     """KOALA_BATCH_PIPELINE=1 queues the next iteration before the host reads the last one: the
     same tokens, acceptances and seeded samples as one iteration at a time, early EOS included
     (its queued iteration is discarded)."""
-    torch.manual_seed(11)
-    head = None if kind is None else DraftConfig(kind=kind, layers=1).build(tiny)
-    if head is not None:
-        with torch.no_grad():
-            for p in head.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+    head = _jittered_head(tiny, kind, 1, seed=11)
     runs = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("KOALA_BATCH_PIPELINE", flag)
@@ -464,12 +460,8 @@ def test_pipelined_batch_gives_the_same_rows(tiny, refs, monkeypatch, kind):
         sampled = gen.generate_batch(PROMPTS, max_new_tokens=12, temperature=0.9, seed=5, chat=False,
                                      ignore_eos=True)
         stop_tok = refs[0][1][5]
-        eos = tiny.model.config.eos_token_ids[:]
-        tiny.model.config.eos_token_ids[:] = [stop_tok]
-        try:
+        with _eos_as(tiny, stop_tok):
             stopped = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False)
-        finally:
-            tiny.model.config.eos_token_ids[:] = eos
         runs[flag] = [[(r.token_ids, r.stats.accepted_per_step) for r in rs] for rs in (greedy, sampled, stopped)]
         assert [r.token_ids for r in greedy] == [a for _, a in refs]
         assert len(stopped[0].token_ids) <= 6

@@ -69,7 +69,8 @@ def run_method(gen, questions, max_new, temperature, seed, desc, progress=True):
             s = r.stats
             recs.append({"qid": q["question_id"], "category": q["category"], "turn": turn,
                          "new_tokens": s.new_tokens, "wall_s": s.wall_s, "forwards": s.target_forwards,
-                         "accepted": list(s.accepted_per_step), "ids": r.token_ids})
+                         "accepted": list(s.accepted_per_step), "ids": r.token_ids,
+                         "draft_s": getattr(s, "draft_s", None), "verify_s": getattr(s, "verify_s", None)})
     return recs
 
 
@@ -83,6 +84,11 @@ def summarise(recs, chain: bool, depth: int | None = None):
     out = {"new_tokens": tok, "wall_s": wall, "tokens_per_s": tok / wall}
     if acc:
         out["tau"] = sum(a + 1 for a in acc) / len(acc)
+        # GPU time of an iteration's draft and verification graphs (CUDA events; graphs only)
+        for part in ("draft", "verify"):
+            v = [r.get(f"{part}_s") for r in recs]
+            if v and all(x is not None for x in v):
+                out[f"{part}_ms_per_iter"] = 1e3 * sum(v) / len(acc)
         if chain:
             out["alpha"] = [sum(a >= n for a in acc) / max(1, sum(a >= n - 1 for a in acc))
                             for n in (1, 2, 3) if depth is None or n <= depth]
@@ -205,15 +211,18 @@ def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budg
                     cats[c] = summarise(rc, chain, gen.spec.depth)
             s["per_category"] = cats
             s.update(head=str(name), kind=cfg.kind, K=cfg.layers, mode=mode, temperature=T,
-                     depth=gen.spec.depth, tree_size=gen.spec.N, top_k=gen.spec.k)
+                     depth=gen.spec.depth, tree_size=gen.spec.N, top_k=gen.spec.k,
+                     draft_vocab=getattr(gen.spec, "draft_vocab", None))
             set_speedup(s, T, runs[-1])
             res["methods"].append(s)
             pending.append((s, T, len(runs) - 1))
-            print(f"{Path(name).name:24} {mode:5} d={gen.spec.depth} T={T:<4} tau {s.get('tau', 0):.2f}  "
+            print(f"{Path(name).name:24} {mode:5} d={gen.spec.depth} v={getattr(gen.spec, 'draft_vocab', None) or 'all'} T={T:<4} tau {s.get('tau', 0):.2f}  "
                   f"alpha {[round(x, 2) for x in s.get('alpha', [])]}  {s['tokens_per_s']:7.1f} tok/s  "
-                  f"speedup {s['speedup']:.2f}x  identical {s.get('identical_to_plain', '-')}", flush=True)
+                  f"speedup {s['speedup']:.2f}x  identical {s.get('identical_to_plain', '-')}"
+                  + (f"  draft {s['draft_ms_per_iter']:.3f} / verify {s['verify_ms_per_iter']:.3f} ms"
+                     if "draft_ms_per_iter" in s else ""), flush=True)
         del gen
-        res["methods_done"].append(f"{name} {mode} d={s['depth']}")
+        res["methods_done"].append(f"{name} {mode} d={s['depth']} v={s['draft_vocab'] or 'all'}")
         if plain_every and len(res["methods_done"]) % plain_every == 0:
             rebracket()
         res["elapsed_s"] = clock() - t0
@@ -246,6 +255,9 @@ def main(argv=None):
                     "overrides --depth)")
     ap.add_argument("--tree-depths", default="", help="tree depths, e.g. 3,4 (one method each; "
                     "default: the decoder's)")
+    ap.add_argument("--draft-vocabs", default="head",
+                    help="draft vocabularies, e.g. none,8192,16384 (one method each): a size, 'none' for "
+                         "the whole vocabulary, 'head' for the head's config (default)")
     ap.add_argument("--tree-size", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--peer-questions", type=int, default=0, help="transformers peers on this many questions")
@@ -267,12 +279,12 @@ def main(argv=None):
     plain = SpeculativeGenerator(lt, None, max_seq_len=2048)
     heads = {}
 
-    def builder(hd, mode, depth):
+    def builder(hd, mode, depth, vocab):
         def build():
             if hd not in heads:
                 heads.clear()  # one head in memory at a time
                 heads[hd] = load_head(hd, lt)
-            opts = dict(mode=mode)
+            opts = dict(mode=mode, draft_vocab=vocab)
             if depth:
                 opts["depth"] = depth
             if mode == "tree":
@@ -286,8 +298,12 @@ def main(argv=None):
             return [int(d) for d in given.split(",") if d]
         return [a.depth if mode == "chain" else None]
 
-    methods = [(hd, mode, builder(hd, mode, d)) for hd in a.heads.split(",") if hd
-               for mode in a.modes.split(",") if mode for d in depths(mode)]
+    def vocab(v):
+        return "head" if v == "head" else None if v == "none" else int(v)
+
+    methods = [(hd, mode, builder(hd, mode, d, vocab(v))) for hd in a.heads.split(",") if hd
+               for mode in a.modes.split(",") if mode for d in depths(mode)
+               for v in a.draft_vocabs.split(",") if v]
     settings = {**vars(a), "temperatures": temps}
     res, _ = measure(plain, methods, qs, temps, a.max_new_tokens, a.seed, time_budget=a.time_budget, t0=t0,
                      progress=a.progress, save=lambda r: write(a.out, {"settings": settings, **r}),

@@ -16,6 +16,8 @@ def main(argv=None):
     ap.add_argument("--target", default="smollm2-135m-instruct", help="embedded default, HF directory or .gguf")
     ap.add_argument("--draft", default="default", help="'default' (shipped head), a head directory, or 'none'")
     ap.add_argument("--mode", default=None, choices=["chain", "tree"], help="drafting mode (default: the head's)")
+    ap.add_argument("--draft-vocab", default="head",
+                    help="draft from this many of the head's most frequent tokens ('none': all; 'head': its config)")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -32,6 +34,15 @@ def main(argv=None):
     try:
         draft = None if a.draft in ("none", "None", "") else a.draft
         opts = {"mode": a.mode} if (a.mode and draft) else {}
+        if draft and a.draft_vocab != "head":
+            if a.draft_vocab in ("none", "None", "all"):
+                opts["draft_vocab"] = None
+            else:
+                try:
+                    opts["draft_vocab"] = int(a.draft_vocab)
+                except ValueError:
+                    raise KoalaError(f"--draft-vocab must be a positive integer, 'none' or 'head', "
+                                     f"got {a.draft_vocab!r}") from None
         gen = SpeculativeGenerator.from_pretrained(a.target, draft=draft, device=a.device, dtype=a.dtype,
                                                    max_seq_len=a.max_seq_len, **opts)
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,

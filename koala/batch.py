@@ -99,6 +99,8 @@ class BatchDecoder:
         self.model, self.head = model, head
         self.eagle = isinstance(head, EagleHead)
         self.depth = depth if head is not None else 0
+        # the head's draft vocabulary when this decoder was made (its buffers are sized by it)
+        self.vocab_ids = head.vocab_ids if head is not None else None
         if head is not None and not self.eagle and self.depth > head.config.n_heads:
             raise KoalaError(f"a Medusa head with {head.config.n_heads} heads drafts at most "
                              f"{head.config.n_heads} tokens deep; got depth={depth}")
@@ -155,7 +157,8 @@ class BatchDecoder:
         self.nz_final = torch.ones(B, V, device=dev)                      # Exp(1), the new token
         self.state = [self.last, self.pos, self.s0, self.valid, self.h_last, self.result]
         if self.eagle:
-            self.lg = torch.zeros(B, V, dtype=head.dtype, device=dev)      # head logits, first draft
+            # head logits of the first draft, over its draft vocabulary
+            self.lg = torch.zeros(B, head.draft_vocab_size, dtype=head.dtype, device=dev)
             self.f = torch.zeros(B, head.stack_config().dim, dtype=head.dtype, device=dev)
             self.hvalid = torch.zeros(B, Sh, dtype=torch.bool, device=dev)
             self.hs0 = torch.zeros((), **long)
@@ -346,7 +349,7 @@ class BatchDecoder:
         elif self.eagle:
             drafts, Q = self._draft_eagle(Lh)
         else:
-            logits = head(self.h_last[:, None])[:d, :, 0]                 # (d, B, V)
+            logits = head.draft_logits(self.h_last[:, None], d)[:, :, 0]  # (d, B, Vd)
             drafts, Q = self._draft(logits.transpose(0, 1), self.nz_draft[:, :d])  # (B, d), (B, d, V)
         step = torch.cat([self.last[:, None], drafts], dim=1)            # (B, T)
         slots = self.s0 + at
@@ -374,12 +377,14 @@ class BatchDecoder:
         return sample(warp_probs(logits, self.sampler), draw_noise(logits.shape, self.gen, logits.device))
 
     def _draft(self, logits, noise):
-        """Draft tokens from the head's logits (B, k, V): argmax, or samples of the warped q
-        (returned too, (B, k, V), for the acceptance test) with noise (B, k, V)."""
+        """Draft tokens (the target's ids) from the head's logits over its draft vocabulary
+        (B, k, Vd): argmax, or samples of the warped q (returned too, over all V, (B, k, V), for the
+        acceptance test) with noise (B, k, V)."""
+        head = self.head
         if self.params.greedy:
-            return argmax_last(logits), None
-        q = warp_probs(logits, self.sampler)
-        return sample(q, noise), q
+            return head.to_token_ids(argmax_last(logits)), None
+        q = warp_probs(logits, self.sampler)                             # over the draft vocabulary
+        return head.to_token_ids(sample(q, noise[..., : q.shape[-1]])), head.to_full_probs(q)
 
     def _accept(self, drafts, Q, logits):
         """Each row's accepted drafts (B,) and its next token (B,) from the verify logits
@@ -415,7 +420,7 @@ class BatchDecoder:
         at = self.at[:T]
         slots = self.hs0 + at
         mask = _span_mask(self.hvalid[:, :Lh], self.cols[:Lh], self.hs0, at)
-        lg, f = self.head(toks, feats, positions, slots, mask)
+        lg, f = self.head.draft_step(toks, feats, positions, slots, mask)
         self.hvalid.scatter_(1, slots.expand(B, T), at[None, :] <= idx[:, None])
         self.lg.copy_(lg[self.rows, idx])
         self.f.copy_(f[self.rows, idx])
@@ -436,7 +441,7 @@ class BatchDecoder:
             qs.append(q)
             if j < self.depth - 1:
                 m = _span_mask(hv, cols, self.hs0, self.at[j:j + 1])     # (B, 1, Lh): slots hs0..hs0+j
-                lg, f = self.head(t[:, None], f[:, None], (self.pos + j)[:, None], (self.hs0 + j).view(1), m)
+                lg, f = self.head.draft_step(t[:, None], f[:, None], (self.pos + j)[:, None], (self.hs0 + j).view(1), m)
                 lg, f = lg[:, 0], f[:, 0]
         if self.depth > 1:
             self.hs0.add_(self.depth - 1)
@@ -447,7 +452,9 @@ class BatchDecoder:
 def _decoder(gen, head, depth):
     """The generator's batch decoder for this head and depth (the last one made, or a new one)."""
     dec = gen._batch_decoder
-    if dec is None or dec.head is not head or dec.depth != (depth if head is not None else 0):
+    vocab = head.vocab_ids if head is not None else None
+    if (dec is None or dec.head is not head or dec.depth != (depth if head is not None else 0)
+            or dec.vocab_ids is not vocab):
         dec = gen._batch_decoder = None     # the old one's caches go before the new one's come
         dec = gen._batch_decoder = BatchDecoder(gen.model, head, depth, use_graph=gen.use_cuda_graph)
     return dec

@@ -13,7 +13,16 @@ that are not registered as submodules, so they are never trained, moved, or save
 
 Checkpoint (`save_pretrained` / `load_head`): `config.json` + `model.safetensors` holding only
 the head's own weights; any file over 16 MiB is sharded (`model-0000k-of-0000n.safetensors`
-with `model.safetensors.index.json`); a single tensor over the limit is split by rows.
+with `model.safetensors.index.json`); a single tensor over the limit is split by rows. Optional
+`token_counts.safetensors`: how often each token occurs in the answers of the training data
+(`python -m train.vocab`), from which a *draft vocabulary* is chosen (`set_draft_vocab`).
+
+Draft vocabulary: drafting from the n most frequent tokens only replaces the LM head's V rows by
+n at every drafted level (V = 49,152 for SmolLM2, a 56 MB read at each level). It is lossless:
+the target verifies with its whole vocabulary. Greedy, a drafted token is always one of the n, and
+a target's choice outside them is simply never drafted (it still comes out as the bonus token);
+sampled, the draft's q is zero outside them, which speculative sampling's acceptance test and
+residual handle like any other q.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .errors import CheckpointError, HeadMismatchError
+from .errors import CheckpointError, HeadMismatchError, KoalaError
 from .model import Block, CachedStack, Rotary, Transformer
 
 FORMAT = "koala-draft-head"
@@ -37,6 +46,7 @@ MAX_SHARD_BYTES = 16 * 2**20     # GitHub-friendly: every committed file stays u
 KINDS = ("medusa", "eagle")
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+COUNTS = "token_counts.safetensors"
 # fields of ModelConfig that define the network; eos/bos ids are left out because load_target
 # adds ids from generation_config.json, and the same weights must keep the same fingerprint
 _IDENTITY_FIELDS = ("arch", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -58,6 +68,10 @@ class DraftConfig:
     chain_depth: int | None = None  # the chain depth the decoder uses when none is asked for: the
     #                              one that measured fastest for this head (bench.mtbench --depths);
     #                              None: the decoder's own default
+    draft_vocab: int | None = None  # draft from the head's `draft_vocab` most frequent tokens only
+    #                              (counts in token_counts.safetensors): a smaller LM head at every
+    #                              drafted level; verification keeps the whole vocabulary, so the
+    #                              output does not change. None: the whole vocabulary
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -73,6 +87,9 @@ class DraftConfig:
                               or (self.kind == "medusa" and d > self.n_heads)):
             most = self.n_heads if self.kind == "medusa" else 16
             raise ValueError(f"DraftConfig.chain_depth must be None or an integer in 1..{most}, got {d!r}")
+        n = self.draft_vocab
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"DraftConfig.draft_vocab must be None or a positive integer, got {n!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,10 +142,68 @@ class _DraftHead(nn.Module):
         self.target_name = target_name
         self.target_fingerprint = target_fingerprint(target)
         self._frozen = _Frozen(target)
+        # (V,) int64: each token's count in the training answers (token_counts.safetensors), or None
+        self.token_counts: torch.Tensor | None = None
+        self.vocab_ids: torch.Tensor | None = None   # (n,) the draft vocabulary, ascending ids; None: all
+        self._vocab_w: list | None = None            # the gathered projection rows, one per projection
 
     def lm_head(self, x):  # x (..., D) -> (..., V) with the target's frozen LM head
         w = self._frozen.lm_head.weight
         return F.linear(x.to(w.dtype), w)
+
+    # ---- draft vocabulary (inference only: training always uses the whole vocabulary)
+    def _projections(self) -> list:
+        """The (weight, bias) of every projection to the vocabulary this head drafts with."""
+        return [(self._frozen.lm_head.weight, None)]
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.target_config.vocab_size if self.vocab_ids is None else int(self.vocab_ids.numel())
+
+    def set_draft_vocab(self, n: int | None):
+        """Draft from the n most frequent tokens of token_counts (None or n >= V: all of them).
+        Gathers the projections' rows once, on the head's device: call it again after moving
+        the head."""
+        V = self.target_config.vocab_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise KoalaError(f"draft_vocab must be None or a positive integer, got {n!r}")
+        if n is None or n >= V:
+            self.vocab_ids, self._vocab_w = None, None
+            return
+        if self.token_counts is None:
+            raise KoalaError(f"draft_vocab={n} needs the head's token counts, and this head has none: run "
+                             f"python -m train.vocab --data <prepared data> --heads <head dir>, or pass draft_vocab=None")
+        counts = self.token_counts
+        # the n most frequent (ties: lower id first), kept in ascending id order so that an
+        # argmax over the subset breaks ties towards the lower id, as one over all V does
+        order = torch.sort(-counts, stable=True).indices[:n]
+        dev = self._projections()[0][0].device
+        self.vocab_ids = order.sort().values.to(dev)
+        self._vocab_w = [(w.detach()[self.vocab_ids].contiguous(),
+                          None if b is None else b.detach()[self.vocab_ids].contiguous())
+                         for w, b in self._projections()]
+
+    def draft_project(self, x, i: int = 0):
+        """Projection i applied to x (..., D) over the draft vocabulary: (..., draft_vocab_size)."""
+        if self.vocab_ids is None:
+            w, b = self._projections()[i]
+        else:
+            w, b = self._vocab_w[i]
+            if w.device != x.device:
+                raise KoalaError(f"the draft vocabulary was gathered on {w.device} but the head runs on "
+                                 f"{x.device}: call set_draft_vocab again after moving the head")
+        return F.linear(x.to(w.dtype), w, b)
+
+    def to_token_ids(self, idx):
+        """Indices into the draft vocabulary -> the target's token ids."""
+        return idx if self.vocab_ids is None else self.vocab_ids[idx]
+
+    def to_full_probs(self, q):
+        """A distribution over the draft vocabulary (..., n) -> over all V tokens (zero elsewhere)."""
+        if self.vocab_ids is None:
+            return q
+        out = q.new_zeros(*q.shape[:-1], self.target_config.vocab_size)
+        return out.index_copy_(q.dim() - 1, self.vocab_ids, q)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None):
         save_head(self, path, dtype=dtype)
@@ -172,9 +247,11 @@ class MedusaHead(_DraftHead):
                 for p in self.proj:
                     p.weight.copy_(target.output.weight)
 
-    def features(self, hidden):  # hidden (B, T, D) -> (H, B, T, D): each head's input to its projection
+    def features(self, hidden, heads: int | None = None):
+        """hidden (B, T, D) -> (H, B, T, D): each head's input to its projection (the first
+        `heads` heads, default all)."""
         outs = []
-        for blocks in self.blocks:
+        for blocks in list(self.blocks)[:heads]:
             x = hidden
             for blk in blocks:
                 x = blk(x)
@@ -184,9 +261,27 @@ class MedusaHead(_DraftHead):
     def project(self, i: int, x):  # head i's projection: x (..., D) -> (..., V)
         return self.lm_head(x) if self.proj is None else self.proj[i](x)
 
-    def forward(self, hidden):  # hidden (B, T, D) -> logits (H, B, T, V)
-        feats = self.features(hidden)
-        return torch.stack([self.project(i, feats[i]) for i in range(len(self.blocks))])
+    def _projections(self):
+        if self.proj is None:
+            return super()._projections()
+        return [(p.weight, None) for p in self.proj]
+
+    def forward(self, hidden, draft: bool = False, heads: int | None = None):
+        """hidden (B, T, D) -> logits (H, B, T, V) of the first `heads` heads (default all);
+        draft=True: over the draft vocabulary (..., draft_vocab_size)."""
+        H = len(self.blocks) if heads is None else heads
+        feats = self.features(hidden, H)
+        if draft:
+            return torch.stack([self.draft_project(feats[i], i if self.proj is not None else 0) for i in range(H)])
+        return torch.stack([self.project(i, feats[i]) for i in range(H)])
+
+    def draft_logits(self, hidden, heads: int):
+        """The first `heads` heads' logits over the draft vocabulary: (heads, B, T, Vd). A
+        subclass with its own forward is respected (its logits over all V, then gathered)."""
+        if type(self).forward is MedusaHead.forward:
+            return self(hidden, draft=True, heads=heads)
+        logits = self(hidden)[:heads]
+        return logits if self.vocab_ids is None else logits[..., self.vocab_ids]
 
     def resblock_weights(self):
         """Stacked copies for the fused kernel: W (H, K, D, D), b (H, K, D)."""
@@ -222,10 +317,11 @@ class EagleHead(_DraftHead, CachedStack):
     def stack_config(self) -> ModelConfig:  # its layers are the target's kind (CachedStack)
         return self.target_config
 
-    def forward(self, tokens, features, positions=None, slots=None, mask=None):
+    def forward(self, tokens, features, positions=None, slots=None, mask=None, draft: bool = False):
         """tokens (B, T): x_{t+1}; features (B, T, D): f_t; positions (B, T); slots (T,);
         mask (B|1, T, S) bool. slots=None: uncached causal attention (training).
-        Returns logits (B, T, V) and out_features (B, T, D), out_features[:, t] predicting f_{t+1}."""
+        Returns logits (B, T, V) and out_features (B, T, D), out_features[:, t] predicting f_{t+1};
+        draft=True: the logits over the draft vocabulary (B, T, draft_vocab_size)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -234,7 +330,15 @@ class EagleHead(_DraftHead, CachedStack):
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, slots, mask)
-        return self.lm_head(x), x
+        return (self.draft_project(x) if draft else self.lm_head(x)), x
+
+    def draft_step(self, tokens, features, positions, slots, mask):
+        """forward(..., draft=True): logits over the draft vocabulary and the features. A
+        subclass with its own forward is respected (its logits over all V, then gathered)."""
+        if type(self).forward is EagleHead.forward:
+            return self(tokens, features, positions, slots, mask, draft=True)
+        lg, f = self(tokens, features, positions, slots, mask)
+        return (lg if self.vocab_ids is None else lg[..., self.vocab_ids]), f
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +402,34 @@ def save_head(head: _DraftHead, path, dtype: torch.dtype | None = None):
             weight_map.update({k: fname for k in shard})
         (path / INDEX).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map, "splits": splits}, indent=2))
+    if head.token_counts is not None:
+        save_token_counts(path, head.token_counts)
+    else:
+        (path / COUNTS).unlink(missing_ok=True)
     cfg = _head_config_dict(head, out_dtype)
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def save_token_counts(path, counts: torch.Tensor, source: str = ""):
+    """Write token_counts.safetensors (counts (V,) int64) into head directory path."""
+    from safetensors.torch import save_file
+    counts = torch.as_tensor(counts).to(torch.int64).cpu().contiguous()
+    save_file({"counts": counts}, Path(path) / COUNTS, metadata={"format": "pt", "source": source})
+
+
+def _read_counts(path: Path, V: int) -> torch.Tensor | None:
+    f = path / COUNTS
+    if not f.exists():
+        return None
+    from safetensors.torch import load_file
+    try:
+        c = load_file(f).get("counts")
+    except Exception as e:
+        raise CheckpointError(f"{f} is corrupt or truncated ({e}); rerun python -m train.vocab for this head") from e
+    if c is None or c.shape != (V,) or c.dtype != torch.int64 or bool((c < 0).any()):
+        raise CheckpointError(f"{f} must hold 'counts', {V} non-negative int64 values (one per token of the "
+                              f"target's vocabulary); rerun python -m train.vocab for this head")
+    return c
 
 
 def _read_config(path: Path) -> dict:
@@ -371,7 +501,8 @@ def load_head(path, target, device=None, dtype=None, kind: str | None = None,
         raise HeadMismatchError(f"{path} is a {cfg['kind']!r} head but a {kind!r} head was asked for")
     try:
         dc = DraftConfig(kind=cfg["kind"], layers=cfg["layers"], n_heads=cfg["n_heads"],
-                         shared_lm_head=cfg["shared_lm_head"], chain_depth=cfg.get("chain_depth"))
+                         shared_lm_head=cfg["shared_lm_head"], chain_depth=cfg.get("chain_depth"),
+                         draft_vocab=cfg.get("draft_vocab"))
     except ValueError as e:
         raise CheckpointError(f"{path}/config.json describes an invalid head: {e}") from e
     t = cfg["target"]
@@ -402,4 +533,8 @@ def load_head(path, target, device=None, dtype=None, kind: str | None = None,
     if nonfinite:
         raise CheckpointError(f"{path}: tensors {nonfinite[:5]} hold NaN/inf: the training run diverged")
     head.load_state_dict(sd, strict=True)
+    head.token_counts = _read_counts(path, tc.vocab_size)
+    if dc.draft_vocab is not None and head.token_counts is None:
+        raise CheckpointError(f"{path}/config.json asks for draft_vocab={dc.draft_vocab} but {COUNTS} is missing: "
+                              "re-copy the head, or rerun python -m train.vocab for it")
     return head.to(device=device or model.device, dtype=dtype or model.dtype)

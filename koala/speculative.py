@@ -98,7 +98,8 @@ def medusa_tree(n_heads: int, size: int, depth: int, top_k: int):
 
 class SpeculativeDecoder:
     def __init__(self, model: Transformer, head, mode: str = "chain", depth: int | None = None,
-                 tree_size: int = 32, top_k: int = 4, use_graph: bool = False, pipeline: bool | None = None):
+                 tree_size: int = 32, top_k: int = 4, use_graph: bool = False, pipeline: bool | None = None,
+                 draft_vocab: int | None | str = "head"):
         from .heads import EagleHead
         self.model, self.head = model, head
         self.eagle = isinstance(head, EagleHead)
@@ -119,6 +120,13 @@ class SpeculativeDecoder:
         if not isinstance(top_k, int) or not 1 <= top_k <= min(16, model.config.vocab_size):
             raise KoalaError(f"top_k must be an integer in 1..16, got {top_k!r}")
         self.mode, self.depth, self.N, self.k = mode, depth, tree_size, top_k
+        # draft from the head's most frequent tokens only ("head": its config's draft_vocab)
+        if draft_vocab == "head":
+            draft_vocab = head.config.draft_vocab
+        elif isinstance(draft_vocab, str):
+            raise KoalaError(f"draft_vocab must be 'head', None or a positive integer, got {draft_vocab!r}")
+        head.set_draft_vocab(draft_vocab)
+        self.draft_vocab = None if head.vocab_ids is None else head.draft_vocab_size   # None: all V
         self.use_graph = use_graph
         # keep the next iteration queued on the device while the host reads the last one's tokens
         # (KOALA_PIPELINE=0 or pipeline=False: one iteration at a time)
@@ -194,53 +202,56 @@ class SpeculativeDecoder:
     def _children(self, logq, noise, k):
         """k children per row of logq (R, V): top-k (greedy) or k draws without replacement
         (Gumbel-top-k) in draw order. Returns tokens (R, k) and their log q (R, k)."""
-        key = logq if self.greedy else logq + noise
+        key = logq if self.greedy else logq + noise[..., : logq.shape[-1]]
         _, tok = key.topk(k, dim=-1)
         return tok, logq.gather(-1, tok)
 
     # ------------------------------------------------------------------ draft
     def _medusa_logits(self):
-        """(H, V): every head's logits from h_prev. On CUDA the H x K ResBlocks run as K launches
-        of kernels/medusa.py and the shared LM head as one GEMM over the H rows."""
+        """(depth, Vd): the logits of the heads that draft (the first `depth`; a head of 4 heads
+        drafting a depth-1 chain, as the shipped one does, runs one), from h_prev, over the draft
+        vocabulary. On CUDA their K ResBlocks run as K launches of kernels/medusa.py and the
+        shared LM head as one GEMM over the depth rows."""
         from .heads import MedusaHead
-        head = self.head
+        head, d = self.head, self.depth
         stock = type(head).forward is MedusaHead.forward   # a subclass's own forward is respected
         if self._fast() and head.proj is None and stock:
             from kernels.medusa import medusa_resblocks
             if getattr(self, "_medusa_w", None) is None:   # frozen at inference: stack once
-                self._medusa_w = tuple(t.detach().contiguous() for t in head.resblock_weights())
-            feats = medusa_resblocks(self.h_prev.view(1, -1), *self._medusa_w)[:, 0]   # (H, D)
-            # cuBLAS for the H-row LM head: kernels/linear.py's GEMV handles rows one after
+                self._medusa_w = tuple(t.detach()[:d].contiguous() for t in head.resblock_weights())
+            feats = medusa_resblocks(self.h_prev.view(1, -1), *self._medusa_w)[:, 0]   # (d, D)
+            # cuBLAS for the d-row LM head: kernels/linear.py's GEMV handles rows one after
             # another (41 us at 4 rows on the H100 against 23 for cuBLAS, linear.json)
-            return F.linear(feats, head._frozen.lm_head.weight)
-        return head(self.h_prev.view(1, 1, -1))[:, 0, 0]
+            return head.draft_project(feats)
+        return head.draft_logits(self.h_prev.view(1, 1, -1), d)[:, 0, 0]
 
     def _draft_medusa(self):
-        # heads beyond the drafting depth draft nothing (a head of 4 heads drafting a depth-1
-        # chain, as the shipped one does): only the first `depth` rows are ranked or sampled
-        logits = self._medusa_logits()[: self.depth]                      # (depth, V)
+        # indices into the draft vocabulary until the ranking is done, then the target's ids
+        head = self.head
+        logits = self._medusa_logits()                                    # (depth, Vd)
         if self.greedy:   # a ranking needs no normalisation: the top-k of the logits themselves
             rank_tok = (argmax_last(logits).unsqueeze(-1) if self.k == 1
                         else logits.topk(self.k, dim=-1).indices)            # (H, k)
         else:
-            logq = self._logq(logits)                                     # (H, V)
+            logq = self._logq(logits)                                     # (H, Vd)
             rank_tok, _ = self._children(logq, self.noise_gumbel[: logq.shape[0]], self.k)
+        rank_tok = head.to_token_ids(rank_tok)
         d = self.m_depth
         tok = rank_tok[(d - 1).clamp_min(0), self.m_rank]                 # (N,)
         tok = torch.where(d == 0, self.root, tok)
         Q = None                                                          # greedy acceptance needs no q
         if not self.greedy:
-            q = logq.exp()                                                # children of depth-j nodes ~ head j
+            q = head.to_full_probs(logq.exp())                            # children of depth-j nodes ~ head j
             Q = q[d.clamp_max(q.shape[0] - 1)]                            # (N, V)
         return dict(tokens=tok, parents=self.m_parents, depth=d, anc=self.m_anc, Q=Q)
 
     def _catch_up(self, W):
         """Run the EAGLE head over the cu_n entries accepted last iteration (positions
         L-cu_n .. L-1, padded to depth+1); returns the feature predicted for position L (1, D)
-        and the logits of the root's children (1, V)."""
+        and the logits of the root's children over the draft vocabulary (1, Vd)."""
         d1 = self.depth + 1
         pos = self.L - self.cu_n + torch.arange(d1, device=self.dev)
-        lg, feat = self.head(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1), pos,
+        lg, feat = self.head.draft_step(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1), pos,
                              causal_mask(pos, W))
         last = (self.cu_n - 1).view(1)
         return feat[0].index_select(0, last), lg[0].index_select(0, last)
@@ -252,17 +263,19 @@ class SpeculativeDecoder:
         f, lg = self._catch_up(W)                                         # (1, D), (1, V)
         toks, Qs = [self.root.view(1)], []
         ar = torch.arange(W, device=self.dev)
+        head = self.head
         for j in range(self.depth):
             if self.greedy:
-                t = argmax_last(lg)                                       # (1,)
+                t = argmax_last(lg)                                       # (1,) in the draft vocabulary
             else:
                 logq = self._logq(lg)
-                Qs.append(logq.exp())
-                t = argmax_last(logq + self.noise_gumbel[j:j + 1])
+                Qs.append(head.to_full_probs(logq.exp()))
+                t = argmax_last(logq + self.noise_gumbel[j:j + 1, : logq.shape[-1]])
+            t = head.to_token_ids(t)
             toks.append(t)
             if j < self.depth - 1:  # the node at depth j+1 is fed at position and slot L+j
                 p = (L + j).view(1)
-                lg, f = self.head(t.view(1, 1), f.view(1, 1, -1), p.view(1, 1), p, (ar <= L + j).view(1, 1, W))
+                lg, f = head.draft_step(t.view(1, 1), f.view(1, 1, -1), p.view(1, 1), p, (ar <= L + j).view(1, 1, W))
                 lg, f = lg[0], f[0]
         Q = torch.cat(Qs + [Qs[-1][:1]]) if Qs else None                  # (N, V): a leaf has no children
         return dict(tokens=torch.cat(toks), parents=self.c_parents, depth=self.c_depth, anc=self.c_anc, Q=Q)
@@ -282,8 +295,9 @@ class SpeculativeDecoder:
         pool_anc = torch.zeros(P, P, dtype=torch.bool, device=self.dev)
         # q of every expanded node, for sampling's acceptance only (a P x V buffer: 64 MB for
         # SmolLM2's vocabulary at P = 328, so greedy drafting does without it)
-        pool_Q = None if self.greedy else torch.zeros(P, logq_root.shape[-1], device=self.dev)
+        pool_Q = None if self.greedy else torch.zeros(P, self.model.config.vocab_size, device=self.dev)
         tok, lq = self._children(logq_root, self.noise_gumbel[0:1], k)    # (1, k)
+        tok = head.to_token_ids(tok)
         score = lq[0] if self.greedy else lq[0].cummin(0).values
         pool_tok[:k], pool_score[:k] = tok[0], score
         pool_anc[:k, :k] = torch.eye(k, dtype=torch.bool, device=self.dev)
@@ -293,12 +307,13 @@ class SpeculativeDecoder:
         for j in range(1, self.depth):
             slots = L + frontier
             posj = (L + j - 1).expand(k)
-            lg, feat = head(pool_tok[frontier].view(1, k), parent_feat.view(1, k, -1), posj.view(1, k), slots,
+            lg, feat = head.draft_step(pool_tok[frontier].view(1, k), parent_feat.view(1, k, -1), posj.view(1, k), slots,
                             tree_mask(L, L + ar_P, pool_anc[frontier], W))
-            logq = self._logq(lg[0])                                      # (k, V)
+            logq = self._logq(lg[0])                                      # (k, Vd)
             if pool_Q is not None:
-                pool_Q[frontier] = logq.exp()
+                pool_Q[frontier] = head.to_full_probs(logq.exp())
             ctok, clq = self._children(logq, self.noise_gumbel[j:j + 1], k)   # (k, k)
+            ctok = head.to_token_ids(ctok)
             if not self.greedy:
                 clq = clq.cummin(-1).values          # siblings in draw order: scores never rise
             cscore = pool_score[frontier].unsqueeze(1) + clq               # (k, k)
@@ -331,7 +346,7 @@ class SpeculativeDecoder:
         anc[1:, 1:] = pool_anc[sel][:, sel]
         depth = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), depth_pool[sel]])
         tokens = torch.cat([self.root.view(1), pool_tok[sel]])
-        Q = None if pool_Q is None else torch.cat([logq_root.exp(), pool_Q[sel]])
+        Q = None if pool_Q is None else torch.cat([head.to_full_probs(logq_root.exp()), pool_Q[sel]])
         return dict(tokens=tokens, parents=parents, depth=depth, anc=anc, Q=Q)
 
     @contextmanager

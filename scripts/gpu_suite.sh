@@ -27,6 +27,9 @@
 #   batch              bench.batch: generate_batch at B = 1, 2, 4, 8, plain and shipped heads,
 #                      then plain and EAGLE at B = 1, 8 with KOALA_BATCH_PIPELINE=1        ~5 min
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
+#   vocab <kind> [depths] [vocabs]  MT-bench of the shipped <eagle|medusa> head, chains of the
+#                      given depths (default 1), one method per draft vocabulary (default
+#                      none,4096,8192,16384)                                                ~4 min
 # The MT-bench steps' time budgets leave 40 s (80 s for sampling, two temperatures) more than before for bench.mtbench's closing plain
 # run (--plain-every, default 2), which runs even past the budget, inside the 600 s call limit.
 set -euo pipefail
@@ -35,7 +38,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -174,6 +177,15 @@ PY
     KOALA_BATCH_PIPELINE=1 python -m bench.batch --heads none,eagle --batches 1,8 --eager "" --prompts 8 \
         --new-tokens 128 --out batch_pipelined.json >> "$log" 2>&1
     quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 20
+    ;;
+  vocab)
+    # draft vocabularies (the head's most frequent tokens only): MT-bench, greedy, chains, one
+    # method per vocabulary size and depth, plain decoding bracketing them
+    kind="${1:?vocab needs eagle or medusa}"; depths="${2:-1}"; vocabs="${3:-none,4096,8192,16384}"
+    python -m bench.mtbench --heads "koala/default_heads/$kind" --modes chain --depths "$depths" \
+        --draft-vocabs "$vocabs" --time-budget "${KOALA_EVAL_BUDGET:-420}" --no-progress \
+        --out "mtbench_vocab_${kind}_d${depths//,/}.json" > "$log" 2>&1
+    quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 12
     ;;
   vec)
     # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)

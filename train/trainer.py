@@ -430,7 +430,11 @@ class Trainer:
 
     def export_head(self):
         if self.rank == 0:
-            self.head.save_pretrained(self.out / "head", dtype=getattr(torch, self.cfg.save_dtype))
+            # the answer tokens' counts of the training data go with the head (draft vocabularies)
+            from train.vocab import answer_counts
+            head = self.head
+            head.token_counts = torch.from_numpy(answer_counts(self.cfg.data, "train", head.target_config.vocab_size))
+            head.save_pretrained(self.out / "head", dtype=getattr(torch, self.cfg.save_dtype))
 
     def _log(self, rec):
         self.history.append(rec)

@@ -441,7 +441,8 @@ class BatchDecoder:
             qs.append(q)
             if j < self.depth - 1:
                 m = _span_mask(hv, cols, self.hs0, self.at[j:j + 1])     # (B, 1, Lh): slots hs0..hs0+j
-                lg, f = self.head.draft_step(t[:, None], f[:, None], (self.pos + j)[:, None], (self.hs0 + j).view(1), m)
+                lg, f = self.head.draft_step(t[:, None], f[:, None], (self.pos + j)[:, None],
+                                             (self.hs0 + j).view(1), m)
                 lg, f = lg[:, 0], f[:, 0]
         if self.depth > 1:
             self.hs0.add_(self.depth - 1)
@@ -482,6 +483,8 @@ def warmup_batch(gen, batch_size: int, prompt_tokens: int, max_new_tokens: int =
     if prompt_tokens + max_new_tokens + depth + 1 > gen.max_seq_len:
         raise ContextLengthError(f"prompt_tokens + max_new_tokens = {prompt_tokens + max_new_tokens} reaches past "
                                  f"the {gen.max_seq_len} positions the generator was built for")
+    if head is not None:
+        gen.spec.use_vocab()          # the generator's own draft vocabulary (the head may be shared)
     dec = _decoder(gen, head, depth)
     base = gen.encode("The quick brown fox jumps over the lazy dog. ", chat=False) or [0]
     ids = (base * (prompt_tokens // len(base) + 1))[:prompt_tokens]
@@ -511,6 +514,8 @@ def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float =
     if isinstance(stop, str):
         stop = [stop]
     ids = [gen.encode(p, chat) for p in prompts]
+    if head is not None:
+        gen.spec.use_vocab()          # the generator's own draft vocabulary (the head may be shared)
     dec = _decoder(gen, head, depth)
     longest = max(len(i) for i in ids)
     limit = gen.max_seq_len

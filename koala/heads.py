@@ -183,6 +183,15 @@ class _DraftHead(nn.Module):
                           None if b is None else b.detach()[self.vocab_ids].contiguous())
                          for w, b in self._projections()]
 
+    def draft_vocab_state(self):
+        """The draft vocabulary in use (an opaque value for restore_draft_vocab)."""
+        return self.vocab_ids, self._vocab_w
+
+    def restore_draft_vocab(self, state):
+        """Put back a draft vocabulary taken with draft_vocab_state: the same tensors, so that
+        CUDA graphs captured with it stay valid after another decoder set its own."""
+        self.vocab_ids, self._vocab_w = state
+
     def draft_project(self, x, i: int = 0):
         """Projection i applied to x (..., D) over the draft vocabulary: (..., draft_vocab_size)."""
         if self.vocab_ids is None:

@@ -127,6 +127,9 @@ class SpeculativeDecoder:
             raise KoalaError(f"draft_vocab must be 'head', None or a positive integer, got {draft_vocab!r}")
         head.set_draft_vocab(draft_vocab)
         self.draft_vocab = None if head.vocab_ids is None else head.draft_vocab_size   # None: all V
+        # this decoder's own vocabulary tensors: another decoder on the same head may set its own,
+        # and graphs captured here read these (use_vocab puts them back before each decode)
+        self._vocab = head.draft_vocab_state()
         self.use_graph = use_graph
         # keep the next iteration queued on the device while the host reads the last one's tokens
         # (KOALA_PIPELINE=0 or pipeline=False: one iteration at a time)
@@ -251,8 +254,8 @@ class SpeculativeDecoder:
         and the logits of the root's children over the draft vocabulary (1, Vd)."""
         d1 = self.depth + 1
         pos = self.L - self.cu_n + torch.arange(d1, device=self.dev)
-        lg, feat = self.head.draft_step(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1), pos,
-                             causal_mask(pos, W))
+        lg, feat = self.head.draft_step(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1),
+                                        pos, causal_mask(pos, W))
         last = (self.cu_n - 1).view(1)
         return feat[0].index_select(0, last), lg[0].index_select(0, last)
 
@@ -275,7 +278,8 @@ class SpeculativeDecoder:
             toks.append(t)
             if j < self.depth - 1:  # the node at depth j+1 is fed at position and slot L+j
                 p = (L + j).view(1)
-                lg, f = head.draft_step(t.view(1, 1), f.view(1, 1, -1), p.view(1, 1), p, (ar <= L + j).view(1, 1, W))
+                lg, f = head.draft_step(t.view(1, 1), f.view(1, 1, -1), p.view(1, 1), p,
+                                        (ar <= L + j).view(1, 1, W))
                 lg, f = lg[0], f[0]
         Q = torch.cat(Qs + [Qs[-1][:1]]) if Qs else None                  # (N, V): a leaf has no children
         return dict(tokens=torch.cat(toks), parents=self.c_parents, depth=self.c_depth, anc=self.c_anc, Q=Q)
@@ -307,8 +311,8 @@ class SpeculativeDecoder:
         for j in range(1, self.depth):
             slots = L + frontier
             posj = (L + j - 1).expand(k)
-            lg, feat = head.draft_step(pool_tok[frontier].view(1, k), parent_feat.view(1, k, -1), posj.view(1, k), slots,
-                            tree_mask(L, L + ar_P, pool_anc[frontier], W))
+            lg, feat = head.draft_step(pool_tok[frontier].view(1, k), parent_feat.view(1, k, -1), posj.view(1, k),
+                                       slots, tree_mask(L, L + ar_P, pool_anc[frontier], W))
             logq = self._logq(lg[0])                                      # (k, Vd)
             if pool_Q is not None:
                 pool_Q[frontier] = head.to_full_probs(logq.exp())
@@ -503,6 +507,10 @@ class SpeculativeDecoder:
                            for _ in range(2)]
         return self._slots
 
+    def use_vocab(self):
+        """Put this decoder's draft vocabulary back on its head (another decoder may share it)."""
+        self.head.restore_draft_vocab(self._vocab)
+
     def window(self, L: int) -> int:
         need = L + self.max_new_per_step + 1
         for w in (256, 512, 1024, 2048, 4096, 8192, 16384):
@@ -514,6 +522,7 @@ class SpeculativeDecoder:
         """Continue after the prefill of the prompt, whose last logits gave `first`;
         hidden (1, n, D) are the target's features of the prompt."""
         n = len(prompt_ids)
+        self.use_vocab()
         self.greedy = params.greedy
         self.sampler.set(params)
         dev = self.dev

@@ -445,6 +445,32 @@ def test_warmup_batch_captures_what_later_calls_need(tiny, refs, monkeypatch, ki
         gen.warmup_batch(2, 200, max_new_tokens=100)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", [None, "eagle"])
+def test_cuda_warmup_batch_captures_what_later_calls_need(kind, tmp_path, monkeypatch):
+    """With real CUDA graphs: after warmup_batch for greedy and sampling, calls of that batch
+    size that fit capture no graph, and give the rows of a generator that was not warmed up."""
+    from koala import batch
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.float32)
+    head = _jittered_head(lt, kind, 2, seed=4)
+    gen = SpeculativeGenerator(lt, head, max_seq_len=512, mode="chain", depth=2)
+    cold = SpeculativeGenerator(lt, head, max_seq_len=512, mode="chain", depth=2)
+    longest = max(len(gen.encode(p, chat=False)) for p in PROMPTS)
+    n = gen.warmup_batch(len(PROMPTS), longest, max_new_tokens=300, temperatures=(0.0, 0.7))
+    assert n >= 4                              # two windows at least, for each sampling mode
+    calls = []
+    real = batch.capture
+    monkeypatch.setattr(batch, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for T in (0.0, 0.7):
+        got = gen.generate_batch(PROMPTS, max_new_tokens=300, temperature=T, seed=3, chat=False, ignore_eos=True)
+        assert calls == []                     # the warmed generator captures nothing ...
+        want = cold.generate_batch(PROMPTS, max_new_tokens=300, temperature=T, seed=3, chat=False, ignore_eos=True)
+        assert calls                           # ... where the cold one captures its graphs
+        calls.clear()
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+
+
 @pytest.mark.parametrize("kind", [None, "medusa", "eagle"])
 def test_pipelined_batch_gives_the_same_rows(tiny, refs, monkeypatch, kind):
     """KOALA_BATCH_PIPELINE=1 queues the next iteration before the host reads the last one: the

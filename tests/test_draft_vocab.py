@@ -158,6 +158,27 @@ def test_greedy_with_a_draft_vocab_equals_plain_and_drafts_inside_it(tiny, kind,
     assert all(t in allowed for step in seen for t in step)
 
 
+def test_generators_sharing_a_head_keep_their_own_vocabulary(tiny, monkeypatch):
+    """Two generators over one head, one with a draft vocabulary and one without: each decodes
+    with its own, whichever was made or ran last (the graphs of one must not read the other's)."""
+    head = _head(tiny, "eagle", seed=1)
+    head.token_counts = _counts(tiny.model.config.vocab_size, seed=2)
+    a = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=3, draft_vocab=20)
+    allowed = set(head.vocab_ids.tolist())
+    solo = a.generate(PROMPT, max_new_tokens=30, chat=False, ignore_eos=True)
+    b = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=3, draft_vocab=None)
+    b_solo = b.generate(PROMPT, max_new_tokens=30, chat=False, ignore_eos=True)
+    seen = _record_drafts(a, monkeypatch)
+    again = a.generate(PROMPT, max_new_tokens=30, chat=False, ignore_eos=True)
+    assert all(t in allowed for step in seen for t in step)
+    assert again.stats.accepted_per_step == solo.stats.accepted_per_step
+    batch = a.generate_batch([PROMPT, "w3 w9"], max_new_tokens=30, chat=False, ignore_eos=True)
+    assert batch[0].stats.accepted_per_step == solo.stats.accepted_per_step
+    monkeypatch.undo()
+    assert b.generate(PROMPT, max_new_tokens=30, chat=False, ignore_eos=True).stats.accepted_per_step \
+        == b_solo.stats.accepted_per_step
+
+
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
 def test_chain_drafts_what_the_whole_vocabulary_drafts_when_it_is_inside(tiny, kind, monkeypatch):
     """A vocabulary holding every token the whole-vocabulary head drafted gives the very same

@@ -202,8 +202,8 @@ def test_eagle_drafted_levels_match_batch_one(tiny, monkeypatch):
     calls = []
     real = type(head).forward
 
-    def spy(self, tokens, features, positions=None, slots=None, mask=None):
-        lg, f = real(self, tokens, features, positions, slots, mask)
+    def spy(self, tokens, features, positions=None, slots=None, mask=None, **kw):   # kw: draft=True
+        lg, f = real(self, tokens, features, positions, slots, mask, **kw)
         if tokens.shape[1] == 1 and slots is not None:          # a drafted level (or a first catch-up)
             calls.append((positions[:, 0].tolist(), lg[:, 0].argmax(-1).tolist()))
         return lg, f

@@ -298,10 +298,8 @@ def main(argv=None):
             return [int(d) for d in given.split(",") if d]
         return [a.depth if mode == "chain" else None]
 
-    def vocab(v):
-        return "head" if v == "head" else None if v == "none" else int(v)
-
-    methods = [(hd, mode, builder(hd, mode, d, vocab(v))) for hd in a.heads.split(",") if hd
+    from koala.heads import parse_draft_vocab
+    methods = [(hd, mode, builder(hd, mode, d, parse_draft_vocab(v))) for hd in a.heads.split(",") if hd
                for mode in a.modes.split(",") if mode for d in depths(mode)
                for v in a.draft_vocabs.split(",") if v]
     settings = {**vars(a), "temperatures": temps}

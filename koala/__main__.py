@@ -34,15 +34,9 @@ def main(argv=None):
     try:
         draft = None if a.draft in ("none", "None", "") else a.draft
         opts = {"mode": a.mode} if (a.mode and draft) else {}
-        if draft and a.draft_vocab != "head":
-            if a.draft_vocab in ("none", "None", "all"):
-                opts["draft_vocab"] = None
-            else:
-                try:
-                    opts["draft_vocab"] = int(a.draft_vocab)
-                except ValueError:
-                    raise KoalaError(f"--draft-vocab must be a positive integer, 'none' or 'head', "
-                                     f"got {a.draft_vocab!r}") from None
+        if draft:
+            from koala.heads import parse_draft_vocab
+            opts["draft_vocab"] = parse_draft_vocab(a.draft_vocab)
         gen = SpeculativeGenerator.from_pretrained(a.target, draft=draft, device=a.device, dtype=a.dtype,
                                                    max_seq_len=a.max_seq_len, **opts)
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,

@@ -453,6 +453,8 @@ class BatchDecoder:
 def _decoder(gen, head, depth):
     """The generator's batch decoder for this head and depth (the last one made, or a new one)."""
     dec = gen._batch_decoder
+    if head is not None:
+        gen.spec.use_vocab()          # the generator's own draft vocabulary (the head may be shared)
     vocab = head.vocab_ids if head is not None else None
     if (dec is None or dec.head is not head or dec.depth != (depth if head is not None else 0)
             or dec.vocab_ids is not vocab):
@@ -483,8 +485,6 @@ def warmup_batch(gen, batch_size: int, prompt_tokens: int, max_new_tokens: int =
     if prompt_tokens + max_new_tokens + depth + 1 > gen.max_seq_len:
         raise ContextLengthError(f"prompt_tokens + max_new_tokens = {prompt_tokens + max_new_tokens} reaches past "
                                  f"the {gen.max_seq_len} positions the generator was built for")
-    if head is not None:
-        gen.spec.use_vocab()          # the generator's own draft vocabulary (the head may be shared)
     dec = _decoder(gen, head, depth)
     base = gen.encode("The quick brown fox jumps over the lazy dog. ", chat=False) or [0]
     ids = (base * (prompt_tokens // len(base) + 1))[:prompt_tokens]
@@ -514,8 +514,6 @@ def generate_batch(gen, prompts, max_new_tokens: int = 256, temperature: float =
     if isinstance(stop, str):
         stop = [stop]
     ids = [gen.encode(p, chat) for p in prompts]
-    if head is not None:
-        gen.spec.use_vocab()          # the generator's own draft vocabulary (the head may be shared)
     dec = _decoder(gen, head, depth)
     longest = max(len(i) for i in ids)
     limit = gen.max_seq_len

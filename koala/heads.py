@@ -101,6 +101,22 @@ class DraftConfig:
         return cls(self, model, name)
 
 
+def parse_draft_vocab(text: str, keep: str = "head"):
+    """A draft vocabulary from the command line: `keep` (returned as is), 'none' or 'all' (None:
+    every token), or a positive integer."""
+    if text == keep:
+        return keep
+    if text.lower() in ("none", "all"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise KoalaError(f"a draft vocabulary must be a positive integer, 'none' or '{keep}', got {text!r}")
+    return n
+
+
 def _unpack_target(target, target_name=None) -> tuple[Transformer, str]:
     model = getattr(target, "model", target)
     if not isinstance(model, Transformer):

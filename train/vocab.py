@@ -82,16 +82,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--out", default="", help="write the coverage table as JSON here")
     a = ap.parse_args(argv)
-    dv = a.draft_vocab
-    if dv not in ("keep", "none"):
-        try:
-            dv = int(dv)
-        except ValueError:
-            ap.error(f"--draft-vocab must be a positive integer, 'none' or 'keep', got {dv!r}")
-        if dv < 1:
-            ap.error(f"--draft-vocab must be a positive integer, got {dv}")
-    elif dv == "none":
-        dv = None
+    from koala.errors import KoalaError
+    from koala.heads import parse_draft_vocab
+    try:
+        dv = parse_draft_vocab(a.draft_vocab, keep="keep")
+    except KoalaError as e:
+        ap.error(f"--draft-vocab: {e}")
     sizes = [int(x) for x in a.sizes.split(",") if x]
     counts = answer_counts(a.data, a.split)
     V = len(counts)

@@ -29,7 +29,7 @@ import torch
 
 from .errors import ContextLengthError, KoalaError
 from .graphs import capture
-from .model import KVCache, argmax_last
+from .model import KVCache, argmax_last, not_exact
 from .sampling import SamplerState, SamplingParams, draw_noise, sample, warp_probs
 
 
@@ -226,7 +226,8 @@ class BatchDecoder:
         self.valid.zero_()
         self.valid[:, :Pmax] = ar[None, :] < n[:, None]
         mask = (ar[None, :] <= ar[:, None])[None] & self.valid[:, None, :Pmax]   # (B, Pmax, Pmax)
-        _, hidden = model(tokens, ar.expand(B, Pmax), ar, mask, logits_index=ar[-1:])
+        with not_exact():   # every path reads the cache this writes: no other forward to match
+            _, hidden = model(tokens, ar.expand(B, Pmax), ar, mask, logits_index=ar[-1:])
         self.h_last.copy_(hidden[self.rows, n - 1])
         first = self._choose(model.output(self.h_last))                  # (B,)
         self.last.copy_(first)
@@ -239,7 +240,8 @@ class BatchDecoder:
                 T = Pmax - 1
                 self.hvalid[:, :T] = ar[None, :T] < (n - 1)[:, None]
                 hmask = (ar[None, :T] <= ar[:T, None])[None] & self.hvalid[:, None, :T]
-                head(tokens[:, 1:], hidden[:, :T], ar[:T].expand(B, T), ar[:T], hmask)
+                with not_exact():
+                    head.prime(tokens[:, 1:], hidden[:, :T], ar[:T].expand(B, T), ar[:T], hmask)
                 self.hs0.fill_(T)
             # the first catch-up: position n-1 (token `first`, feature f_{n-1}), one entry a row
             self._catch_up(first[:, None], self.h_last[:, None], (n - 1)[:, None],

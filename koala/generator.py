@@ -10,7 +10,7 @@ import torch
 
 from .errors import ContextLengthError, KoalaError
 from .loading import DEFAULT_TARGET, LoadedTarget, load_target
-from .model import causal_mask
+from .model import causal_mask, not_exact
 from .decoding import PlainDecoder
 from .sampling import SamplerState, SamplingParams, draw_noise, sample, warp_probs
 
@@ -125,6 +125,14 @@ class SpeculativeGenerator:
         if head is not None:
             from .speculative import SpeculativeDecoder
             self.spec = SpeculativeDecoder(self.model, head, use_graph=self.use_cuda_graph, **draft_options)
+        # the prompt's prefill in CUDA graphs (one per bucket of prompt lengths); KOALA_PREFILL_GRAPHS=0
+        # keeps it eager (an A/B switch for bench/overhead.py)
+        self.prefill_graphs = None
+        if (self.use_cuda_graph and self.device.type == "cuda"
+                and os.environ.get("KOALA_PREFILL_GRAPHS", "1") != "0"):
+            from .prefill import PrefillGraphs
+            eagle_head = self.spec.head if self.spec is not None and self.spec.eagle else None
+            self.prefill_graphs = PrefillGraphs(self.model, self.plain.window, eagle_head)
 
     @classmethod
     def from_pretrained(cls, target: str | os.PathLike = DEFAULT_TARGET, draft=None, device=None, dtype=None,
@@ -205,13 +213,13 @@ class SpeculativeGenerator:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            first, hidden = self._prefill(ids, params, gen)
+            first, hidden, primed = self._prefill(ids, params, gen)
             stats.prefill_s = time.perf_counter() - t0
             if not out.add([first]):
                 if self.spec is None:
                     self._decode_plain(first, n, params, gen, out, stats)
                 else:
-                    self.spec.decode(ids, first, hidden, params, gen, out, stats)
+                    self.spec.decode(ids, first, hidden, params, gen, out, stats, primed=primed)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.wall_s = time.perf_counter() - t0
@@ -254,6 +262,8 @@ class SpeculativeGenerator:
         prompt that ends just past the previous window. Sampling with top-k or top-p traces other
         graphs than temperature alone: pass the top_p / top_k the requests will use. Returns the
         prompt lengths used."""
+        if self.prefill_graphs is not None:     # every prompt-length bucket's prefill graph
+            self.prefill_graphs.capture_all(self.max_seq_len)
         base = self.encode("The quick brown fox jumps over the lazy dog. ", chat=False) or [0]
         margin = self.spec.max_new_per_step if self.spec else self.plain.chunk
         lengths, n = [], 1                      # the first window from a 1-token prompt
@@ -270,18 +280,28 @@ class SpeculativeGenerator:
         return lengths
 
     def _prefill(self, ids, params, gen):
+        """The prompt's forward: returns the first new token, the prompt's hidden states (1, T, D),
+        T >= len(ids), and whether an EAGLE head's cache was filled as well (the graphed path
+        does both in one replay; koala/prefill.py)."""
         dev = self.device
-        tokens = torch.tensor([ids], device=dev)
-        slots = torch.arange(len(ids), device=dev)
-        last = torch.tensor([len(ids) - 1], device=dev)
-        logits, hidden = self.model(tokens, slots.unsqueeze(0), slots,
-                                    causal_mask(slots, self.plain.window(len(ids) - 1)), logits_index=last)
-        lg = logits[:, -1]
+        got = self.prefill_graphs.run(ids) if self.prefill_graphs is not None else None
+        if got is not None:
+            lg, hidden = got
+            primed = self.prefill_graphs.head is not None
+        else:
+            tokens = torch.tensor([ids], device=dev)
+            slots = torch.arange(len(ids), device=dev)
+            last = torch.tensor([len(ids) - 1], device=dev)
+            with not_exact():   # plain and speculative decoding share the prefill: no bits to match
+                logits, hidden = self.model(tokens, slots.unsqueeze(0), slots,
+                                            causal_mask(slots, self.plain.window(len(ids) - 1)),
+                                            logits_index=last)
+            lg, primed = logits[:, -1], False
         if params.greedy:
             tok = lg.argmax(-1)
         else:
             tok = sample(warp_probs(lg, self.sampler), draw_noise(lg.shape, gen, dev))
-        return int(tok.item()), hidden
+        return int(tok.item()), hidden, primed
 
     def _decode_plain(self, first, n, params, gen, out, stats):
         pos = n

@@ -347,6 +347,10 @@ class EagleHead(_DraftHead, CachedStack):
         mask (B|1, T, S) bool. slots=None: uncached causal attention (training).
         Returns logits (B, T, V) and out_features (B, T, D), out_features[:, t] predicting f_{t+1};
         draft=True: the logits over the draft vocabulary (B, T, draft_vocab_size)."""
+        x = self._features(tokens, features, positions, slots, mask)
+        return (self.draft_project(x) if draft else self.lm_head(x)), x
+
+    def _features(self, tokens, features, positions, slots, mask):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -355,7 +359,17 @@ class EagleHead(_DraftHead, CachedStack):
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, slots, mask)
-        return (self.draft_project(x) if draft else self.lm_head(x)), x
+        return x
+
+    def prime(self, tokens, features, positions, slots, mask):
+        """The head's pass over a prompt (forward's arguments, slots given): it fills the head's
+        KV cache and computes no logits, which a prompt's pass never reads (forward's LM head
+        over n prompt rows would be its largest product). A subclass with its own forward is
+        respected: its forward runs and the logits are dropped."""
+        if type(self).forward is EagleHead.forward:
+            self._features(tokens, features, positions, slots, mask)
+        else:
+            self(tokens, features, positions, slots, mask)
 
     def draft_step(self, tokens, features, positions, slots, mask):
         """forward(..., draft=True): logits over the draft vocabulary and the features. A

@@ -13,6 +13,7 @@ Weights are stored fused (q|k|v and gate|up) so a layer is 4 matrix products.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +49,21 @@ class _Fast:
     # tests only: run the fused path on CPU tensors too, through Triton's interpreter
     # (Transformer.use_kernels(cpu=True) under TRITON_INTERPRET=1), so CI covers it end to end
     cpu = False
+
+
+@contextmanager
+def not_exact():
+    """Exact mode off for forwards that no other forward has to match bit for bit: a prompt's
+    prefill (plain and speculative decoding share it, so both read the same cache) and an EAGLE
+    head's pass over the prompt (drafts only decide speed). Exact mode's per-row GEMV programs
+    make an M-row forward cost about M one-row steps' products for M <= 128; outside it those
+    rows go to cuBLAS and the attention picks its tiles by size."""
+    saved = _Fast.exact
+    _Fast.exact = False
+    try:
+        yield
+    finally:
+        _Fast.exact = saved
 
 
 def _fused(t) -> bool:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .errors import HeadMismatchError, KoalaError
 from .graphs import capture
-from .model import Transformer, _Fast, argmax_last, causal_mask, tree_mask
+from .model import Transformer, _Fast, argmax_last, causal_mask, not_exact, tree_mask
 from .sampling import SamplerState, graph_mode, warp_probs
 
 NEG = -1e30
@@ -518,9 +518,10 @@ class SpeculativeDecoder:
                 return w
         return self.model.max_len
 
-    def decode(self, prompt_ids, first, hidden, params, gen, out, stats):
+    def decode(self, prompt_ids, first, hidden, params, gen, out, stats, primed: bool = False):
         """Continue after the prefill of the prompt, whose last logits gave `first`;
-        hidden (1, n, D) are the target's features of the prompt."""
+        hidden (1, T, D), T >= n, holds the target's features of the prompt in its first n rows.
+        primed: an EAGLE head's cache already holds the prompt (the graphed prefill filled it)."""
         n = len(prompt_ids)
         self.use_vocab()
         self.greedy = params.greedy
@@ -531,7 +532,7 @@ class SpeculativeDecoder:
         if self.eagle:
             # the head reads the whole prompt once (eager: variable length); the last position is
             # left to the first iteration's catch-up
-            self._eagle_prefill(torch.tensor(prompt_ids, device=dev), hidden[0], n, first)
+            self._eagle_prefill(torch.tensor(prompt_ids, device=dev), hidden[0], n, first, primed)
         else:
             self.h_prev.copy_(hidden[0, n - 1])
         Lh = n
@@ -593,15 +594,17 @@ class SpeculativeDecoder:
         stats.draft_s = draft_s if self.use_graph else None
         stats.verify_s = verify_s if self.use_graph else None
 
-    def _eagle_prefill(self, prompt_ids, hidden, n, first):
-        """Head cache for positions 0..n-2 (tokens x_1..x_{n-1} with features f_0..f_{n-2});
-        position n-1 (token `first`, feature f_{n-1}) is the first iteration's catch-up."""
+    def _eagle_prefill(self, prompt_ids, hidden, n, first, primed=False):
+        """Head cache for positions 0..n-2 (tokens x_1..x_{n-1} with features f_0..f_{n-2}),
+        unless `primed` (already filled); position n-1 (token `first`, feature f_{n-1}) is the
+        first iteration's catch-up."""
         dev = self.dev
-        if n > 1:
+        if n > 1 and not primed:
             toks = prompt_ids[1:n].view(1, -1)
             pos = torch.arange(n - 1, device=dev)
-            self.head(toks, hidden[: n - 1].view(1, n - 1, -1), pos.view(1, -1), pos,
-                      causal_mask(pos, self.window(n)))
+            with not_exact():   # the head's cache decides drafts only, so speed, not output
+                self.head.prime(toks, hidden[: n - 1].view(1, n - 1, -1), pos.view(1, -1), pos,
+                                causal_mask(pos, self.window(n)))
         self.cu_tok.zero_(); self.cu_tok[0] = first
         self.cu_feat.zero_(); self.cu_feat[0] = hidden[n - 1]
         self.cu_n.fill_(1)

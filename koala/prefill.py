@@ -88,9 +88,10 @@ class PrefillGraphs:
             return None
         # the host's list lands in the static buffers; padding repeats nothing of importance
         self.tokens[0, :n].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=False)
-        self.n.fill_(n)
         if not self.use_graphs:
+            self.n.fill_(n)
             return self._forward(Tb)
-        g, (logits, hidden) = self._graph(Tb)
+        g, (logits, hidden) = self._graph(Tb)   # a first capture leaves n at Tb: set n after it
+        self.n.fill_(n)
         g.replay()
         return logits, hidden

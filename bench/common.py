@@ -57,6 +57,9 @@ def environment() -> dict:
             "pipeline": os.environ.get("KOALA_PIPELINE", "1") != "0",
             "batch_pipeline": os.environ.get("KOALA_BATCH_PIPELINE", "0") not in ("", "0"),
             "exact": os.environ.get("KOALA_EXACT", "1") != "0",
+            # prompts prefilled by CUDA graphs (koala/prefill.py); recorded after 86f5fbf, whose two
+            # MT-bench files name the setting (mtbench_prefill_graphs_/_eager_86f5fbf.json)
+            "prefill_graphs": os.environ.get("KOALA_PREFILL_GRAPHS", "1") != "0",
             "row_tile": int(os.environ.get("KOALA_ROW_TILE", "0") or 0),
             "fused_rope": os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0"),
             # exact mode's tiles file (None: its own tiles): koala/exact_tiles.json on sm_90 unless

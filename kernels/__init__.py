@@ -8,6 +8,7 @@ host function that checks its inputs and launches, and a plain PyTorch reference
     medusa_resblocks      kernels.medusa        H heads x K ResBlocks in K launches
     accept_greedy         kernels.accept        longest accepted tree path + bonus, one launch
     compact_kv            kernels.accept        every layer's KV compaction, one launch
+    accept_sampling_chain kernels.spec_sample   speculative sampling along a chain + bonus draw, 3 launches
     tree_attention        kernels.tree_attention masked GQA attention, split-K (2 launches)
     kl_div_rows, fused_kl kernels.distill       training: row-wise KL + gradient + top-1 agreement, one launch
 

@@ -158,6 +158,9 @@ class SpeculativeDecoder:
             self.m_anc = self._ancestors(parents)
             self.depth = max(dep)
         self.C = self.k if self.eagle else max(rank) + 1   # most children of any node
+        # a chain: node i at depth i, the child of node i-1 (EAGLE's chain mode; Medusa's tree of
+        # one child a node)
+        self.chain = mode == "chain" and (self.eagle or parents == list(range(-1, len(parents) - 1)))
         # working slots beyond the committed text: the tree, and the EAGLE head's drafted pool
         self.max_new_per_step = self.depth + 1 + self.N + (self.P if self.eagle else 0)
         if self.eagle and mode == "chain":  # the chain's shape is fixed: node i's parent is i-1
@@ -387,7 +390,16 @@ class SpeculativeDecoder:
             a, path, bonus, newtok = accept_greedy(t["tokens"], t["parents"], t["depth"], choice, self.depth)
             best = _at(path, a)
         else:
-            best, bonus = self._accept_greedy(t, logits) if self.greedy else self._accept_sampling(t, logits)
+            if self.greedy:
+                best, bonus = self._accept_greedy(t, logits)
+            elif fast and self.chain and not self.sampler.truncate:
+                # speculative sampling along a chain in three launches (kernels/spec_sample.py);
+                # node j sits at depth j, so the deepest accepted node is the accepted length
+                from kernels.spec_sample import accept_sampling_chain
+                best, bonus = accept_sampling_chain(logits, t["Q"], t["tokens"], self.noise_u[:, 0],
+                                                    self.noise_bonus, self.sampler.temperature)
+            else:
+                best, bonus = self._accept_sampling(t, logits)
             # the accepted path root -> best, in depth order, padded with best
             on_path = _at(t["anc"], best)                                     # (N,)
             order = torch.where(on_path, t["depth"], N + ar).argsort()[:d1]

@@ -80,6 +80,33 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
     assert real or res.stats.tau > 1.8
 
 
+@pytest.mark.parametrize("kind,opts", [("medusa", dict(mode="chain", depth=2)),
+                                       ("eagle", dict(mode="chain", depth=2))], ids=["medusa", "eagle"])
+def test_fused_sampled_chain_acceptance_is_the_pytorch_one(tiny_bf16, fused, kind, opts, monkeypatch):
+    """Sampling along a chain accepts through kernels/spec_sample.py on the fused path: with the
+    same seed (so the same uniforms and noise) it gives the tokens and acceptances of the
+    PyTorch acceptance, which also serves trees and truncated sampling."""
+    import kernels.spec_sample as ss
+    torch.manual_seed(2)
+    head = DraftConfig(kind=kind, layers=1).build(tiny_bf16)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    gen = SpeculativeGenerator(tiny_bf16, head, max_seq_len=128, **opts)
+    calls = []
+    real = ss.accept_sampling_chain
+    monkeypatch.setattr(ss, "accept_sampling_chain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)
+    got = [gen.generate(PROMPT, seed=s, **kw) for s in (0, 1)]
+    assert gen.spec.chain and len(calls) == sum(len(r.stats.accepted_per_step) for r in got)
+    gen.spec.chain = False                      # the PyTorch acceptance, _accept_sampling
+    ref = [gen.generate(PROMPT, seed=s, **kw) for s in (0, 1)]
+    assert len(calls) == sum(len(r.stats.accepted_per_step) for r in got)
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids and g.stats.accepted_per_step == r.stats.accepted_per_step
+    assert got[0].token_ids != got[1].token_ids   # the seeds draw different answers
+
+
 def test_fused_cpu_path_is_the_kernels(tiny_bf16, fused):
     """The switch really routes CPU tensors through the kernels: the fused forward's logits are
     close to the PyTorch path's, not equal (other rounding), and use_kernels(cpu=True) refuses

@@ -301,6 +301,28 @@ def test_cuda_graph_iterations_equal_plain(kind, opts, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_cuda_sampled_chains_follow_the_target(kind, tmp_path, monkeypatch):
+    """The distribution test on the GPU: CUDA graphs, the fused path, and chain acceptance by
+    kernels/spec_sample.py (a spy counts its calls)."""
+    import kernels.spec_sample as ss
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=5, vocab=V_SMALL, scale=6.0)
+    cpu, lt = load_target(path, device="cpu"), load_target(path, device="cuda", dtype=torch.float32)
+    torch.manual_seed(0)
+    head = DraftConfig(kind=kind, **({"n_heads": 3} if kind == "medusa" else {})).build(lt)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    calls = []
+    real = ss.accept_sampling_chain
+    monkeypatch.setattr(ss, "accept_sampling_chain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = SpeculativeGenerator(lt, head, max_seq_len=64, mode="chain", depth=2)
+    tv, bound = _tv_test(gen, cpu)
+    assert calls and gen.spec.use_graph and gen.spec.chain   # captured into the sampling graphs
+    assert tv < bound, (tv, bound)
+
+
+@pytest.mark.gpu
 def test_fused_medusa_draft_matches_module(tmp_path):
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
     lt = load_target(path, device="cuda", dtype=torch.float32)

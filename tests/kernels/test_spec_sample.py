@@ -1,0 +1,93 @@
+"""kernels/spec_sample.py against its PyTorch reference: the same accepted length and bonus token
+from the same logits, draft probabilities, uniforms and exponential noise."""
+import pytest
+import torch
+
+from conftest import DEVICE, ON_GPU
+from kernels.spec_sample import BLOCK, accept_sampling_chain, accept_sampling_chain_ref
+
+SHAPES = [(1, 7), (2, 5), (2, BLOCK), (4, BLOCK + 3), (9, 3 * BLOCK - 5)] + \
+    ([(2, 49152), (9, 49152), (17, 152064)] if ON_GPU else [])
+
+
+def _case(N, V, dtype, seed, temperature=0.8, closeness=0.7):
+    """A chain whose drafts come from a q near p, so that acceptances run to every length."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(N, V, generator=g) * 2).to(dtype)
+    T = torch.tensor(temperature)
+    p = torch.softmax(logits.float() / T, -1)
+    q = torch.softmax((logits.float() + torch.randn(N, V, generator=g) * closeness) / T, -1)
+    tokens = torch.cat([torch.randint(0, V, (1,), generator=g),
+                        torch.multinomial(q[: N - 1], 1, generator=g).view(-1)]) if N > 1 else \
+        torch.randint(0, V, (1,), generator=g)
+    u = torch.rand(N + 3, 2, generator=g)[:, 0]                         # a strided view, as the decoder's
+    noise = torch.empty(V).exponential_(generator=g).clamp_min_(1e-30)
+    return [t.to(DEVICE) for t in (logits, q, tokens, u, noise, T)], p
+
+
+@pytest.mark.parametrize("N,V", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_the_reference_at_every_accepted_length(N, V, dtype):
+    seen = set()
+    for seed in range(12):
+        # drafts from a q near p and from one far from it: acceptances end at every level
+        args, _ = _case(N, V, dtype, seed * 31 + N, closeness=0.3 if seed % 2 else 3.0)
+        a, b = accept_sampling_chain(*args)
+        ra, rb = accept_sampling_chain_ref(*args)
+        assert a.dtype == b.dtype == torch.int64 and a.shape == b.shape == ()
+        assert (int(a), int(b)) == (int(ra), int(rb)), seed
+        assert 0 <= int(a) <= N - 1 and 0 <= int(b) < V
+        seen.add(int(a))
+    if N in (2, 4):                                       # both ends reached, so both branches ran
+        assert {0, N - 1} <= seen, seen
+
+
+def test_a_vanished_residual_draws_from_p():
+    # q >= p everywhere (q = p up to a margin above the kernel's rounding of p) and the drafted
+    # token has probability 0 under both: rejected, and the residual max(0, p - q) is all zero
+    V = BLOCK + 9
+    args, _ = _case(2, V, torch.float32, 5)
+    logits, q, tokens, u, noise, T = args
+    logits[0, 3] = float("-inf")
+    q[0] = torch.softmax(logits[0].float() / T, -1) * 1.001
+    tokens[1] = 3
+    a, b = accept_sampling_chain(logits, q, tokens, u, noise, T)
+    assert int(a) == 0
+    assert int(b) == int((torch.softmax(logits[0].float() / T, -1) / noise).argmax())
+    assert (int(a), int(b)) == tuple(int(x) for x in accept_sampling_chain_ref(*args))
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
+def test_temperature_is_read_from_the_device_tensor(temperature):
+    args, _ = _case(4, BLOCK + 100, torch.float32, 9, temperature)
+    got = accept_sampling_chain(*args)
+    assert tuple(map(int, got)) == tuple(map(int, accept_sampling_chain_ref(*args)))
+
+
+def test_acceptance_frequency_is_min_one_p_over_q():
+    # one level, one fixed draft token: accepted with probability min(1, p/q) over the uniforms
+    V = 64
+    args, p = _case(2, V, torch.float32, 3, closeness=1.5)
+    logits, q, tokens, _, noise, T = args
+    x = int(tokens[1])
+    want = min(1.0, float(p[0, x] / q[0, x].cpu()))
+    runs = 400
+    g = torch.Generator().manual_seed(0)
+    acc = sum(int(accept_sampling_chain(logits, q, tokens, torch.rand(1, generator=g).to(DEVICE), noise, T)[0])
+              for _ in range(runs))
+    assert abs(acc / runs - want) < 4 * (want * (1 - want) / runs) ** 0.5 + 1e-9
+
+
+def test_out_buffers_and_bad_inputs():
+    args, _ = _case(3, 40, torch.float32, 1)
+    a_out = torch.full((), -1, dtype=torch.int64, device=DEVICE)
+    b_out = torch.full((), -1, dtype=torch.int64, device=DEVICE)
+    a, b = accept_sampling_chain(*args, a_out=a_out, bonus_out=b_out)
+    assert a is a_out and b is b_out and int(a) >= 0
+    logits, q, tokens, u, noise, T = args
+    with pytest.raises(ValueError, match="shapes disagree"):
+        accept_sampling_chain(logits, q[:, :30], tokens, u, noise, T)
+    with pytest.raises(ValueError, match="dtype"):
+        accept_sampling_chain(logits, q.double(), tokens, u, noise, T)
+    with pytest.raises(ValueError, match="one value"):
+        accept_sampling_chain(logits, q, tokens, u, noise, torch.ones(2, device=DEVICE))

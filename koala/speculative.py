@@ -209,7 +209,10 @@ class SpeculativeDecoder:
         """k children per row of logq (R, V): top-k (greedy) or k draws without replacement
         (Gumbel-top-k) in draw order. Returns tokens (R, k) and their log q (R, k)."""
         key = logq if self.greedy else logq + noise[..., : logq.shape[-1]]
-        _, tok = key.topk(k, dim=-1)
+        if k == 1:   # a chain: the fused argmax, not torch's one-block top-k over the vocabulary
+            tok = argmax_last(key).unsqueeze(-1)
+        else:
+            _, tok = key.topk(k, dim=-1)
         return tok, logq.gather(-1, tok)
 
     # ------------------------------------------------------------------ draft

@@ -72,10 +72,11 @@ class PrefillGraphs:
 
     def capture_all(self, up_to: int | None = None):
         """Capture every bucket up to `up_to` tokens (all by default): warm-up."""
-        if not self.use_graphs:
+        if not self.use_graphs or not self.buckets:
             return
+        last = self.buckets[-1] if up_to is None else self.bucket(min(up_to, self.buckets[-1]))
         for b in self.buckets:
-            if up_to is None or b <= self.bucket(min(up_to, self.buckets[-1])):
+            if b <= last:
                 self._graph(b)
 
     def run(self, ids: list[int]):

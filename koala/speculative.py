@@ -547,7 +547,7 @@ class SpeculativeDecoder:
         if self.eagle:
             # the head reads the whole prompt once (eager: variable length); the last position is
             # left to the first iteration's catch-up
-            self._eagle_prefill(torch.tensor(prompt_ids, device=dev), hidden[0], n, first, primed)
+            self._eagle_prefill(prompt_ids, hidden[0], n, first, primed)
         else:
             self.h_prev.copy_(hidden[0, n - 1])
         Lh = n
@@ -614,8 +614,8 @@ class SpeculativeDecoder:
         unless `primed` (already filled); position n-1 (token `first`, feature f_{n-1}) is the
         first iteration's catch-up."""
         dev = self.dev
-        if n > 1 and not primed:
-            toks = prompt_ids[1:n].view(1, -1)
+        if n > 1 and not primed:   # the ids go to the device only when the head reads them here
+            toks = torch.tensor(prompt_ids[1:n], device=dev).view(1, -1)
             pos = torch.arange(n - 1, device=dev)
             with not_exact():   # the head's cache decides drafts only, so speed, not output
                 self.head.prime(toks, hidden[: n - 1].view(1, n - 1, -1), pos.view(1, -1), pos,

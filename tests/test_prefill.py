@@ -81,6 +81,19 @@ def test_a_prompt_past_the_buckets_is_left_to_the_eager_path(tiny):
     assert pg.run(list(range(3, 36))) is None and pg.run(list(range(3, 35))) is not None
 
 
+def test_a_cache_shorter_than_every_bucket_captures_nothing(tiny):
+    model = tiny.model
+    model.setup_cache(1, 16)
+    try:
+        pg = PrefillGraphs(model, lambda last: 16)            # graphs on, but no bucket fits
+        assert pg.buckets == [] and pg.run([3, 4, 5]) is None
+        pg.capture_all(16)                                    # warm-up: nothing to capture
+        pg.capture_all()
+        assert pg.graphs == {}
+    finally:
+        model.setup_cache(1, 256)
+
+
 @pytest.mark.parametrize("kind", ["plain", "medusa", "eagle"])
 def test_generation_through_the_padded_prefill_is_unchanged(tiny, kind):
     head = None if kind == "plain" else (_eagle(tiny, 2) if kind == "eagle" else

@@ -269,3 +269,163 @@ def compact_kv_ref(caches, path, accept_len, prefix_len) -> None:
     dst = L + torch.arange(n + 1, device=path.device)
     for c in caches:
         c.index_copy_(2, dst, c.index_select(2, src))
+
+
+# ---------------------------------------------------------------------------------------------
+# The step's commit: the decoder's state after an accepted path, in one launch
+
+
+@triton.jit
+def _commit_step_kernel(
+    len_ptr, path_ptr, bonus_ptr, tok_ptr, hid_ptr,           # pointers (this step's results)
+    L_ptr, root_ptr, out_ptr, feat_ptr, cu_tok_ptr, cu_n_ptr,  # pointers (the decoder's state)
+    D, s_hid, s_feat,                                         # sizes, row strides
+    P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHAIN: tl.constexpr, ALL_ROWS: tl.constexpr, USE_GDC: tl.constexpr,
+):
+    pdl_wait(USE_GDC)              # before any read of activations or any store
+    n = tl.load(len_ptr).to(tl.int64)
+    bonus = tl.load(bonus_ptr).to(tl.int64)
+    j = tl.arange(0, BLOCK_P)
+    jm = j < P
+    if CHAIN:      # node j sits at depth j: the accepted drafts are nodes 1..n, then the bonus
+        nxt = tl.load(tok_ptr + j + 1, mask=jm & (j < n), other=0).to(tl.int64)
+        toks = tl.where(j < n, nxt, bonus)
+    else:
+        toks = tl.load(tok_ptr + j, mask=jm, other=0).to(tl.int64)
+    tl.store(out_ptr + 1 + j, toks, mask=jm)
+    tl.store(out_ptr, n + 1)
+    if ALL_ROWS:   # EAGLE: the accepted tokens with their target features, for the head's catch-up
+        tl.store(cu_tok_ptr + j, toks, mask=jm)
+        tl.store(cu_n_ptr, n + 1)
+        for r in range(P):
+            if CHAIN:
+                src = tl.minimum(n, r)
+            else:
+                src = tl.load(path_ptr + r).to(tl.int64)
+            for d0 in range(0, D, BLOCK_D):
+                o = d0 + tl.arange(0, BLOCK_D)
+                m = o < D
+                tl.store(feat_ptr + r * s_feat + o, tl.load(hid_ptr + src * s_hid + o, mask=m), mask=m)
+    else:          # Medusa: the hidden state of the deepest accepted node
+        if CHAIN:
+            src = n
+        else:
+            src = tl.load(path_ptr + n).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            o = d0 + tl.arange(0, BLOCK_D)
+            m = o < D
+            tl.store(feat_ptr + o, tl.load(hid_ptr + src * s_hid + o, mask=m), mask=m)
+    tl.store(L_ptr, tl.load(L_ptr) + n + 1)
+    tl.store(root_ptr, bonus)
+
+
+def commit_step(accept_len, path, bonus, tokens, hidden, L, root, out, feat, cu_tok=None, cu_n=None,
+                chain_tokens=None):
+    """A speculative step's bookkeeping after acceptance, one launch instead of about a dozen
+    small PyTorch ops. accept_len (), path (P,), bonus (), tokens (P,): accept_greedy's outputs
+    (or the sampling path's, same meaning; every path entry < hidden's rows); hidden (N, D) the
+    verified rows' features. For a chain (node j at depth j) pass path=None, tokens=None and
+    chain_tokens (N,), the chain's nodes: the path is then 0..accept_len padded with accept_len
+    and the tokens nodes 1..accept_len then the bonus. The decoder state, 0-d or 1-d tensors
+    written in place:
+      out (P + 1,) <- [accept_len + 1, tokens...];  L += accept_len + 1;  root <- bonus;
+      EAGLE (cu_tok and cu_n given): cu_tok <- tokens, cu_n <- accept_len + 1,
+        feat (P, D) <- hidden[path] (the accepted rows, padded as path is);
+      Medusa (neither given): feat (D,) <- hidden[path[accept_len]].
+    Run it after compact_kv, which reads L."""
+    eagle = cu_tok is not None
+    chain = chain_tokens is not None
+    if eagle != (cu_n is not None):
+        raise ValueError("cu_tok and cu_n go together (EAGLE) or are both None (Medusa)")
+    if chain != (path is None) or chain != (tokens is None):
+        raise ValueError("pass either path and tokens, or chain_tokens alone (a chain)")
+    for name, t in (("accept_len", accept_len), ("bonus", bonus), ("L", L), ("root", root)):
+        check_tensor(name, t, dtypes=(torch.int64,))
+        if t.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got shape {tuple(t.shape)}")
+    check_tensor("out", out, ndim=1, dtypes=(torch.int64,))
+    P = out.shape[0] - 1
+    if chain:
+        check_tensor("chain_tokens", chain_tokens, ndim=1, dtypes=(torch.int64,))
+        if chain_tokens.shape[0] < P:
+            raise ValueError(f"chain_tokens has {chain_tokens.shape[0]} nodes, fewer than the {P} out holds")
+    else:
+        check_tensor("path", path, ndim=1, dtypes=(torch.int64,), shape=(P,))
+        check_tensor("tokens", tokens, ndim=1, dtypes=(torch.int64,), shape=(P,))
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOATS)
+    D = hidden.shape[1]
+    if eagle:
+        check_tensor("feat", feat, ndim=2, dtypes=(hidden.dtype,), shape=(P, D))
+        check_tensor("cu_tok", cu_tok, ndim=1, dtypes=(torch.int64,), shape=(P,))
+        check_tensor("cu_n", cu_n, dtypes=(torch.int64,))
+    else:
+        check_tensor("feat", feat, ndim=1, dtypes=(hidden.dtype,), shape=(D,))
+    named = [("hidden", hidden), ("accept_len", accept_len), ("bonus", bonus), ("L", L), ("root", root),
+             ("out", out), ("feat", feat)]
+    named += [("chain_tokens", chain_tokens)] if chain else [("path", path), ("tokens", tokens)]
+    if eagle:
+        named += [("cu_tok", cu_tok), ("cu_n", cu_n)]
+    check_device(*named)
+    for n, t in named:
+        if t.dim():
+            check_last_contiguous(n, t)
+    tok = chain_tokens if chain else tokens
+    _commit_step_kernel[(1,)](
+        accept_len, tok if chain else path, bonus, tok, hidden,
+        L, root, out, feat, cu_tok if eagle else L, cu_n if eagle else L,
+        D, hidden.stride(0), feat.stride(0) if eagle else 0,
+        P=P, BLOCK_P=next_pow2(P), BLOCK_D=min(1024, next_pow2(D)), CHAIN=chain, ALL_ROWS=eagle,
+        USE_GDC=pdl(), num_warps=4, launch_pdl=pdl(),
+    )
+
+
+def commit_step_ref(accept_len, path, bonus, tokens, hidden, L, root, out, feat, cu_tok=None, cu_n=None,
+                    chain_tokens=None):
+    """The PyTorch ops commit_step replaces (koala.speculative before it)."""
+    if chain_tokens is not None:
+        P = out.shape[0] - 1
+        j = torch.arange(P, device=out.device)
+        path = torch.minimum(j, accept_len)
+        tokens = torch.where(j < accept_len, chain_tokens[(j + 1).clamp_max(chain_tokens.shape[0] - 1)], bonus)
+    out[0] = accept_len + 1
+    out[1:] = tokens
+    if cu_tok is not None:
+        cu_tok.copy_(tokens)
+        feat.copy_(hidden[path])
+        cu_n.copy_(accept_len + 1)
+    else:
+        feat.copy_(hidden[path[accept_len]])
+    L.add_(accept_len + 1)
+    root.copy_(bonus)
+
+
+@triton.jit
+def _commit_token_kernel(nxt_ptr, out_ptr, step_ptr, token_ptr, pos_ptr, USE_GDC: tl.constexpr):
+    pdl_wait(USE_GDC)              # before any read of activations or any store
+    t = tl.load(nxt_ptr).to(tl.int64)
+    s = tl.load(step_ptr)
+    tl.store(out_ptr + s, t)
+    tl.store(token_ptr, t)
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+    tl.store(step_ptr, s + 1)
+
+
+def commit_token(nxt, out, step, token, pos):
+    """A plain decode step's bookkeeping in one launch (four PyTorch ops before):
+    out[step] <- nxt; token <- nxt; pos += 1; step += 1. nxt, step, token, pos hold one int64
+    each (any shape); out (n,) int64, step < n (not checked on the device)."""
+    for name, t in (("nxt", nxt), ("step", step), ("token", token), ("pos", pos)):
+        check_tensor(name, t, dtypes=(torch.int64,))
+        if t.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got shape {tuple(t.shape)}")
+    check_tensor("out", out, ndim=1, dtypes=(torch.int64,))
+    check_device(("out", out), ("nxt", nxt), ("step", step), ("token", token), ("pos", pos))
+    _commit_token_kernel[(1,)](nxt, out, step, token, pos, USE_GDC=pdl(), num_warps=1, launch_pdl=pdl())
+
+
+def commit_token_ref(nxt, out, step, token, pos):
+    out.index_copy_(0, step.view(1), nxt.view(1))
+    token.copy_(nxt.view(token.shape))
+    pos.add_(1)
+    step.add_(1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .graphs import capture
-from .model import Transformer, argmax_last
+from .model import Transformer, _fused, argmax_last
 from .sampling import SamplerState, graph_mode, sample, warp_probs
 
 
@@ -43,6 +43,10 @@ class PlainDecoder:
             nxt = argmax_last(lg)
         else:
             nxt = sample(warp_probs(lg, self.sampler), self.noise.index_select(0, self.step))
+        if _fused(nxt):   # the four updates below in one launch (kernels/accept.py)
+            from kernels.accept import commit_token
+            commit_token(nxt, self.out, self.step, self.token, self.pos)
+            return
         self.out.index_copy_(0, self.step.view(1), nxt)
         self.token.copy_(nxt.view(1, 1))
         self.pos.add_(1)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import CheckpointError, HeadMismatchError, KoalaError
-from .model import Block, CachedStack, Rotary, Transformer
+from .model import Block, CachedStack, Rotary, Transformer, _Fast, _fused, _row_config, _small_m
 
 FORMAT = "koala-draft-head"
 FORMAT_VERSION = 1
@@ -217,7 +217,13 @@ class _DraftHead(nn.Module):
             if w.device != x.device:
                 raise KoalaError(f"the draft vocabulary was gathered on {w.device} but the head runs on "
                                  f"{x.device}: call set_draft_vocab again after moving the head")
-        return F.linear(x.to(w.dtype), w, b)
+        x = x.to(w.dtype)
+        if _fused(x) and x.numel() == x.shape[-1]:
+            # one row (a drafted level): kernels/linear.py's GEMV, which keeps the PDL chain of
+            # the kernels around it; more rows go to cuBLAS, whose GEMV-free tiles read W once
+            from kernels.linear import linear
+            return linear(x, w, b, config=_row_config(w, 1) if _Fast.exact else None)
+        return F.linear(x, w, b)
 
     def to_token_ids(self, idx):
         """Indices into the draft vocabulary -> the target's token ids."""
@@ -354,12 +360,31 @@ class EagleHead(_DraftHead, CachedStack):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        emb = self._frozen.embedding(tokens).to(self.dtype)
-        x = self.fc(torch.cat([emb, features.to(self.dtype)], dim=-1))
-        cos, sin = self.rotary(positions, x.dtype)
+        if _fused(tokens) and slots is not None:
+            # [embedding; feature] and the RoPE rows in one launch (kernels/embed.py), then the
+            # Linear as a GEMV for few rows: no PyTorch op between the target's last kernel and
+            # the head's first layer
+            from kernels.embed import embed_rope
+            xin, cos, sin = embed_rope(tokens, positions, self._frozen.embedding.weight, self.rotary.cos,
+                                       self.rotary.sin, features, dtype=self.dtype)
+            x = self._fc(xin)
+        else:
+            emb = self._frozen.embedding(tokens).to(self.dtype)
+            x = self.fc(torch.cat([emb, features.to(self.dtype)], dim=-1))
+            cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, slots, mask)
         return x
+
+    def _fc(self, xin):
+        """fc on the fused path: kernels/linear.py's GEMV up to the rows the layers give it too
+        (exact mode's tiles in exact mode), cuBLAS beyond."""
+        M = xin.shape[0] * xin.shape[1]
+        if M > _small_m():
+            return self.fc(xin)
+        from kernels.linear import linear
+        w = self.fc.weight
+        return linear(xin, w, self.fc.bias, config=_row_config(w, M) if _Fast.exact else None)
 
     def prime(self, tokens, features, positions, slots, mask):
         """The head's pass over a prompt (forward's arguments, slots given): it fills the head's
@@ -370,6 +395,16 @@ class EagleHead(_DraftHead, CachedStack):
             self._features(tokens, features, positions, slots, mask)
         else:
             self(tokens, features, positions, slots, mask)
+
+    def draft_step_at(self, tokens, features, positions, slots, mask, row):
+        """draft_step for one sequence (B = 1), keeping one row: row (1,) int tensor, an index
+        into T. Returns its logits over the draft vocabulary (1, Vd) and its feature (1, D). The
+        LM head then reads one row, not T (a catch-up pads its rows to depth + 1)."""
+        if type(self).forward is EagleHead.forward:
+            f = self._features(tokens, features, positions, slots, mask)[0].index_select(0, row)
+            return self.draft_project(f), f
+        lg, f = self.draft_step(tokens, features, positions, slots, mask)
+        return lg[0].index_select(0, row), f[0].index_select(0, row)
 
     def draft_step(self, tokens, features, positions, slots, mask):
         """forward(..., draft=True): logits over the draft vocabulary and the features. A

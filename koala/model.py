@@ -448,8 +448,13 @@ class Transformer(CachedStack, nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        x = self.tok_embeddings(tokens)
-        cos, sin = self.rotary(positions, x.dtype)
+        if _fused(tokens) and slots is not None:   # the gathers and casts in one launch (kernels/embed.py)
+            from kernels.embed import embed_rope
+            x, cos, sin = embed_rope(tokens, positions, self.tok_embeddings.weight, self.rotary.cos,
+                                     self.rotary.sin)
+        else:
+            x = self.tok_embeddings(tokens)
+            cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, slots, mask)
         hidden = self.norm(x)

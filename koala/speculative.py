@@ -156,6 +156,8 @@ class SpeculativeDecoder:
             self.m_depth = torch.tensor(dep, device=dev)
             self.m_rank = torch.tensor(rank, device=dev)
             self.m_anc = self._ancestors(parents)
+            self.m_row = (self.m_depth - 1).clamp_min(0)     # the head that drafts each node
+            self.m_is_root = self.m_depth == 0
             self.depth = max(dep)
         self.C = self.k if self.eagle else max(rank) + 1   # most children of any node
         # a chain: node i at depth i, the child of node i-1 (EAGLE's chain mode; Medusa's tree of
@@ -177,6 +179,10 @@ class SpeculativeDecoder:
         self.cu_feat = torch.zeros(d1, D, dtype=model.dtype, device=dev)  # and target features
         self.cu_n = torch.ones((), dtype=torch.long, device=dev)        # how many are valid
         self.out = torch.zeros(d1 + 1, dtype=torch.long, device=dev)    # [count, tokens...]
+        # index vectors made once, so that no graph launches an arange for them
+        self.ar_d1 = torch.arange(d1, device=dev)
+        self.ar_N = torch.arange(self.N, device=dev)
+        self.slot_range = torch.arange(S + self.max_new_per_step + 1, device=dev)   # mask columns
         self.sampler = SamplerState(dev)
         self.greedy = True
         self._true = torch.ones((), dtype=torch.bool, device=dev)
@@ -246,8 +252,8 @@ class SpeculativeDecoder:
             rank_tok, _ = self._children(logq, self.noise_gumbel[: logq.shape[0]], self.k)
         rank_tok = head.to_token_ids(rank_tok)
         d = self.m_depth
-        tok = rank_tok[(d - 1).clamp_min(0), self.m_rank]                 # (N,)
-        tok = torch.where(d == 0, self.root, tok)
+        tok = rank_tok[self.m_row, self.m_rank]                           # (N,)
+        tok = torch.where(self.m_is_root, self.root, tok)
         Q = None                                                          # greedy acceptance needs no q
         if not self.greedy:
             q = head.to_full_probs(logq.exp())                            # children of depth-j nodes ~ head j
@@ -259,11 +265,11 @@ class SpeculativeDecoder:
         L-cu_n .. L-1, padded to depth+1); returns the feature predicted for position L (1, D)
         and the logits of the root's children over the draft vocabulary (1, Vd)."""
         d1 = self.depth + 1
-        pos = self.L - self.cu_n + torch.arange(d1, device=self.dev)
-        lg, feat = self.head.draft_step(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1),
-                                        pos, causal_mask(pos, W))
-        last = (self.cu_n - 1).view(1)
-        return feat[0].index_select(0, last), lg[0].index_select(0, last)
+        pos = (self.L - self.cu_n) + self.ar_d1
+        lg, f = self.head.draft_step_at(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1),
+                                        pos, (self.slot_range[:W] <= pos[:, None]).unsqueeze(0),
+                                        (self.cu_n - 1).view(1))
+        return f, lg
 
     def _draft_eagle_chain(self, W):
         """A chain needs no scores, pool or rerank: each level is one head forward and an argmax
@@ -271,7 +277,7 @@ class SpeculativeDecoder:
         L = self.L
         f, lg = self._catch_up(W)                                         # (1, D), (1, V)
         toks, Qs = [self.root.view(1)], []
-        ar = torch.arange(W, device=self.dev)
+        ar = self.slot_range[:W]
         head = self.head
         for j in range(self.depth):
             if self.greedy:
@@ -380,27 +386,40 @@ class SpeculativeDecoder:
     def verify(self, W):
         t = self.tree
         N, L, d1 = self.N, self.L, self.depth + 1
-        ar = torch.arange(N, device=self.dev)
+        ar = self.ar_N
         slots = L + ar
-        logits, hidden = self.model(t["tokens"].view(1, N), (L + t["depth"]).view(1, N), slots,
-                                    tree_mask(L, slots, t["anc"], W))
+        if self.chain:   # node i sits at depth i and slot L + i and sees the slots up to its own
+            pos, mask = slots, (self.slot_range[:W] <= slots[:, None]).unsqueeze(0)
+        else:
+            pos, mask = L + t["depth"], tree_mask(L, slots, t["anc"], W)
+        logits, hidden = self.model(t["tokens"].view(1, N), pos.view(1, N), slots, mask)
         logits, hidden = logits[0], hidden[0]
         fast = self._fast()
-        dpos = torch.arange(d1, device=self.dev)
+        dpos = self.ar_d1
+        if fast and self.chain and (self.greedy or not self.sampler.truncate):
+            # a chain on the fused path: acceptance in one launch (greedy) or three (speculative
+            # sampling, kernels/spec_sample.py), then one launch for the state. Its accepted nodes
+            # already sit in consecutive cache slots, so there is nothing to compact.
+            from kernels.accept import commit_step
+            if self.greedy:
+                from kernels.accept import accept_greedy
+                a, _, bonus, _ = accept_greedy(t["tokens"], t["parents"], t["depth"], argmax_last(logits),
+                                               self.depth)
+            else:
+                from kernels.spec_sample import accept_sampling_chain
+                a, bonus = accept_sampling_chain(logits, t["Q"], t["tokens"], self.noise_u[:, 0],
+                                                 self.noise_bonus, self.sampler.temperature)
+            commit_step(a, None, bonus, None, hidden, self.L, self.root, self.out,
+                        self.cu_feat if self.eagle else self.h_prev, self.cu_tok if self.eagle else None,
+                        self.cu_n if self.eagle else None, chain_tokens=t["tokens"])
+            return
         if self.greedy and fast:
             from kernels.accept import accept_greedy
             choice = argmax_last(logits)
             a, path, bonus, newtok = accept_greedy(t["tokens"], t["parents"], t["depth"], choice, self.depth)
-            best = _at(path, a)
         else:
             if self.greedy:
                 best, bonus = self._accept_greedy(t, logits)
-            elif fast and self.chain and not self.sampler.truncate:
-                # speculative sampling along a chain in three launches (kernels/spec_sample.py);
-                # node j sits at depth j, so the deepest accepted node is the accepted length
-                from kernels.spec_sample import accept_sampling_chain
-                best, bonus = accept_sampling_chain(logits, t["Q"], t["tokens"], self.noise_u[:, 0],
-                                                    self.noise_bonus, self.sampler.temperature)
             else:
                 best, bonus = self._accept_sampling(t, logits)
             # the accepted path root -> best, in depth order, padded with best
@@ -410,11 +429,14 @@ class SpeculativeDecoder:
             path = torch.where(dpos <= a, order, best)
             toks = t["tokens"][path]
             newtok = torch.where(dpos < a, toks.roll(-1), bonus)              # x_{L+1..L+a}, bonus
-        if fast:  # every layer's k and v in one launch
-            from kernels.accept import compact_kv
+        if fast:  # every layer's k and v in one launch, then the state in one more
+            from kernels.accept import commit_step, compact_kv
             compact_kv(self._cache_table(), path, a, L)
-        else:
-            self.model.keep_cache(L + path, L + dpos)
+            commit_step(a, path, bonus, newtok, hidden, self.L, self.root, self.out,
+                        self.cu_feat if self.eagle else self.h_prev, self.cu_tok if self.eagle else None,
+                        self.cu_n if self.eagle else None)
+            return
+        self.model.keep_cache(L + path, L + dpos)
         self.out[0] = a + 1
         self.out[1:] = newtok
         if self.eagle:
@@ -422,7 +444,7 @@ class SpeculativeDecoder:
             self.cu_feat.copy_(hidden[path])
             self.cu_n.copy_(a + 1)
         else:
-            self.h_prev.copy_(_at(hidden, best))
+            self.h_prev.copy_(_at(hidden, _at(path, a)))
         self.L.add_(a + 1)
         self.root.copy_(bonus)
 

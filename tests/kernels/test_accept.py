@@ -112,3 +112,104 @@ def test_cache_table_rejects_mismatched_caches():
         make_cache_table([a, torch.zeros(1, 2, 9, 4, device=DEVICE)])
     with pytest.raises(ValueError, match="differs"):
         make_cache_table([a, a.to(torch.bfloat16)])
+
+
+# ---------------------------------------------------------------------------------------------
+# commit_step: the decoder's state after acceptance, in one launch
+
+def _state(P, D, dtype, eagle, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = dict(L=torch.tensor(37, device=DEVICE), root=torch.tensor(-1, device=DEVICE),
+             out=torch.full((P + 1,), -7, dtype=torch.long, device=DEVICE),
+             feat=torch.randn((P, D) if eagle else (D,), generator=g).to(dtype).to(DEVICE))
+    if eagle:
+        s.update(cu_tok=torch.full((P,), -3, dtype=torch.long, device=DEVICE),
+                 cu_n=torch.tensor(0, device=DEVICE))
+    return s
+
+
+def _clone(s):
+    return {k: v.clone() for k, v in s.items()}
+
+
+@pytest.mark.parametrize("eagle", [True, False], ids=["eagle", "medusa"])
+@pytest.mark.parametrize("D,dtype", [(16, torch.float32), (1030, torch.bfloat16)])
+def test_commit_step_after_a_tree_matches_the_pytorch_ops(eagle, D, dtype):
+    from kernels.accept import commit_step, commit_step_ref
+    N, max_depth = 11, 4
+    g = torch.Generator().manual_seed(D)
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 3, 3, 5, 6, 8])
+    depth = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4])
+    for trial in range(6):
+        draft = torch.randint(0, 5, (N,), generator=g).to(DEVICE)
+        choice = torch.randint(0, 5, (N,), generator=g).to(DEVICE)
+        a, path, bonus, toks = accept_greedy(draft, parents.to(DEVICE), depth.to(DEVICE), choice, max_depth)
+        hidden = torch.randn(N, D, generator=g).to(dtype).to(DEVICE)
+        s = _state(max_depth + 1, D, dtype, eagle, trial)
+        want = _clone(s)
+        commit_step(a, path, bonus, toks, hidden, **s)
+        commit_step_ref(a, path, bonus, toks, hidden, **want)
+        for k in s:
+            assert torch.equal(s[k], want[k]), (trial, k)
+        assert int(s["L"]) == 37 + int(a) + 1 and int(s["root"]) == int(bonus)
+
+
+@pytest.mark.parametrize("eagle", [True, False], ids=["eagle", "medusa"])
+def test_commit_step_of_a_chain_derives_path_and_tokens(eagle):
+    """chain_tokens: the path 0..a and the tokens nodes 1..a then the bonus, for every accepted
+    length; the same as accept_greedy's path and tokens on that chain."""
+    from kernels.accept import commit_step, commit_step_ref
+    depth, D = 5, 24
+    N = depth + 1
+    parents = torch.arange(-1, N - 1, device=DEVICE)
+    dep = torch.arange(N, device=DEVICE)
+    draft = torch.tensor([9, 4, 8, 15, 16, 23], device=DEVICE)
+    hidden = torch.randn(N, D, device=DEVICE)
+    for n in range(depth + 1):
+        choice = torch.full((N,), 1, device=DEVICE)
+        choice[:n] = draft[1:n + 1]                 # the first n drafts accepted, then a miss
+        choice[n] = 42                              # the bonus
+        a, path, bonus, toks = accept_greedy(draft, parents, dep, choice, depth)
+        assert int(a) == n
+        s, via_tree, want = _state(N, D, torch.float32, eagle, n), None, None
+        via_tree, want = _clone(s), _clone(s)
+        commit_step(a, None, bonus, None, hidden, **s, chain_tokens=draft)
+        commit_step(a, path, bonus, toks, hidden, **via_tree)
+        commit_step_ref(a, None, bonus, None, hidden, **want, chain_tokens=draft)
+        for k in s:
+            assert torch.equal(s[k], want[k]) and torch.equal(s[k], via_tree[k]), (n, k)
+        assert s["out"].tolist() == [n + 1] + draft[1:n + 1].tolist() + [42] * (N - n)
+
+
+def test_commit_step_rejects_bad_inputs():
+    from kernels.accept import commit_step
+    s = _state(3, 8, torch.float32, True, 0)
+    a, b = torch.tensor(1, device=DEVICE), torch.tensor(2, device=DEVICE)
+    path = torch.tensor([0, 1, 1], device=DEVICE)
+    hidden = torch.zeros(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="chain_tokens alone"):
+        commit_step(a, path, b, None, hidden, **s)
+    with pytest.raises(ValueError, match="cu_tok and cu_n"):
+        commit_step(a, path, b, path, hidden, s["L"], s["root"], s["out"], s["feat"], cu_tok=s["cu_tok"])
+    with pytest.raises(ValueError, match="feat"):
+        commit_step(a, path, b, path, hidden, s["L"], s["root"], s["out"], s["feat"][0], s["cu_tok"], s["cu_n"])
+    with pytest.raises(ValueError, match="chain_tokens"):
+        commit_step(a, None, b, None, hidden, **s, chain_tokens=torch.zeros(2, dtype=torch.long, device=DEVICE))
+
+
+def test_commit_token_is_the_four_updates():
+    from kernels.accept import commit_token, commit_token_ref
+    out = torch.full((6,), -1, dtype=torch.long, device=DEVICE)
+    step = torch.tensor(0, device=DEVICE)
+    token = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
+    pos = torch.tensor([40], device=DEVICE)
+    want = [t.clone() for t in (out, step, token, pos)]
+    for v in (7, 49151, 0, 3):
+        nxt = torch.tensor([v], device=DEVICE)
+        commit_token(nxt, out, step, token, pos)
+        commit_token_ref(nxt, *want)
+        for a, b in zip((out, step, token, pos), want):
+            assert torch.equal(a, b)
+    assert out.tolist() == [7, 49151, 0, 3, -1, -1] and int(pos) == 44 and int(step) == 4
+    with pytest.raises(ValueError, match="nxt"):
+        commit_token(torch.tensor([1, 2], device=DEVICE), out, step, token, pos)

@@ -89,7 +89,7 @@ def embed_rope(tokens: torch.Tensor, positions: torch.Tensor, emb: torch.Tensor,
         check_tensor("features", features, ndim=3, dtypes=FLOATS, shape=(B, T, D))
         named.append(("features", features))
     check_device(*named)
-    for n, t in named:
+    for n, t in named[2:]:        # tokens and positions may be any view: they are flattened below
         check_last_contiguous(n, t)
     dt = dtype or emb.dtype
     dev = tokens.device

@@ -46,6 +46,8 @@ def test_embed_rope_matches_the_model_rotary_and_embedding():
     emb = torch.randn(40, 48, dtype=torch.bfloat16, device=DEVICE)
     tok = torch.tensor([[3, 39, 0, 7]], device=DEVICE)
     pos = torch.tensor([[0, 127, 64, 5]], dtype=torch.int32, device=DEVICE)
+    same = embed_rope(tok, torch.tensor(9, device=DEVICE).expand(1, 4), emb, rot.cos, rot.sin)[1]
+    assert torch.equal(same, rot.cos[9].to(torch.bfloat16).expand(1, 4, 12))   # an expanded view
     base = torch.randn(1, 4, 96, dtype=torch.bfloat16, device=DEVICE)
     feat = base[..., :48]                                 # rows strided by 96
     x, c, s = embed_rope(tok, pos, emb, rot.cos, rot.sin, feat)

@@ -15,6 +15,7 @@ BENCHES = {
     "kernels_bench": "each Triton kernel against its PyTorch reference, GB/s (GPU)",
     "linear_bench": "small-M linear kernels against cuBLAS (GPU)",
     "profile_step": "kernels launched per decode step or draft/verify half (GPU)",
+    "attn_variants": "the decode / verify attention's us per launch at SmolLM2's shape, per tile choice (GPU)",
     "heads": "Table I from the ablation's training summary and its MT-bench files (CPU)",
     "plots": "the README's figures from the committed JSON (CPU)",
 }

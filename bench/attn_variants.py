@@ -1,16 +1,14 @@
 """Decode / verify attention (kernels/tree_attention.py) at SmolLM2's shape in exact mode's tiles,
 timed per launch inside a CUDA graph of 30 launches over 30 layers' caches (a step's worth),
-for load orders and key-block sizes:
-  base      BLOCK_N = 64, the mask and V loaded where they are used (three round trips a block)
-  early     BLOCK_N = 64, K, mask and V loaded together at the top of each block (same bits)
-  n128      BLOCK_N = 128 (one block per 128-slot split; other bits, still window-invariant)
-  n128e     the two together
+for row tiles and split counts:
+  base      exact mode's tiles (64-row tile, 128-slot splits, a combine launch)
   bm16      exact mode's 128-slot splits with a 16-row tile (G*T <= 16 rows fill it)
   single    one split (no combine launch), tree_attention's own row tile: sequential over the
             whole context per kv head. Not window-invariant against the split form, so it could
             serve a draft head (whose numerics do not touch the output), not the target.
 
-    python -m bench.attn_variants [--ts 1,2,5,9] [--contexts 300,1000] [--out attn_variants.json]
+    python -m bench.attn_variants [--ts 1,2,5] [--contexts 100,300,600,1000,1800]
+                                  [--variants base,bm16,single] [--out attn_variants.json]
 """
 from __future__ import annotations
 
@@ -20,10 +18,9 @@ import torch
 
 from bench.common import gpu_time_ms, write
 from kernels.tree_attention import exact_tiles, tree_attention
-
-VARIANTS = {"base": dict(early_loads=False), "early": dict(early_loads=True),
-            "n128": dict(early_loads=False, block_n=128), "n128e": dict(early_loads=True, block_n=128),
-            "bm16": dict(block_m=16), "single": dict(n_splits=1, block_m=None, block_s=None)}
+# The load-order (K, mask and V issued together) and 128-key-block variants were timed at 75002e7,
+# where the kernel had them, and reverted (bench/results/attn_variants_75002e7.json).
+VARIANTS = {"base": {}, "bm16": dict(block_m=16), "single": dict(n_splits=1, block_m=None, block_s=None)}
 
 
 def window(L: int) -> int:

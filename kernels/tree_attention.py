@@ -41,7 +41,6 @@ def _attn_split_kernel(
     HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,    # constexpr
     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, HAS_KV_LEN: tl.constexpr, FUSED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_GDC: tl.constexpr,
-    EARLY: tl.constexpr,
 ):
     pdl_wait(USE_GDC)              # before any read of activations or any store
     bk = tl.program_id(0)
@@ -74,23 +73,17 @@ def _attn_split_kernel(
         nmask = n < hi
         kt = tl.load(k_base + n[None, :].to(tl.int64) * s_ks + d[:, None],
                      mask=dmask[:, None] & nmask[None, :], other=0.0)          # (BLOCK_D, BLOCK_N)
-        if EARLY:  # all three loads in flight at once: one memory round trip a block, not three
-            vis = tl.load(m_base + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0)
-            v = tl.load(v_base + n[:, None].to(tl.int64) * s_vs + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)       # (BLOCK_N, BLOCK_D)
         s = dot_acc(q.to(kt.dtype), kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32),
                     DOT_PRECISION, UPCAST) * qk_scale
-        if not EARLY:
-            vis = tl.load(m_base + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0)
+        vis = tl.load(m_base + n[None, :], mask=rmask[:, None] & nmask[None, :], other=0)
         s = tl.where(vis != 0, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)         # all masked so far: no NaN
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not EARLY:
-            v = tl.load(v_base + n[:, None].to(tl.int64) * s_vs + d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)       # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_base + n[:, None].to(tl.int64) * s_vs + d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)           # (BLOCK_N, BLOCK_D)
         acc = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST)
         m_i = m_new
     seen = l_i > 0
@@ -214,8 +207,7 @@ def exact_tiles(kv_programs: int, S: int, S_max: int) -> dict:
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    mask: torch.Tensor, kv_len=None, scale: float | None = None,
                    n_splits: int | None = None, block_m: int | None = None,
-                   block_s: int | None = None, fuse_combine: bool | None = None,
-                   early_loads: bool | None = None, block_n: int | None = None) -> torch.Tensor:
+                   block_s: int | None = None, fuse_combine: bool | None = None) -> torch.Tensor:
     """q (B, h, T, hd); k_cache, v_cache (B, n_kv, S, hd), h a multiple of n_kv; mask (B|1, T, S)
     bool, True where a query may see a slot; kv_len: None (= S), an int, or an int tensor () or
     (B,): only slots < kv_len are read (and they must cover every visible slot). Every last dim
@@ -275,12 +267,6 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         BLOCK_S = block_s
     # fp32 tiles at hd=128, BLOCK_N=64 need 180 KB of shared memory (of 227 KB on an H100)
     BLOCK_N = 64 if hd <= 128 and q.dtype != torch.float32 else 32
-    if block_n is not None:   # benchmarks; a fixed block_n keeps exact mode's invariance
-        if block_n not in (16, 32, 64, 128):
-            raise ValueError(f"block_n must be 16, 32, 64 or 128, got {block_n}")
-        BLOCK_N = block_n
-    if early_loads is None:
-        early_loads = os.environ.get("KOALA_ATTN_EARLY", "0") == "1"
     BLOCK_D = max(16, next_pow2(hd))
     # stored as (B, T, h, hd) and returned as its transposed view: the output projection reads
     # (B, T, h*hd), which is then a free reshape (a copy kernel per layer otherwise, 2.3 us each
@@ -321,7 +307,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         out.stride(0), out.stride(1), out.stride(2),
         HD=hd, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE=single,
         HAS_KV_LEN=has_kv_len, FUSED=fused, DOT_PRECISION=prec, UPCAST=interpreting(), USE_GDC=pdl(),
-        EARLY=bool(early_loads), num_warps=4, launch_pdl=pdl(),
+        num_warps=4, launch_pdl=pdl(),
     )
     if not single and not fused:
         _attn_combine_kernel[(B * h * T,)](

@@ -265,10 +265,18 @@ class SpeculativeDecoder:
         L-cu_n .. L-1, padded to depth+1); returns the feature predicted for position L (1, D)
         and the logits of the root's children over the draft vocabulary (1, Vd)."""
         d1 = self.depth + 1
-        pos = (self.L - self.cu_n) + self.ar_d1
+        if self._fast() and self.chain:
+            # the catch-up's and the verify's indices and the chain's token buffer in one launch
+            # (kernels/chain_index.py): L does not change before the verify reads them
+            from kernels.chain_index import chain_indices
+            ix = self._chain_ix = chain_indices(self.L, self.N, W, cu_n=self.cu_n, d1=d1, root=self.root)
+            pos, mask, row = ix.cu_pos, ix.cu_mask, ix.cu_row
+        else:
+            self._chain_ix = None
+            pos = (self.L - self.cu_n) + self.ar_d1
+            mask, row = (self.slot_range[:W] <= pos[:, None]).unsqueeze(0), (self.cu_n - 1).view(1)
         lg, f = self.head.draft_step_at(self.cu_tok.view(1, -1), self.cu_feat.view(1, d1, -1), pos.view(1, -1),
-                                        pos, (self.slot_range[:W] <= pos[:, None]).unsqueeze(0),
-                                        (self.cu_n - 1).view(1))
+                                        pos, mask, row)
         return f, lg
 
     def _draft_eagle_chain(self, W):
@@ -276,17 +284,26 @@ class SpeculativeDecoder:
         (or a Gumbel-max draw from the warped q)."""
         L = self.L
         f, lg = self._catch_up(W)                                         # (1, D), (1, V)
+        ix = self._chain_ix
+        # on the fused path the drafted tokens go straight into the chain's buffer, whose root
+        # the index launch wrote: no concatenation
+        buf = ix.tokens if ix is not None else None
         toks, Qs = [self.root.view(1)], []
         ar = self.slot_range[:W]
         head = self.head
         for j in range(self.depth):
+            direct = buf is not None and head.vocab_ids is None
+            out = buf[j + 1:j + 2] if direct else None
             if self.greedy:
-                t = argmax_last(lg)                                       # (1,) in the draft vocabulary
+                t = argmax_last(lg, out=out)                              # (1,) in the draft vocabulary
             else:
                 logq = self._logq(lg)
                 Qs.append(head.to_full_probs(logq.exp()))
-                t = argmax_last(logq + self.noise_gumbel[j:j + 1, : logq.shape[-1]])
-            t = head.to_token_ids(t)
+                t = argmax_last(logq + self.noise_gumbel[j:j + 1, : logq.shape[-1]], out=out)
+            if not direct:
+                t = head.to_token_ids(t)
+                if buf is not None:
+                    buf[j + 1:j + 2].copy_(t)
             toks.append(t)
             if j < self.depth - 1:  # the node at depth j+1 is fed at position and slot L+j
                 p = (L + j).view(1)
@@ -294,7 +311,8 @@ class SpeculativeDecoder:
                                         (ar <= L + j).view(1, 1, W))
                 lg, f = lg[0], f[0]
         Q = torch.cat(Qs + [Qs[-1][:1]]) if Qs else None                  # (N, V): a leaf has no children
-        return dict(tokens=torch.cat(toks), parents=self.c_parents, depth=self.c_depth, anc=self.c_anc, Q=Q)
+        return dict(tokens=buf if buf is not None else torch.cat(toks), parents=self.c_parents,
+                    depth=self.c_depth, anc=self.c_anc, Q=Q)
 
     def _draft_eagle(self, W):
         if self.mode == "chain":
@@ -387,10 +405,20 @@ class SpeculativeDecoder:
         t = self.tree
         N, L, d1 = self.N, self.L, self.depth + 1
         ar = self.ar_N
-        slots = L + ar
-        if self.chain:   # node i sits at depth i and slot L + i and sees the slots up to its own
+        ix = getattr(self, "_chain_ix", None) if self.eagle else None
+        if self.chain and ix is not None:   # the draft's index launch made them (EAGLE, fused)
+            slots = pos = ix.slots
+            mask = ix.mask
+        elif self.chain and self._fast():   # Medusa: both in one launch
+            from kernels.chain_index import chain_indices
+            ix = chain_indices(L, N, W)
+            slots = pos = ix.slots
+            mask = ix.mask
+        elif self.chain:   # node i sits at depth i and slot L + i and sees the slots up to its own
+            slots = L + ar
             pos, mask = slots, (self.slot_range[:W] <= slots[:, None]).unsqueeze(0)
         else:
+            slots = L + ar
             pos, mask = L + t["depth"], tree_mask(L, slots, t["anc"], W)
         logits, hidden = self.model(t["tokens"].view(1, N), pos.view(1, N), slots, mask)
         logits, hidden = logits[0], hidden[0]

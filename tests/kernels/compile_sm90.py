@@ -11,7 +11,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import accept, argmax, medusa, rmsnorm, rope_cache, swiglu, tree_attention  # noqa: E402
+from kernels import accept, argmax, chain_index, medusa, rmsnorm, rope_cache, swiglu, tree_attention  # noqa: E402
 from kernels import linear, linear_rope  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -78,6 +78,9 @@ def cases(dt):
                [p] * 6 + ["*i64", p, p, p] + ["i32"] * 6 + ["fp32"] + ["i32"] * 15,
                dict(HALF=32 if p_ == 1 else 64, P=p_, HAS_NORM=True, HAS_BIAS=rows > 1, EVEN_K=False,
                     BLOCK_K=bk, ROWS=rows), 4)
+    yield ("chain indices", chain_index._chain_indices_kernel,
+           ["*i64"] * 4 + ["*i1", "*i64", "*i1", "*i64", "*i64"] + ["i32"] * 3,
+           dict(HAS_CU=True, HAS_ROOT=True, BLOCK_W=1024), 4)
     yield "argmax partial", argmax._argmax_partial_kernel, [p, "*fp32", "*i32", "i32", "i32", "i32"], dict(BLOCK=1024), 4
     yield "argmax final", argmax._argmax_final_kernel, ["*fp32", "*i32", "*i64", "i32"], dict(BLOCK_P=64), 1
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,

@@ -7,7 +7,7 @@ for row tiles and split counts:
             whole context per kv head. Not window-invariant against the split form, so it could
             serve a draft head (whose numerics do not touch the output), not the target.
 
-    python -m bench.attn_variants [--ts 1,2,5] [--contexts 100,300,600,1000,1800]
+    python -m bench.attn_variants [--ts 1,2,5] [--contexts 100,300,600,1000,1800]   (the defaults)
                                   [--variants base,bm16,single] [--out attn_variants.json]
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from bench.common import gpu_time_ms, write
 from kernels.tree_attention import exact_tiles, tree_attention
+
 # The load-order (K, mask and V issued together) and 128-key-block variants were timed at 75002e7,
 # where the kernel had them, and reverted (bench/results/attn_variants_75002e7.json).
 VARIANTS = {"base": {}, "bm16": dict(block_m=16), "single": dict(n_splits=1, block_m=None, block_s=None)}
@@ -29,8 +30,8 @@ def window(L: int) -> int:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ts", default="1,2,5,9")
-    ap.add_argument("--contexts", default="300,1000")
+    ap.add_argument("--ts", default="1,2,5")
+    ap.add_argument("--contexts", default="100,300,600,1000,1800")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--out", default="attn_variants.json")

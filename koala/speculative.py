@@ -190,6 +190,7 @@ class SpeculativeDecoder:
         self.noise_u = torch.zeros(self.depth + 1, max(self.k, 8), device=dev)  # acceptance draws
         self.noise_bonus = torch.ones(V, device=dev)                    # Exp(1) for the bonus token
         self.tree: dict | None = None
+        self._chain_ix = None    # a fused EAGLE chain's indices, made by the draft, read by the verify
         self.graphs: dict[tuple[str, int], tuple] = {}   # (graph mode, window) -> draft, verify graphs
         self.pool = None
 
@@ -405,21 +406,21 @@ class SpeculativeDecoder:
         t = self.tree
         N, L, d1 = self.N, self.L, self.depth + 1
         ar = self.ar_N
-        ix = getattr(self, "_chain_ix", None) if self.eagle else None
-        if self.chain and ix is not None:   # the draft's index launch made them (EAGLE, fused)
+        if self.chain and self._fast():
+            # an EAGLE draft's index launch made them; a Medusa chain makes both in one launch
+            if self.eagle:
+                ix = self._chain_ix
+            else:
+                from kernels.chain_index import chain_indices
+                ix = chain_indices(L, N, W)
             slots = pos = ix.slots
             mask = ix.mask
-        elif self.chain and self._fast():   # Medusa: both in one launch
-            from kernels.chain_index import chain_indices
-            ix = chain_indices(L, N, W)
-            slots = pos = ix.slots
-            mask = ix.mask
-        elif self.chain:   # node i sits at depth i and slot L + i and sees the slots up to its own
-            slots = L + ar
-            pos, mask = slots, (self.slot_range[:W] <= slots[:, None]).unsqueeze(0)
         else:
             slots = L + ar
-            pos, mask = L + t["depth"], tree_mask(L, slots, t["anc"], W)
+            if self.chain:   # node i sits at depth i and slot L + i and sees the slots up to its own
+                pos, mask = slots, (self.slot_range[:W] <= slots[:, None]).unsqueeze(0)
+            else:
+                pos, mask = L + t["depth"], tree_mask(L, slots, t["anc"], W)
         logits, hidden = self.model(t["tokens"].view(1, N), pos.view(1, N), slots, mask)
         logits, hidden = logits[0], hidden[0]
         fast = self._fast()

@@ -75,3 +75,23 @@ def test_ablation_cli_table_and_skip_finished(tmp_path):
     t3 = json.loads((tmp_path / "t3.json").read_text())
     assert set(t3) == {"eagle-k1-adv-p"} and t3["eagle-k1-adv-p"]["disc_input"] == "prob"
     assert (tmp_path / "abl" / "eagle-k1-adv-p" / "head").is_dir()
+
+
+def test_ablation_deeper_heads_by_name(tmp_path, smollm2):
+    """--only also trains heads deeper than the paper's K = 1..3 (here an EAGLE head of 4 layers),
+    and a name that is no head fails before anything loads, saying what a name looks like."""
+    from tests.test_train import make_data
+    from train.ablation import main, parse_name
+    assert parse_name("eagle-k5-adv") == ("eagle", 5, True)
+    for bad in ("eagle-k0-adv", "eagle-k9-base", "gpt-k2-adv", "eagle-k2"):
+        with pytest.raises(SystemExit, match="not a head name"):
+            parse_name(bad)
+    with pytest.raises(SystemExit, match="not a head name"):
+        main(["--data", str(tmp_path / "absent"), "--only", "eagle-k2-adv,medusa-k12-base"])
+    data = make_data(tmp_path / "data", n_train=8, n_eval=2)
+    main(["--data", data, "--out", str(tmp_path / "abl"), "--steps", "2", "--batch-size", "2", "--max-len", "32",
+          "--ckpt-every", "1000", "--eval-every", "1000", "--no-progress", "--only", "eagle-k4-base"])
+    t = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert set(t) == {"eagle-k4-base"} and t["eagle-k4-base"]["status"] == "finished"
+    head = load_head(tmp_path / "abl" / "eagle-k4-base" / "head", smollm2)
+    assert head.config.kind == "eagle" and head.config.layers == 4

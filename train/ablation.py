@@ -1,5 +1,7 @@
 """The paper's ablation: Medusa and EAGLE heads, K = 1, 2, 3, adversarial learning off and on
 (12 heads), trained one after another from one shard set, resumable under a time budget.
+--only also takes heads deeper than the paper's (eagle-k5-adv, medusa-k4-base: K from 1 to 8),
+trained with the same recipe, to see whether more layers keep paying.
 
   python -m train.ablation --data data/sharegpt-sd --out runs/ablation --steps 1000 --time-budget 540
   (run again with the same arguments until it prints "all 12 finished"; finished heads are
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -23,8 +26,20 @@ from train.trainer import TrainConfig, Trainer
 CONFIGS = [(kind, k, adv) for adv in (False, True) for k in (1, 2, 3) for kind in ("eagle", "medusa")]
 
 
+MAX_K = 8
+
+
 def name(kind, k, adv):
     return f"{kind}-k{k}-{'adv' if adv else 'base'}"
+
+
+def parse_name(n: str):
+    """'eagle-k5-adv' -> ('eagle', 5, True); a clear error for anything else."""
+    m = re.fullmatch(r"(eagle|medusa)-k(\d+)-(adv|base)", n)
+    if not m or not 1 <= int(m.group(2)) <= MAX_K:
+        raise SystemExit(f"--only: {n!r} is not a head name; names are <eagle|medusa>-k<K>-<adv|base> "
+                         f"with K from 1 to {MAX_K}, e.g. eagle-k2-adv")
+    return m.group(1), int(m.group(2)), m.group(3) == "adv"
 
 
 def main(argv=None):
@@ -59,15 +74,16 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.concurrent < 1:
         ap.error(f"--concurrent must be >= 1, got {a.concurrent}")
+    only = {s for s in a.only.split(",") if s}
+    extra = sorted((parse_name(n) for n in only if parse_name(n) not in CONFIGS), key=lambda c: (c[1], c[0], c[2]))
     from koala.loading import load_target
     t0 = time.perf_counter()
     target = load_target(a.target)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    only = {s for s in a.only.split(",") if s}
     results = {}
     trained_now = []
-    for kind, k, adv in CONFIGS:
+    for kind, k, adv in CONFIGS + extra:
         n = name(kind, k, adv)
         if only and n not in only:
             continue
@@ -103,7 +119,7 @@ def main(argv=None):
         table[n]["peak_gpu_gib_of_invocation"] = peak
     table_path = Path(a.table) if a.table else out / "ablation.json"
     table_path.write_text(json.dumps(table, indent=2) + "\n")
-    todo = [name(*c) for c in CONFIGS if (not only or name(*c) in only)
+    todo = [name(*c) for c in CONFIGS + extra if (not only or name(*c) in only)
             and table.get(name(*c) + a.tag, {}).get("status") != "finished"]
     print("all 12 finished" if not todo and not only else f"not finished yet: {todo}" if todo else "done")
 

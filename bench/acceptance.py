@@ -24,8 +24,6 @@ import torch
 
 from bench.common import mt_bench, write
 
-KINDS = ("eagle", "medusa")
-
 
 def teacher_forced_tokens(head, model, seq, depth: int):
     """seq (1, T) prompt + answer -> (depth, T) int64: entry [s, p] is the token the head drafts
@@ -39,7 +37,7 @@ def teacher_forced_tokens(head, model, seq, depth: int):
         # shifted frame u = p - 1 + s: input token x_{u+1}, output predicting x_{u+2} = x_{p+1+s}
         outs = eagle_rollout(head, seq[:, 1:], hidden[:, :-1], depth)
         for s, o in enumerate(outs):
-            tok = head.to_token_ids(head.draft_project(o[0]).argmax(-1))   # (T-1,) at u
+            tok = head.to_token_ids(head.draft_project(o[0]).argmax(-1)).cpu()   # (T-1,) at u
             p = torch.arange(T - 1) + 1 - s                                 # p = u + 1 - s
             ok = p >= 1
             out[s, p[ok]] = tok[ok]
@@ -47,7 +45,7 @@ def teacher_forced_tokens(head, model, seq, depth: int):
         # Medusa head s from h_{p-1} predicts x_{p+1+s} (the bonus x_p came from h_{p-1} too)
         logits = head(hidden, draft=True, heads=depth)                     # (depth, 1, T, Vd)
         for s in range(depth):
-            tok = head.to_token_ids(logits[s, 0].argmax(-1))               # at t = p - 1
+            tok = head.to_token_ids(logits[s, 0].argmax(-1)).cpu()         # at t = p - 1
             out[s, 1:] = tok[:-1]
     return out
 
@@ -70,23 +68,27 @@ def replay(tf, seq, P: int, accepted: list[int], depth: int):
     return pred, dec
 
 
+def answer_replay(gen, msgs, max_new: int, depth: int):
+    """Decode one answer to msgs and compute its teacher-forced drafts.
+    Returns (result, seq (1, T) prompt + answer on the CPU, tf (depth, T), prompt length P)."""
+    ids = gen.encode(list(msgs))
+    r = gen.generate(list(msgs), max_new_tokens=max_new)
+    seq = torch.tensor([ids + r.token_ids], device=gen.device)
+    with torch.inference_mode():
+        tf = teacher_forced_tokens(gen.head, gen.model, seq, depth)
+    return r, seq.cpu(), tf, len(ids)
+
+
 def run(gen, questions, max_new: int, depth: int, turns: int = 1, progress: bool = True):
     """Decode the first `turns` turns of each question (the second follows the model's own first
     answer, as bench.mtbench does) and replay every answer's iterations."""
-    head, model = gen.head, gen.model
     rows = []
     for q in questions:
         msgs = []
         for t, turn in enumerate(q["turns"][:turns]):
             msgs.append({"role": "user", "content": turn})
-            ids = gen.encode(list(msgs))
-            r = gen.generate(list(msgs), max_new_tokens=max_new)
+            r, seq, tf, P = answer_replay(gen, msgs, max_new, depth)
             msgs.append({"role": "assistant", "content": r.text})
-            seq = torch.tensor([ids + r.token_ids], device=gen.device)
-            with torch.inference_mode():
-                tf = teacher_forced_tokens(head, model, seq, depth).cpu()
-            seq = seq.cpu()
-            P = len(ids)
             pred, dec = replay(tf, seq, P, r.stats.accepted_per_step, depth)
             hit = tf[0, P:-1] == seq[0, P + 1:]    # level-0 agreement at every answer position
             same = sum(x == y for x, y in zip(pred, dec))

@@ -4,7 +4,7 @@ and the replay notices a one-position offset, so the agreement is not automatic.
 import pytest
 import torch
 
-from bench.acceptance import replay, run, teacher_forced_tokens
+from bench.acceptance import answer_replay, replay, run
 from bench.common import mt_bench
 
 
@@ -21,12 +21,8 @@ def test_decoding_accepts_what_teacher_forcing_predicts(smollm2, draft, depth):
     assert summary["decoded_accepted_per_iteration"] > 0       # the heads do accept drafts here
 
     # the same replay against drafts shifted by one position disagrees somewhere
-    ids = gen.encode(q[0]["turns"][0])
-    r = gen.generate(q[0]["turns"][0], max_new_tokens=40)
-    seq = torch.tensor([ids + r.token_ids])
-    with torch.inference_mode():
-        tf = teacher_forced_tokens(gen.head, gen.model, seq, depth)
-    pred, dec = replay(tf, seq, len(ids), r.stats.accepted_per_step, depth)
+    r, seq, tf, P = answer_replay(gen, [{"role": "user", "content": q[0]["turns"][0]}], 40, depth)
+    pred, dec = replay(tf, seq, P, r.stats.accepted_per_step, depth)
     assert pred == dec
-    pred_off, dec_off = replay(torch.roll(tf, 1, dims=1), seq, len(ids), r.stats.accepted_per_step, depth)
+    pred_off, dec_off = replay(torch.roll(tf, 1, dims=1), seq, P, r.stats.accepted_per_step, depth)
     assert pred_off != dec_off

@@ -75,7 +75,7 @@ def main(argv=None):
     if a.concurrent < 1:
         ap.error(f"--concurrent must be >= 1, got {a.concurrent}")
     only = {s for s in a.only.split(",") if s}
-    extra = sorted((parse_name(n) for n in only if parse_name(n) not in CONFIGS), key=lambda c: (c[1], c[0], c[2]))
+    extra = sorted((c for c in map(parse_name, only) if c not in CONFIGS), key=lambda c: (c[1], c[0], c[2]))
     from koala.loading import load_target
     t0 = time.perf_counter()
     target = load_target(a.target)

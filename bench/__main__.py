@@ -17,6 +17,7 @@ BENCHES = {
     "profile_step": "kernels launched per decode step or draft/verify half (GPU)",
     "attn_variants": "the decode / verify attention's us per launch at SmolLM2's shape, per tile choice (GPU)",
     "heads": "Table I from the ablation's training summary and its MT-bench files (CPU)",
+    "depth": "tau, speedup and the KOALA tau gain against drafting depth and tree, per head (CPU)",
     "plots": "the README's figures from the committed JSON (CPU)",
 }
 

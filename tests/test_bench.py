@@ -400,3 +400,54 @@ def test_source_digest_names_the_code(tmp_path, monkeypatch):
     (tmp_path / "kernels" / "m.py").rename(tmp_path / "kernels" / "n.py")
     assert common.source_digest() != b
     assert "source_digest" in common.environment()
+
+
+def _sweep_file(commit, rows):
+    """A bench.mtbench file with one method per (head, mode, depth, tree_size, K, tau, speedup)."""
+    methods = [{"head": head, "kind": "eagle" if "eagle" in head else "medusa", "K": k, "mode": mode,
+                "depth": d, "tree_size": n, "tau": tau, "speedup": sp, "alpha": [0.5], "temperature": 0.0}
+               for head, mode, d, n, k, tau, sp in rows]
+    return {"device": "NVIDIA H200", "date": "2026-12-03", "commit": commit, "command": "python -m bench.mtbench",
+            "settings": {"temperature": 0.0}, "methods": methods}
+
+
+def test_depth_sweep_gains_per_setting(tmp_path, monkeypatch):
+    """bench.depth: each head's tau per drafting setting; the best K >= 2 gain over the baseline
+    at each setting, met only at >= +0.3; a shipped path is named by --labels."""
+    from bench import depth as bd
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    rows = [("/tmp/ablation/eagle-k1-base/head", "chain", 1, 2, 1, 1.50, 1.2),
+            ("/tmp/ablation/eagle-k1-base/head", "chain", 5, 6, 1, 2.00, 0.9),
+            ("/tmp/ablation/eagle-k1-base/head", "tree", 5, 32, 1, 2.80, 0.6),
+            ("koala/default_heads/eagle", "chain", 1, 2, 3, 1.60, 1.2),
+            ("koala/default_heads/eagle", "chain", 5, 6, 3, 2.35, 0.85),
+            ("koala/default_heads/eagle", "tree", 5, 32, 3, 3.00, 0.6),
+            ("runs/heads/eagle-k4-adv", "chain", 5, 6, 4, 2.25, 0.8)]
+    (tmp_path / "e.json").write_text(json.dumps(_sweep_file("abcdef1", rows)))
+    r = bd.main(["--evals", str(tmp_path / "e.json"), "--labels", "koala/default_heads/eagle/=eagle-k3-adv",
+                 "--baselines", "eagle-k1-base", "--out", "sweep"])
+    assert set(r["heads"]) == {"eagle-k1-base", "eagle-k3-adv", "eagle-k4-adv"}
+    per = r["gains"]["eagle"]["settings"]
+    assert per["chain d=1"]["best"] == "eagle-k3-adv" and per["chain d=1"]["best_gain"] == pytest.approx(0.10)
+    assert not per["chain d=1"]["met"]
+    assert per["chain d=5"]["best"] == "eagle-k3-adv" and per["chain d=5"]["best_gain"] == pytest.approx(0.35)
+    assert per["chain d=5"]["met"] and per["chain d=5"]["gain"]["eagle-k4-adv"] == pytest.approx(0.25)
+    assert per["tree N=32 d=5"]["best_gain"] == pytest.approx(0.20) and not per["tree N=32 d=5"]["met"]
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| eagle-k4-adv | 4 | — | 2.25 (0.80x) | — |" in md          # chain d=1, chain d=5, tree
+    assert (tmp_path / "out" / "sweep.png").stat().st_size > 0
+
+
+def test_depth_sweep_refuses_ambiguity(tmp_path):
+    from bench import depth as bd
+    row = ("/tmp/a/eagle-k1-base/head", "chain", 1, 2, 1, 1.5, 1.2)
+    ev = _sweep_file("abcdef1", [row, row])
+    with pytest.raises(SystemExit, match="measured twice"):
+        bd.collect([("e.json", ev)], {})
+    ev = _sweep_file("abcdef1", [row, ("/tmp/b/eagle-k1-base/head", "chain", 3, 4, 3, 1.9, 1.0)])
+    with pytest.raises(SystemExit, match="share one label"):
+        bd.collect([("e.json", ev)], {})
+    with pytest.raises(SystemExit, match="no head labelled"):
+        bd.gains(bd.collect([("e.json", _sweep_file("a", [row]))], {}), ["medusa-k1-base"])
+    with pytest.raises(SystemExit, match="PATH=LABEL"):
+        bd.parse_labels("koala/default_heads/eagle")

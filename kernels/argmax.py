@@ -1,6 +1,9 @@
 """Row-wise argmax over a wide last dimension (the vocabulary), in two short launches.
 
     argmax(x, out=None)  -> int64 (...,): the index of each row's maximum, as torch.argmax(x, -1)
+    gumbel_argmax(x, gumbel, temperature, out=None)
+                         -> int64 (...,): argmax(x / temperature + gumbel, -1), a draw from
+                            softmax(x / temperature) when gumbel holds Gumbel(0, 1) noise
 
 Why: at batch 1 greedy decoding takes one argmax over 49,152 logits per step (and one per drafted
 level, and one per verified row). torch's reduction gives such a row to one thread block: 15 us on
@@ -40,14 +43,19 @@ def _first_max(v, idx, valid):
 
 
 @triton.jit
-def _argmax_partial_kernel(x_ptr, pv_ptr, pi_ptr, N, P, stride_xm,
-                           BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+def _argmax_partial_kernel(x_ptr, g_ptr, t_ptr, pv_ptr, pi_ptr, N, P, stride_xm, stride_gm,
+                           GUMBEL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    pdl_wait(USE_GDC)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     valid = cols < N
+    if GUMBEL:   # the noise and the temperature are not the previous kernel's outputs: load first
+        g = tl.load(g_ptr + row.to(tl.int64) * stride_gm + cols, mask=valid, other=0.0)
+        t = tl.load(t_ptr).to(tl.float32)
+    pdl_wait(USE_GDC)
     v = tl.load(x_ptr + row.to(tl.int64) * stride_xm + cols, mask=valid, other=0.0).to(tl.float32)
+    if GUMBEL:
+        v = v / t + g
     m, i = _first_max(v, cols, valid)
     tl.store(pv_ptr + row * P + chunk, m)
     tl.store(pi_ptr + row * P + chunk, i)
@@ -72,6 +80,35 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """torch.argmax(x, dim=-1) in two launches. x (..., N) float, last dim unit stride, rows
     evenly strided (a view is fine); out: an optional int64 tensor of x.shape[:-1] elements to
     write into (a static buffer inside a CUDA graph). Returns int64 (...,)."""
+    return _argmax(x, out, None, None)
+
+
+def gumbel_argmax(x: torch.Tensor, gumbel: torch.Tensor, temperature: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """argmax(x / temperature + gumbel, dim=-1) in argmax's two launches: with Gumbel(0, 1)
+    noise, an exact draw from softmax(x / temperature) (the Gumbel-max trick), so a sampled
+    draft needs neither its softmax, nor its log, nor the sum with the noise in memory.
+    x (..., N) float as argmax's; gumbel fp32 with x's rows and at least N columns (each row
+    unit stride; only the first N are read); temperature a one-element fp32 tensor (> 0, read on
+    the device, so one CUDA graph serves every temperature). Same ties and NaN as torch.argmax
+    of the fp32 sum."""
+    check_tensor("gumbel", gumbel, dtypes=(torch.float32,))
+    check_tensor("temperature", temperature, dtypes=(torch.float32,))
+    if temperature.numel() != 1:
+        raise ValueError(f"temperature must hold one value, got shape {tuple(temperature.shape)}")
+    check_last_contiguous("gumbel", gumbel)
+    if x.dim() < 1:
+        raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    rows = x.numel() // max(x.shape[-1], 1)
+    g2 = gumbel.reshape(-1, gumbel.shape[-1]) if gumbel.dim() > 0 else gumbel.view(1, 1)
+    if g2.shape[0] != rows or g2.shape[1] < x.shape[-1]:
+        raise ValueError(f"gumbel has shape {tuple(gumbel.shape)}: it needs {rows} rows of at least "
+                         f"{x.shape[-1]} columns (x has shape {tuple(x.shape)})")
+    check_device(("x", x), ("gumbel", gumbel), ("temperature", temperature))
+    return _argmax(x, out, g2, temperature)
+
+
+def _argmax(x, out, g2, temperature):
     check_tensor("x", x, dtypes=FLOATS)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dim, got shape {tuple(x.shape)}")
@@ -92,8 +129,10 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     P = triton.cdiv(N, BLOCK)
     pv = torch.empty(M * P, dtype=torch.float32, device=x.device)
     pi = torch.empty(M * P, dtype=torch.int32, device=x.device)
-    _argmax_partial_kernel[(M, P)](x2, pv, pi, N, P, x2.stride(0), BLOCK=BLOCK, USE_GDC=pdl(),
-                                   num_warps=4, launch_pdl=pdl())
+    gumbel = g2 is not None
+    _argmax_partial_kernel[(M, P)](x2, g2 if gumbel else pv, temperature if gumbel else pv, pv, pi, N, P,
+                                   x2.stride(0), g2.stride(0) if gumbel else 0, GUMBEL=gumbel, BLOCK=BLOCK,
+                                   USE_GDC=pdl(), num_warps=4, launch_pdl=pdl())
     _argmax_final_kernel[(M,)](pv, pi, out, P, BLOCK_P=next_pow2(P), USE_GDC=pdl(),
                                num_warps=1 if P <= 64 else 4, launch_pdl=pdl())
     return out
@@ -102,3 +141,9 @@ def argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 def argmax_ref(x: torch.Tensor) -> torch.Tensor:
     """What koala ran before: torch's own reduction."""
     return x.argmax(dim=-1)
+
+
+def gumbel_argmax_ref(x: torch.Tensor, gumbel: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """The same draw in PyTorch, formula by formula (fp32)."""
+    N = x.shape[-1]
+    return (x.float() / temperature.float() + gumbel.reshape(*x.shape[:-1], -1)[..., :N]).argmax(dim=-1)

@@ -1,7 +1,7 @@
 """Speculative sampling's acceptance along a drafted chain, in three short launches.
 
-    accept_sampling_chain(logits, q, tokens, u, noise, temperature, a_out=None, bonus_out=None)
-        -> (accepted, bonus): int64 scalars
+    accept_sampling_chain(logits, q, tokens, u, noise, temperature, a_out=None, bonus_out=None,
+                          q_logits=False)  -> (accepted, bonus): int64 scalars
 
 Terms (koala/speculative.py uses the same): the chain has N = d + 1 nodes; node 0 is the root
 (the last accepted token) and node j + 1 holds the drafted token tokens[j + 1], drawn from the
@@ -26,6 +26,9 @@ a CUDA graph they made a sampled iteration's verify 0.14 ms longer than a greedy
   3. one program picks the race's winner over chunks (smallest index among equal keys, as
      torch.argmax) and writes both results.
 Temperature-only warping: top-k / top-p sampling keeps the PyTorch path.
+q_logits=True: q holds the draft's raw logits instead of its probabilities, and q[j] =
+softmax(q_logits[j] / temperature) is formed here (launch 1 reduces those rows too), so a sampled
+draft that draws by Gumbel-max (kernels/argmax.py, gumbel_argmax) never materialises its q.
 """
 from __future__ import annotations
 
@@ -41,15 +44,19 @@ _BIG = tl.constexpr(2 ** 31 - 1)
 
 
 @triton.jit
-def _row_stats_kernel(logits_ptr, t_ptr, m_ptr, s_ptr, V, P, stride_l,
+def _row_stats_kernel(logits_ptr, q_ptr, t_ptr, m_ptr, s_ptr, N, V, P, stride_l, stride_q,
                       BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    """Rows 0..N-1: the target's logits; rows N.. (q_logits only): the draft's logits."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     pdl_wait(USE_GDC)
     t = tl.load(t_ptr).to(tl.float32)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     valid = cols < V
-    x = tl.load(logits_ptr + row.to(tl.int64) * stride_l + cols, mask=valid, other=float("-inf"))
+    if row < N:
+        x = tl.load(logits_ptr + row.to(tl.int64) * stride_l + cols, mask=valid, other=float("-inf"))
+    else:
+        x = tl.load(q_ptr + (row - N).to(tl.int64) * stride_q + cols, mask=valid, other=float("-inf"))
     x = x.to(tl.float32) / t
     m = tl.max(x, axis=0)
     s = tl.sum(tl.where(valid, tl.exp(x - m), 0.0), axis=0)
@@ -74,19 +81,23 @@ def _softmax_consts(m_ptr, s_ptr, N, P, BLOCK_N: tl.constexpr, BLOCK_P: tl.const
 def _race_kernel(logits_ptr, q_ptr, tok_ptr, u_ptr, e_ptr, t_ptr, m_ptr, s_ptr,
                  a_ptr, rv_ptr, ri_ptr, rmax_ptr, pv_ptr, pi_ptr,
                  N, V, P, stride_l, stride_q, stride_u,
-                 BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                 Q_LOGITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                  USE_GDC: tl.constexpr):
     chunk = tl.program_id(0)
     pdl_wait(USE_GDC)
     t = tl.load(t_ptr).to(tl.float32)
     M, S = _softmax_consts(m_ptr, s_ptr, N, P, BLOCK_N, BLOCK_P)
+    if Q_LOGITS:   # the draft rows' constants, stored after the target's N rows
+        MQ, SQ = _softmax_consts(m_ptr + N * P, s_ptr + N * P, N - 1, P, BLOCK_N, BLOCK_P)
     # acceptance at every level j = 0..N-2: drafted token tokens[j+1] against p[j] and q[j]
     j = tl.arange(0, BLOCK_N)
     lev = j < N - 1
     x = tl.load(tok_ptr + j + 1, mask=lev, other=0)
     lx = tl.load(logits_ptr + j.to(tl.int64) * stride_l + x, mask=lev, other=0.0).to(tl.float32)
     px = tl.exp(tl.where(lev, lx / t - M, float("-inf"))) / tl.where(lev, S, 1.0)   # 0 off the chain
-    qx = tl.load(q_ptr + j.to(tl.int64) * stride_q + x, mask=lev, other=0.0)
+    qx = tl.load(q_ptr + j.to(tl.int64) * stride_q + x, mask=lev, other=0.0).to(tl.float32)
+    if Q_LOGITS:
+        qx = tl.exp(tl.where(lev, qx / t - MQ, float("-inf"))) / tl.where(lev, SQ, 1.0)
     u = tl.load(u_ptr + j * stride_u, mask=lev, other=0.0)
     rejected = lev & ~(u * qx < px)
     a = tl.min(tl.where(rejected, j, N - 1), axis=0)           # first rejected level, else d
@@ -101,7 +112,11 @@ def _race_kernel(logits_ptr, q_ptr, tok_ptr, u_ptr, e_ptr, t_ptr, m_ptr, s_ptr,
     p = tl.exp(la.to(tl.float32) / t - Ma) / Sa
     e = tl.load(e_ptr + cols, mask=valid, other=1.0)
     has_q = (cols * 0 + a) < N - 1                              # (BLOCK,): a block, not a scalar
-    q = tl.load(q_ptr + a.to(tl.int64) * stride_q + cols, mask=valid & has_q, other=0.0)
+    q = tl.load(q_ptr + a.to(tl.int64) * stride_q + cols, mask=valid & has_q, other=0.0).to(tl.float32)
+    if Q_LOGITS:
+        MQa = tl.sum(tl.where(j == a, MQ, 0.0), axis=0)
+        SQa = tl.sum(tl.where(j == a, SQ, 0.0), axis=0)
+        q = tl.exp(tl.where(valid & has_q, q / t - MQa, float("-inf"))) / tl.where(SQa > 0, SQa, 1.0)
     resid = tl.where(valid & has_q, tl.maximum(p - q, 0.0), 0.0)
     kr = tl.where(valid, resid / e, -1.0)
     kp = tl.where(valid, p / e, -1.0)
@@ -132,13 +147,15 @@ def _pick_kernel(rv_ptr, ri_ptr, rmax_ptr, pv_ptr, pi_ptr, bonus_ptr, P,
 
 def accept_sampling_chain(logits: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, u: torch.Tensor,
                           noise: torch.Tensor, temperature: torch.Tensor,
-                          a_out: torch.Tensor | None = None, bonus_out: torch.Tensor | None = None):
-    """logits (N, V) float (the target's, unwarped), q (>= N-1, V) fp32 draft probabilities,
+                          a_out: torch.Tensor | None = None, bonus_out: torch.Tensor | None = None,
+                          q_logits: bool = False):
+    """logits (N, V) float (the target's, unwarped), q (>= N-1, V) fp32 draft probabilities
+    (q_logits=True: the draft's unwarped logits, any float dtype, softmaxed here at temperature),
     tokens (N,) int (tokens[0] the root), u (>= N-1,) fp32 uniforms (a strided view is fine),
     noise (V,) fp32 Exp(1) draws, temperature a one-element fp32 tensor (> 0). Returns
     (accepted, bonus) as 0-dim int64 tensors (a_out / bonus_out if given: static buffers)."""
     check_tensor("logits", logits, ndim=2, dtypes=FLOATS)
-    check_tensor("q", q, ndim=2, dtypes=(torch.float32,))
+    check_tensor("q", q, ndim=2, dtypes=FLOATS if q_logits else (torch.float32,))
     check_tensor("tokens", tokens, ndim=1, dtypes=INTS)
     check_tensor("u", u, ndim=1, dtypes=(torch.float32,))
     check_tensor("noise", noise, ndim=1, dtypes=(torch.float32,))
@@ -166,25 +183,29 @@ def accept_sampling_chain(logits: torch.Tensor, q: torch.Tensor, tokens: torch.T
                  ("temperature", temperature), ("a_out", a_out), ("bonus_out", bonus_out))
     P = triton.cdiv(V, BLOCK)
     f32 = dict(dtype=torch.float32, device=dev)
-    m, s = torch.empty(N * P, **f32), torch.empty(N * P, **f32)
+    stat_rows = N + (N - 1 if q_logits else 0)      # the draft's rows after the target's
+    m, s = torch.empty(stat_rows * P, **f32), torch.empty(stat_rows * P, **f32)
     rv, rmax, pv = torch.empty(P, **f32), torch.empty(P, **f32), torch.empty(P, **f32)
     ri, pi = torch.empty(P, dtype=torch.int32, device=dev), torch.empty(P, dtype=torch.int32, device=dev)
     q_rows = q if q.shape[0] > 0 else q.new_zeros(1, V)
     u_vec = u if u.shape[0] > 0 else u.new_zeros(1)
     BN, BP = next_pow2(N), next_pow2(P)
-    _row_stats_kernel[(N, P)](logits, temperature, m, s, V, P, logits.stride(0), BLOCK=BLOCK,
-                              USE_GDC=pdl(), num_warps=4, launch_pdl=pdl())
+    _row_stats_kernel[(stat_rows, P)](logits, q_rows, temperature, m, s, N, V, P, logits.stride(0),
+                                      q_rows.stride(0), BLOCK=BLOCK, USE_GDC=pdl(), num_warps=4,
+                                      launch_pdl=pdl())
     _race_kernel[(P,)](logits, q_rows, tokens, u_vec, noise, temperature, m, s, a_out, rv, ri, rmax, pv, pi,
                        N, V, P, logits.stride(0), q_rows.stride(0), u_vec.stride(0),
-                       BLOCK=BLOCK, BLOCK_N=BN, BLOCK_P=BP, USE_GDC=pdl(), num_warps=4, launch_pdl=pdl())
+                       Q_LOGITS=q_logits, BLOCK=BLOCK, BLOCK_N=BN, BLOCK_P=BP, USE_GDC=pdl(), num_warps=4, launch_pdl=pdl())
     _pick_kernel[(1,)](rv, ri, rmax, pv, pi, bonus_out, P, BLOCK_P=BP, USE_GDC=pdl(), num_warps=1,
                        launch_pdl=pdl())
     return a_out, bonus_out
 
 
-def accept_sampling_chain_ref(logits, q, tokens, u, noise, temperature):
+def accept_sampling_chain_ref(logits, q, tokens, u, noise, temperature, q_logits: bool = False):
     """The same in PyTorch, formula by formula (float32)."""
     N, V = logits.shape
+    if q_logits:
+        q = torch.softmax(q.float() / temperature.float(), dim=-1)
     d = N - 1
     p = torch.softmax(logits.float() / temperature.float(), dim=-1)              # (N, V)
     j = torch.arange(d, device=logits.device)

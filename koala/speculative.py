@@ -41,6 +41,11 @@ from .sampling import SamplerState, graph_mode, warp_probs
 NEG = -1e30
 
 
+# sampled chains draft by Gumbel-max over the draft logits (one launch pair a level) and the
+# acceptance kernel forms q from them; "0" keeps the warped probabilities (A/B timing, tests)
+_SAMPLED_LOGITS = os.environ.get("KOALA_SAMPLED_LOGITS", "1") != "0"
+
+
 def _at(x, i):
     """x[i] for a 0-d index tensor without a host sync (plain indexing would call .item())."""
     return x.index_select(0, i.reshape(1)).squeeze(0)
@@ -248,6 +253,9 @@ class SpeculativeDecoder:
         if self.greedy:   # a ranking needs no normalisation: the top-k of the logits themselves
             rank_tok = (argmax_last(logits).unsqueeze(-1) if self.k == 1
                         else logits.topk(self.k, dim=-1).indices)            # (H, k)
+        elif self._q_logits():   # a chain over the whole vocabulary: Gumbel-max draws, q left to the kernel
+            from kernels.argmax import gumbel_argmax
+            rank_tok = gumbel_argmax(logits, self.noise_gumbel[: logits.shape[0]], self.sampler.temperature).unsqueeze(-1)
         else:
             logq = self._logq(logits)                                     # (H, Vd)
             rank_tok, _ = self._children(logq, self.noise_gumbel[: logq.shape[0]], self.k)
@@ -256,10 +264,13 @@ class SpeculativeDecoder:
         tok = rank_tok[self.m_row, self.m_rank]                           # (N,)
         tok = torch.where(self.m_is_root, self.root, tok)
         Q = None                                                          # greedy acceptance needs no q
-        if not self.greedy:
+        q_logits = not self.greedy and self._q_logits()
+        if q_logits:
+            Q = logits                                                    # chain level j ~ head j's row j
+        elif not self.greedy:
             q = head.to_full_probs(logq.exp())                            # children of depth-j nodes ~ head j
             Q = q[d.clamp_max(q.shape[0] - 1)]                            # (N, V)
-        return dict(tokens=tok, parents=self.m_parents, depth=d, anc=self.m_anc, Q=Q)
+        return dict(tokens=tok, parents=self.m_parents, depth=d, anc=self.m_anc, Q=Q, q_logits=q_logits)
 
     def _catch_up(self, W):
         """Run the EAGLE head over the cu_n entries accepted last iteration (positions
@@ -297,6 +308,12 @@ class SpeculativeDecoder:
             out = buf[j + 1:j + 2] if direct else None
             if self.greedy:
                 t = argmax_last(lg, out=out)                              # (1,) in the draft vocabulary
+            elif self._q_logits():
+                # one launch pair: a Gumbel-max draw from softmax(lg / T); the acceptance kernel
+                # forms q from these logits itself (kernels/spec_sample.py, q_logits)
+                from kernels.argmax import gumbel_argmax
+                Qs.append(lg)
+                t = gumbel_argmax(lg, self.noise_gumbel[j:j + 1], self.sampler.temperature, out=out)
             else:
                 logq = self._logq(lg)
                 Qs.append(head.to_full_probs(logq.exp()))
@@ -311,9 +328,12 @@ class SpeculativeDecoder:
                 lg, f = head.draft_step(t.view(1, 1), f.view(1, 1, -1), p.view(1, 1), p,
                                         (ar <= L + j).view(1, 1, W))
                 lg, f = lg[0], f[0]
-        Q = torch.cat(Qs + [Qs[-1][:1]]) if Qs else None                  # (N, V): a leaf has no children
+        if Qs and self._q_logits():   # the draft logits of levels 0..N-2: all the kernel reads
+            Q = Qs[0] if len(Qs) == 1 else torch.cat(Qs)
+        else:
+            Q = torch.cat(Qs + [Qs[-1][:1]]) if Qs else None              # (N, V): a leaf has no children
         return dict(tokens=buf if buf is not None else torch.cat(toks), parents=self.c_parents,
-                    depth=self.c_depth, anc=self.c_anc, Q=Q)
+                    depth=self.c_depth, anc=self.c_anc, Q=Q, q_logits=Q is not None and self._q_logits())
 
     def _draft_eagle(self, W):
         if self.mode == "chain":
@@ -437,7 +457,8 @@ class SpeculativeDecoder:
             else:
                 from kernels.spec_sample import accept_sampling_chain
                 a, bonus = accept_sampling_chain(logits, t["Q"], t["tokens"], self.noise_u[:, 0],
-                                                 self.noise_bonus, self.sampler.temperature)
+                                                 self.noise_bonus, self.sampler.temperature,
+                                                 q_logits=t.get("q_logits", False))
             commit_step(a, None, bonus, None, hidden, self.L, self.root, self.out,
                         self.cu_feat if self.eagle else self.h_prev, self.cu_tok if self.eagle else None,
                         self.cu_n if self.eagle else None, chain_tokens=t["tokens"])
@@ -476,6 +497,13 @@ class SpeculativeDecoder:
             self.h_prev.copy_(_at(hidden, _at(path, a)))
         self.L.add_(a + 1)
         self.root.copy_(bonus)
+
+    def _q_logits(self):
+        """A sampled chain whose acceptance is kernels/spec_sample.py's (fused path, temperature
+        only) and whose draft covers the whole vocabulary: draft by Gumbel-max over the logits and
+        hand the kernel those logits, not q (KOALA_SAMPLED_LOGITS=0: the probabilities, as before)."""
+        return (not self.greedy and self.chain and not self.sampler.truncate and self._fast()
+                and self.head.vocab_ids is None and _SAMPLED_LOGITS)
 
     def _fast(self):
         return _Fast.on and (self.dev.type == "cuda" or _Fast.cpu)

@@ -107,6 +107,35 @@ def test_fused_sampled_chain_acceptance_is_the_pytorch_one(tiny_bf16, fused, kin
     assert got[0].token_ids != got[1].token_ids   # the seeds draw different answers
 
 
+@pytest.mark.parametrize("kind,opts", [("medusa", dict(mode="chain", depth=2)),
+                                       ("eagle", dict(mode="chain", depth=2))], ids=["medusa", "eagle"])
+def test_sampled_chain_drafts_from_logits_as_from_probabilities(tiny_bf16, fused, kind, opts, monkeypatch):
+    """A sampled chain on the fused path drafts by Gumbel-max over the draft logits and hands the
+    acceptance kernel those logits (koala.speculative._SAMPLED_LOGITS). The draws are the same
+    in law as the old form's argmax(log q + Gumbel) with q handed over as probabilities; with the
+    same seed they are also the same draws here, acceptances included."""
+    import kernels.argmax as am
+    import koala.speculative as ks
+    torch.manual_seed(2)
+    head = DraftConfig(kind=kind, layers=1).build(tiny_bf16)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    gen = SpeculativeGenerator(tiny_bf16, head, max_seq_len=128, **opts)
+    calls = []
+    real = am.gumbel_argmax
+    monkeypatch.setattr(am, "gumbel_argmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)
+    got = [gen.generate(PROMPT, seed=s, **kw) for s in (0, 1)]
+    steps = sum(len(r.stats.accepted_per_step) for r in got)
+    assert len(calls) == steps * (opts["depth"] if kind == "eagle" else 1)
+    monkeypatch.setattr(ks, "_SAMPLED_LOGITS", False)
+    ref = [gen.generate(PROMPT, seed=s, **kw) for s in (0, 1)]
+    assert len(calls) == steps * (opts["depth"] if kind == "eagle" else 1)     # not called again
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids and g.stats.accepted_per_step == r.stats.accepted_per_step
+
+
 def test_fused_cpu_path_is_the_kernels(tiny_bf16, fused):
     """The switch really routes CPU tensors through the kernels: the fused forward's logits are
     close to the PyTorch path's, not equal (other rounding), and use_kernels(cpu=True) refuses

@@ -11,7 +11,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import accept, argmax, chain_index, medusa, rmsnorm, rope_cache, swiglu, tree_attention  # noqa: E402
+from kernels import accept, argmax, chain_index, medusa, rmsnorm, rope_cache, spec_sample, swiglu, tree_attention  # noqa: E402
 from kernels import linear, linear_rope  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -81,7 +81,19 @@ def cases(dt):
     yield ("chain indices", chain_index._chain_indices_kernel,
            ["*i64"] * 4 + ["*i1", "*i64", "*i1", "*i64", "*i64"] + ["i32"] * 3,
            dict(HAS_CU=True, HAS_ROOT=True, BLOCK_W=1024), 4)
-    yield "argmax partial", argmax._argmax_partial_kernel, [p, "*fp32", "*i32", "i32", "i32", "i32"], dict(BLOCK=1024), 4
+    for gumbel in (False, True):
+        yield (f"argmax partial gumbel={gumbel}", argmax._argmax_partial_kernel,
+               [p, "*fp32", "*fp32", "*fp32", "*i32", "i32", "i32", "i32", "i32"], dict(GUMBEL=gumbel, BLOCK=1024), 4)
+    # speculative sampling's acceptance, with q as probabilities and as draft logits
+    yield ("spec_sample row stats", spec_sample._row_stats_kernel, [p, p, "*fp32", "*fp32", "*fp32"] + ["i32"] * 5,
+           dict(BLOCK=spec_sample.BLOCK), 4)
+    for q_logits in (False, True):
+        yield (f"spec_sample race q_logits={q_logits}", spec_sample._race_kernel,
+               [p, p if q_logits else "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*fp32",
+                "*i32", "*fp32", "*fp32", "*i32"] + ["i32"] * 6,
+               dict(Q_LOGITS=q_logits, BLOCK=spec_sample.BLOCK, BLOCK_N=8, BLOCK_P=32), 4)
+    yield ("spec_sample pick", spec_sample._pick_kernel, ["*fp32", "*i32", "*fp32", "*fp32", "*i32", "*i64", "i32"],
+           dict(BLOCK_P=32), 1)
     yield "argmax final", argmax._argmax_final_kernel, ["*fp32", "*i32", "*i64", "i32"], dict(BLOCK_P=64), 1
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,
            dict(HD=64, BLOCK_D=64, BLOCK_S=16), 1)

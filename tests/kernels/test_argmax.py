@@ -61,3 +61,45 @@ def test_argmax_rejects_bad_inputs():
         argmax(torch.ones(6, 4, device=DEVICE).t())
     with pytest.raises(ValueError, match="out must be"):
         argmax(torch.ones(3, 5, device=DEVICE), out=torch.empty(2, dtype=torch.int64, device=DEVICE))
+
+
+@pytest.mark.parametrize("M,N", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gumbel_argmax_matches_its_reference(M, N, dtype):
+    from kernels.argmax import gumbel_argmax, gumbel_argmax_ref
+    g = torch.Generator().manual_seed(M * 7 + N)
+    x = (torch.randn(M, N, generator=g) * 3).to(dtype).to(DEVICE)
+    # wider noise rows than x, as the decoder's (V columns for a draft vocabulary of fewer)
+    gum = -torch.empty(M, N + 5).exponential_(generator=g).log().to(DEVICE)
+    for t in (0.4, 1.0, 1.9):
+        T = torch.tensor(t, device=DEVICE)
+        got = gumbel_argmax(x, gum, T)
+        assert got.shape == (M,) and torch.equal(got, gumbel_argmax_ref(x, gum, T))
+        assert not torch.equal(got, argmax_ref(x)) or N < 64 or t < 1   # the noise moves the draw
+
+
+def test_gumbel_argmax_draws_from_the_softmax():
+    """Frequencies of the Gumbel-max draws over fresh noise match softmax(x / T)."""
+    from kernels.argmax import gumbel_argmax
+    V, runs, T = 6, 3000, torch.tensor(0.7, device=DEVICE)
+    x = torch.tensor([[1.0, 0.2, -0.5, 0.9, 0.0, -2.0]], device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+    noise = -torch.empty(runs, V).exponential_(generator=g).log().to(DEVICE)
+    draws = gumbel_argmax(x.expand(runs, V).contiguous(), noise, T).cpu()
+    freq = torch.bincount(draws, minlength=V).float() / runs
+    p = torch.softmax(x.cpu() / 0.7, -1)[0]
+    assert torch.all((freq - p).abs() < 4 * (p * (1 - p) / runs).sqrt() + 1e-3), (freq, p)
+
+
+def test_gumbel_argmax_rejects_bad_inputs():
+    from kernels.argmax import gumbel_argmax
+    x = torch.randn(2, 40, device=DEVICE)
+    T = torch.tensor(1.0, device=DEVICE)
+    with pytest.raises(ValueError, match="rows of at least"):
+        gumbel_argmax(x, torch.zeros(2, 30, device=DEVICE), T)
+    with pytest.raises(ValueError, match="rows of at least"):
+        gumbel_argmax(x, torch.zeros(3, 40, device=DEVICE), T)
+    with pytest.raises(ValueError, match="dtype"):
+        gumbel_argmax(x, torch.zeros(2, 40, dtype=torch.float64, device=DEVICE), T)
+    with pytest.raises(ValueError, match="one value"):
+        gumbel_argmax(x, torch.zeros(2, 40, device=DEVICE), torch.ones(2, device=DEVICE))

@@ -91,3 +91,28 @@ def test_out_buffers_and_bad_inputs():
         accept_sampling_chain(logits, q.double(), tokens, u, noise, T)
     with pytest.raises(ValueError, match="one value"):
         accept_sampling_chain(logits, q, tokens, u, noise, torch.ones(2, device=DEVICE))
+
+
+@pytest.mark.parametrize("N,V", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draft_logits_give_what_their_probabilities_give(N, V, dtype):
+    """q_logits=True: the kernel softmaxes the draft's logits itself. Against its reference, and
+    against the probability form given softmax(q_logits / T) (the decisions of both agree)."""
+    seen = set()
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed * 17 + N)
+        args, _ = _case(N, V, dtype, seed * 29 + N, closeness=0.3 if seed % 2 else 3.0)
+        logits, _, tokens, u, noise, T = args
+        ql = ((logits.float().cpu() + torch.randn(N, V, generator=g) * (0.3 if seed % 2 else 3.0))
+              .to(dtype).to(DEVICE))[: max(N - 1, 0)]
+        q = torch.softmax(ql.float() / T, -1)
+        x = torch.multinomial(q.cpu(), 1, generator=g).view(-1).to(DEVICE) if N > 1 else tokens[:0]
+        tokens = torch.cat([tokens[:1], x])
+        a, b = accept_sampling_chain(logits, ql, tokens, u, noise, T, q_logits=True)
+        ra, rb = accept_sampling_chain_ref(logits, ql, tokens, u, noise, T, q_logits=True)
+        assert (int(a), int(b)) == (int(ra), int(rb)), seed
+        pa, pb = accept_sampling_chain(logits, q.contiguous(), tokens, u, noise, T)
+        assert (int(a), int(b)) == (int(pa), int(pb)), seed
+        seen.add(int(a))
+    if N in (2, 4):
+        assert {0, N - 1} <= seen, seen

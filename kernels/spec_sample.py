@@ -53,11 +53,13 @@ def _row_stats_kernel(logits_ptr, q_ptr, t_ptr, m_ptr, s_ptr, N, V, P, stride_l,
     t = tl.load(t_ptr).to(tl.float32)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     valid = cols < V
+    # both branches fp32: the two tensors' dtypes may differ (bf16 logits, fp32 probabilities q),
+    # and Triton needs one type for x after the branch (the CPU interpreter does not check that)
     if row < N:
-        x = tl.load(logits_ptr + row.to(tl.int64) * stride_l + cols, mask=valid, other=float("-inf"))
+        x = tl.load(logits_ptr + row.to(tl.int64) * stride_l + cols, mask=valid, other=float("-inf")).to(tl.float32)
     else:
-        x = tl.load(q_ptr + (row - N).to(tl.int64) * stride_q + cols, mask=valid, other=float("-inf"))
-    x = x.to(tl.float32) / t
+        x = tl.load(q_ptr + (row - N).to(tl.int64) * stride_q + cols, mask=valid, other=float("-inf")).to(tl.float32)
+    x = x / t
     m = tl.max(x, axis=0)
     s = tl.sum(tl.where(valid, tl.exp(x - m), 0.0), axis=0)
     tl.store(m_ptr + row * P + chunk, m)

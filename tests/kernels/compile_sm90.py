@@ -85,8 +85,9 @@ def cases(dt):
         yield (f"argmax partial gumbel={gumbel}", argmax._argmax_partial_kernel,
                [p, "*fp32", "*fp32", "*fp32", "*i32", "i32", "i32", "i32", "i32"], dict(GUMBEL=gumbel, BLOCK=1024), 4)
     # speculative sampling's acceptance, with q as probabilities and as draft logits
-    yield ("spec_sample row stats", spec_sample._row_stats_kernel, [p, p, "*fp32", "*fp32", "*fp32"] + ["i32"] * 5,
-           dict(BLOCK=spec_sample.BLOCK), 4)
+    for q in (p, "*fp32", "*bf16"):   # q: the draft's logits (any float) or fp32 probabilities
+        yield (f"spec_sample row stats q={q}", spec_sample._row_stats_kernel, [p, q, "*fp32", "*fp32", "*fp32"] + ["i32"] * 5,
+               dict(BLOCK=spec_sample.BLOCK), 4)
     for q_logits in (False, True):
         yield (f"spec_sample race q_logits={q_logits}", spec_sample._race_kernel,
                [p, p if q_logits else "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*fp32",

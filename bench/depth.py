@@ -19,14 +19,10 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.common import RESULTS, write
+from bench.common import write
+from bench.heads import resolve
 
 TARGET_TAU_GAIN = 0.3   # issue 4: KOALA (K >= 2, adversarial) over the one-layer head, both kinds
-
-
-def _find(path) -> Path:
-    p = Path(path)
-    return p if p.exists() or p.is_absolute() else RESULTS / p
 
 
 def default_label(head: str) -> str:
@@ -169,7 +165,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     evals = []
     for f in (s for s in a.evals.split(",") if s):
-        p = _find(f)
+        p = resolve(f)
         if not p.is_file():
             raise SystemExit(f"--evals: {p} not found")
         evals.append((p.name, json.loads(p.read_text())))

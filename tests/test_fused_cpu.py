@@ -80,6 +80,26 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
     assert real or res.stats.tau > 1.8
 
 
+SAMPLED = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)
+
+
+def _random_head_gen(lt, kind, opts):
+    """A generator with a one-layer head of small random weights (seeded)."""
+    torch.manual_seed(2)
+    head = DraftConfig(kind=kind, layers=1).build(lt)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    return SpeculativeGenerator(lt, head, max_seq_len=128, **opts)
+
+
+def _spy(monkeypatch, module, name):
+    """Count the calls of module.name (the decoder imports it at call time, so it sees the spy)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("kind,opts", [("medusa", dict(mode="chain", depth=2)),
                                        ("eagle", dict(mode="chain", depth=2))], ids=["medusa", "eagle"])
 def test_fused_sampled_chain_acceptance_is_the_pytorch_one(tiny_bf16, fused, kind, opts, monkeypatch):
@@ -87,16 +107,9 @@ def test_fused_sampled_chain_acceptance_is_the_pytorch_one(tiny_bf16, fused, kin
     same seed (so the same uniforms and noise) it gives the tokens and acceptances of the
     PyTorch acceptance, which also serves trees and truncated sampling."""
     import kernels.spec_sample as ss
-    torch.manual_seed(2)
-    head = DraftConfig(kind=kind, layers=1).build(tiny_bf16)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.05)
-    gen = SpeculativeGenerator(tiny_bf16, head, max_seq_len=128, **opts)
-    calls = []
-    real = ss.accept_sampling_chain
-    monkeypatch.setattr(ss, "accept_sampling_chain", lambda *a, **k: calls.append(1) or real(*a, **k))
-    kw = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)
+    gen = _random_head_gen(tiny_bf16, kind, opts)
+    calls = _spy(monkeypatch, ss, "accept_sampling_chain")
+    kw = SAMPLED
     got = [gen.generate(PROMPT, seed=s, **kw) for s in (0, 1)]
     assert gen.spec.chain and len(calls) == sum(len(r.stats.accepted_per_step) for r in got)
     gen.spec.chain = False                      # the PyTorch acceptance, _accept_sampling
@@ -116,16 +129,9 @@ def test_sampled_chain_drafts_from_logits_as_from_probabilities(tiny_bf16, fused
     same seed they are also the same draws here, acceptances included."""
     import kernels.argmax as am
     import koala.speculative as ks
-    torch.manual_seed(2)
-    head = DraftConfig(kind=kind, layers=1).build(tiny_bf16)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.05)
-    gen = SpeculativeGenerator(tiny_bf16, head, max_seq_len=128, **opts)
-    calls = []
-    real = am.gumbel_argmax
-    monkeypatch.setattr(am, "gumbel_argmax", lambda *a, **k: calls.append(1) or real(*a, **k))
-    kw = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)
+    gen = _random_head_gen(tiny_bf16, kind, opts)
+    calls = _spy(monkeypatch, am, "gumbel_argmax")
+    kw = SAMPLED
     got = [gen.generate(PROMPT, seed=s, **kw) for s in (0, 1)]
     steps = sum(len(r.stats.accepted_per_step) for r in got)
     assert len(calls) == steps * (opts["depth"] if kind == "eagle" else 1)

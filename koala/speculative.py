@@ -250,10 +250,11 @@ class SpeculativeDecoder:
         # indices into the draft vocabulary until the ranking is done, then the target's ids
         head = self.head
         logits = self._medusa_logits()                                    # (depth, Vd)
+        q_logits = self._q_logits()
         if self.greedy:   # a ranking needs no normalisation: the top-k of the logits themselves
             rank_tok = (argmax_last(logits).unsqueeze(-1) if self.k == 1
                         else logits.topk(self.k, dim=-1).indices)            # (H, k)
-        elif self._q_logits():   # a chain over the whole vocabulary: Gumbel-max draws, q left to the kernel
+        elif q_logits:   # a chain over the whole vocabulary: Gumbel-max draws, q left to the kernel
             from kernels.argmax import gumbel_argmax
             rank_tok = gumbel_argmax(logits, self.noise_gumbel[: logits.shape[0]], self.sampler.temperature).unsqueeze(-1)
         else:
@@ -264,7 +265,6 @@ class SpeculativeDecoder:
         tok = rank_tok[self.m_row, self.m_rank]                           # (N,)
         tok = torch.where(self.m_is_root, self.root, tok)
         Q = None                                                          # greedy acceptance needs no q
-        q_logits = not self.greedy and self._q_logits()
         if q_logits:
             Q = logits                                                    # chain level j ~ head j's row j
         elif not self.greedy:
@@ -303,12 +303,13 @@ class SpeculativeDecoder:
         toks, Qs = [self.root.view(1)], []
         ar = self.slot_range[:W]
         head = self.head
+        q_logits = self._q_logits()
         for j in range(self.depth):
             direct = buf is not None and head.vocab_ids is None
             out = buf[j + 1:j + 2] if direct else None
             if self.greedy:
                 t = argmax_last(lg, out=out)                              # (1,) in the draft vocabulary
-            elif self._q_logits():
+            elif q_logits:
                 # one launch pair: a Gumbel-max draw from softmax(lg / T); the acceptance kernel
                 # forms q from these logits itself (kernels/spec_sample.py, q_logits)
                 from kernels.argmax import gumbel_argmax
@@ -328,12 +329,12 @@ class SpeculativeDecoder:
                 lg, f = head.draft_step(t.view(1, 1), f.view(1, 1, -1), p.view(1, 1), p,
                                         (ar <= L + j).view(1, 1, W))
                 lg, f = lg[0], f[0]
-        if Qs and self._q_logits():   # the draft logits of levels 0..N-2: all the kernel reads
+        if q_logits:   # the draft logits of levels 0..N-2: all the kernel reads
             Q = Qs[0] if len(Qs) == 1 else torch.cat(Qs)
         else:
             Q = torch.cat(Qs + [Qs[-1][:1]]) if Qs else None              # (N, V): a leaf has no children
         return dict(tokens=buf if buf is not None else torch.cat(toks), parents=self.c_parents,
-                    depth=self.c_depth, anc=self.c_anc, Q=Q, q_logits=Q is not None and self._q_logits())
+                    depth=self.c_depth, anc=self.c_anc, Q=Q, q_logits=q_logits)
 
     def _draft_eagle(self, W):
         if self.mode == "chain":

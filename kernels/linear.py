@@ -117,7 +117,14 @@ def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K,
         a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
         w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, True)              # (BLOCK_K, BLOCK_N)
         # x is fed to the product in W's dtype, as F.linear does
-        acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
+        if DOT_PRECISION == "ieee":
+            # fp32: the IEEE dot is a chain of FMAs over k, so one running sum over all of K
+            # carries K roundings (5-8x the cuBLAS reference's error at K = 1536-4100 on the
+            # H200); a fresh sum per K block, added to the total, carries BLOCK_K + K / BLOCK_K
+            acc += dot_acc(cast_rne(a, w.dtype), w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                           DOT_PRECISION, UPCAST)
+        else:
+            acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
     return acc
 
 
@@ -432,6 +439,10 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS=cfg.ROWS,
         USE_GDC=pdl(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl(),
+        # fp32: no contraction of a product and a sum into one FMA, which the compiler decides
+        # per instance (a GEMV row of a ROWS=8 program and the same row alone got different
+        # bits at K = 4100 on the H200); bf16 products are exact in fp32, so FMA changes nothing
+        enable_fp_fusion=x2.dtype != torch.float32,
     )
 
 

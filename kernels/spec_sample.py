@@ -29,6 +29,9 @@ Temperature-only warping: top-k / top-p sampling keeps the PyTorch path.
 q_logits=True: q holds the draft's raw logits instead of its probabilities, and q[j] =
 softmax(q_logits[j] / temperature) is formed here (launch 1 reduces those rows too), so a sampled
 draft that draws by Gumbel-max (kernels/argmax.py, gumbel_argmax) never materialises its q.
+q_ids (V,) int32: q's columns are a draft vocabulary of Vq tokens (koala.heads DraftHead.set_draft_vocab)
+and q_ids[v] is token v's column there, or -1 (q = 0: the draft never proposes v). Both kernels then
+read q through that map, so a draft over a subset never scatters its q onto all V tokens.
 """
 from __future__ import annotations
 
@@ -44,15 +47,16 @@ _BIG = tl.constexpr(2 ** 31 - 1)
 
 
 @triton.jit
-def _row_stats_kernel(logits_ptr, q_ptr, t_ptr, m_ptr, s_ptr, N, V, P, stride_l, stride_q,
+def _row_stats_kernel(logits_ptr, q_ptr, t_ptr, m_ptr, s_ptr, N, V, VQ, P, stride_l, stride_q,
                       BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    """Rows 0..N-1: the target's logits; rows N.. (q_logits only): the draft's logits."""
+    """Rows 0..N-1: the target's logits (V columns); rows N.. (q_logits only): the draft's
+    logits (VQ columns; a chunk past them stores max -inf and sum 0)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     pdl_wait(USE_GDC)
     t = tl.load(t_ptr).to(tl.float32)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    valid = cols < V
+    valid = cols < tl.where(row < N, V, VQ)
     # both branches fp32: the two tensors' dtypes may differ (bf16 logits, fp32 probabilities q),
     # and Triton needs one type for x after the branch (the CPU interpreter does not check that)
     if row < N:
@@ -61,7 +65,8 @@ def _row_stats_kernel(logits_ptr, q_ptr, t_ptr, m_ptr, s_ptr, N, V, P, stride_l,
         x = tl.load(q_ptr + (row - N).to(tl.int64) * stride_q + cols, mask=valid, other=float("-inf")).to(tl.float32)
     x = x / t
     m = tl.max(x, axis=0)
-    s = tl.sum(tl.where(valid, tl.exp(x - m), 0.0), axis=0)
+    # a draft row's chunk past its VQ columns holds no value: max -inf, sum 0 (no -inf - -inf)
+    s = tl.sum(tl.where(valid, tl.exp(x - tl.where(m > float("-inf"), m, 0.0)), 0.0), axis=0)
     tl.store(m_ptr + row * P + chunk, m)
     tl.store(s_ptr + row * P + chunk, s)
 
@@ -82,8 +87,8 @@ def _softmax_consts(m_ptr, s_ptr, N, P, BLOCK_N: tl.constexpr, BLOCK_P: tl.const
 @triton.jit
 def _race_kernel(logits_ptr, q_ptr, tok_ptr, u_ptr, e_ptr, t_ptr, m_ptr, s_ptr,
                  a_ptr, rv_ptr, ri_ptr, rmax_ptr, pv_ptr, pi_ptr,
-                 N, V, P, stride_l, stride_q, stride_u,
-                 Q_LOGITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                 ids_ptr, N, V, P, stride_l, stride_q, stride_u,
+                 Q_LOGITS: tl.constexpr, Q_IDS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                  USE_GDC: tl.constexpr):
     chunk = tl.program_id(0)
     pdl_wait(USE_GDC)
@@ -97,9 +102,14 @@ def _race_kernel(logits_ptr, q_ptr, tok_ptr, u_ptr, e_ptr, t_ptr, m_ptr, s_ptr,
     x = tl.load(tok_ptr + j + 1, mask=lev, other=0)
     lx = tl.load(logits_ptr + j.to(tl.int64) * stride_l + x, mask=lev, other=0.0).to(tl.float32)
     px = tl.exp(tl.where(lev, lx / t - M, float("-inf"))) / tl.where(lev, S, 1.0)   # 0 off the chain
-    qx = tl.load(q_ptr + j.to(tl.int64) * stride_q + x, mask=lev, other=0.0).to(tl.float32)
+    if Q_IDS:   # the drafted token's column in the draft vocabulary (-1: outside it, q = 0)
+        xq = tl.load(ids_ptr + x, mask=lev, other=-1)
+    else:
+        xq = x
+    inq = lev & (xq >= 0)
+    qx = tl.load(q_ptr + j.to(tl.int64) * stride_q + xq, mask=inq, other=0.0).to(tl.float32)
     if Q_LOGITS:
-        qx = tl.exp(tl.where(lev, qx / t - MQ, float("-inf"))) / tl.where(lev, SQ, 1.0)
+        qx = tl.exp(tl.where(inq, qx / t - MQ, float("-inf"))) / tl.where(lev, SQ, 1.0)
     u = tl.load(u_ptr + j * stride_u, mask=lev, other=0.0)
     rejected = lev & ~(u * qx < px)
     a = tl.min(tl.where(rejected, j, N - 1), axis=0)           # first rejected level, else d
@@ -114,11 +124,16 @@ def _race_kernel(logits_ptr, q_ptr, tok_ptr, u_ptr, e_ptr, t_ptr, m_ptr, s_ptr,
     p = tl.exp(la.to(tl.float32) / t - Ma) / Sa
     e = tl.load(e_ptr + cols, mask=valid, other=1.0)
     has_q = (cols * 0 + a) < N - 1                              # (BLOCK,): a block, not a scalar
-    q = tl.load(q_ptr + a.to(tl.int64) * stride_q + cols, mask=valid & has_q, other=0.0).to(tl.float32)
+    if Q_IDS:
+        cq = tl.load(ids_ptr + cols, mask=valid & has_q, other=-1)
+    else:
+        cq = cols
+    inq = valid & has_q & (cq >= 0)
+    q = tl.load(q_ptr + a.to(tl.int64) * stride_q + cq, mask=inq, other=0.0).to(tl.float32)
     if Q_LOGITS:
         MQa = tl.sum(tl.where(j == a, MQ, 0.0), axis=0)
         SQa = tl.sum(tl.where(j == a, SQ, 0.0), axis=0)
-        q = tl.exp(tl.where(valid & has_q, q / t - MQa, float("-inf"))) / tl.where(SQa > 0, SQa, 1.0)
+        q = tl.exp(tl.where(inq, q / t - MQa, float("-inf"))) / tl.where(SQa > 0, SQa, 1.0)
     resid = tl.where(valid & has_q, tl.maximum(p - q, 0.0), 0.0)
     kr = tl.where(valid, resid / e, -1.0)
     kp = tl.where(valid, p / e, -1.0)
@@ -150,9 +165,10 @@ def _pick_kernel(rv_ptr, ri_ptr, rmax_ptr, pv_ptr, pi_ptr, bonus_ptr, P,
 def accept_sampling_chain(logits: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, u: torch.Tensor,
                           noise: torch.Tensor, temperature: torch.Tensor,
                           a_out: torch.Tensor | None = None, bonus_out: torch.Tensor | None = None,
-                          q_logits: bool = False):
+                          q_logits: bool = False, q_ids: torch.Tensor | None = None):
     """logits (N, V) float (the target's, unwarped), q (>= N-1, V) fp32 draft probabilities
-    (q_logits=True: the draft's unwarped logits, any float dtype, softmaxed here at temperature),
+    (q_logits=True: the draft's unwarped logits, any float dtype, softmaxed here at temperature;
+    q_ids (V,) int32: q has Vq columns instead, a draft vocabulary, and q_ids maps tokens to them),
     tokens (N,) int (tokens[0] the root), u (>= N-1,) fp32 uniforms (a strided view is fine),
     noise (V,) fp32 Exp(1) draws, temperature a one-element fp32 tensor (> 0). Returns
     (accepted, bonus) as 0-dim int64 tensors (a_out / bonus_out if given: static buffers)."""
@@ -167,7 +183,15 @@ def accept_sampling_chain(logits: torch.Tensor, q: torch.Tensor, tokens: torch.T
     N, V = logits.shape
     if N < 1 or V < 1:
         raise ValueError(f"logits must be (N >= 1, V >= 1), got {tuple(logits.shape)}")
-    if q.shape[1] != V or q.shape[0] < N - 1 or tokens.shape[0] != N or u.shape[0] < N - 1 or noise.shape[0] != V:
+    Vq = V
+    if q_ids is not None:
+        check_tensor("q_ids", q_ids, ndim=1, dtypes=(torch.int32,), shape=(V,))
+        if not q_ids.is_contiguous():
+            raise ValueError("q_ids must be contiguous")
+        Vq = q.shape[1]
+        if not 1 <= Vq <= V:
+            raise ValueError(f"q must have 1 to V = {V} columns (a draft vocabulary), got {tuple(q.shape)}")
+    if q.shape[1] != Vq or q.shape[0] < N - 1 or tokens.shape[0] != N or u.shape[0] < N - 1 or noise.shape[0] != V:
         raise ValueError(f"shapes disagree: logits {tuple(logits.shape)}, q {tuple(q.shape)}, tokens "
                          f"{tuple(tokens.shape)}, u {tuple(u.shape)}, noise {tuple(noise.shape)}")
     if temperature.numel() != 1:
@@ -182,32 +206,37 @@ def accept_sampling_chain(logits: torch.Tensor, q: torch.Tensor, tokens: torch.T
         if t.numel() != 1:
             raise ValueError(f"{name} must hold one int64, got shape {tuple(t.shape)}")
     check_device(("logits", logits), ("q", q), ("tokens", tokens), ("u", u), ("noise", noise),
-                 ("temperature", temperature), ("a_out", a_out), ("bonus_out", bonus_out))
+                 ("temperature", temperature), ("a_out", a_out), ("bonus_out", bonus_out),
+                 *((("q_ids", q_ids),) if q_ids is not None else ()))
     P = triton.cdiv(V, BLOCK)
     f32 = dict(dtype=torch.float32, device=dev)
     stat_rows = N + (N - 1 if q_logits else 0)      # the draft's rows after the target's
     m, s = torch.empty(stat_rows * P, **f32), torch.empty(stat_rows * P, **f32)
     rv, rmax, pv = torch.empty(P, **f32), torch.empty(P, **f32), torch.empty(P, **f32)
     ri, pi = torch.empty(P, dtype=torch.int32, device=dev), torch.empty(P, dtype=torch.int32, device=dev)
-    q_rows = q if q.shape[0] > 0 else q.new_zeros(1, V)
+    q_rows = q if q.shape[0] > 0 else q.new_zeros(1, Vq)
     u_vec = u if u.shape[0] > 0 else u.new_zeros(1)
     BN, BP = next_pow2(N), next_pow2(P)
-    _row_stats_kernel[(stat_rows, P)](logits, q_rows, temperature, m, s, N, V, P, logits.stride(0),
+    _row_stats_kernel[(stat_rows, P)](logits, q_rows, temperature, m, s, N, V, Vq, P, logits.stride(0),
                                       q_rows.stride(0), BLOCK=BLOCK, USE_GDC=pdl(), num_warps=4,
                                       launch_pdl=pdl())
     _race_kernel[(P,)](logits, q_rows, tokens, u_vec, noise, temperature, m, s, a_out, rv, ri, rmax, pv, pi,
-                       N, V, P, logits.stride(0), q_rows.stride(0), u_vec.stride(0),
-                       Q_LOGITS=q_logits, BLOCK=BLOCK, BLOCK_N=BN, BLOCK_P=BP, USE_GDC=pdl(), num_warps=4, launch_pdl=pdl())
+                       tokens if q_ids is None else q_ids, N, V, P, logits.stride(0), q_rows.stride(0),
+                       u_vec.stride(0), Q_LOGITS=q_logits, Q_IDS=q_ids is not None, BLOCK=BLOCK, BLOCK_N=BN, BLOCK_P=BP, USE_GDC=pdl(), num_warps=4, launch_pdl=pdl())
     _pick_kernel[(1,)](rv, ri, rmax, pv, pi, bonus_out, P, BLOCK_P=BP, USE_GDC=pdl(), num_warps=1,
                        launch_pdl=pdl())
     return a_out, bonus_out
 
 
-def accept_sampling_chain_ref(logits, q, tokens, u, noise, temperature, q_logits: bool = False):
+def accept_sampling_chain_ref(logits, q, tokens, u, noise, temperature, q_logits: bool = False,
+                              q_ids=None):
     """The same in PyTorch, formula by formula (float32)."""
     N, V = logits.shape
     if q_logits:
         q = torch.softmax(q.float() / temperature.float(), dim=-1)
+    if q_ids is not None:   # onto all V tokens, zero outside the draft vocabulary
+        ids = q_ids.long()
+        q = torch.where(ids >= 0, q[:, ids.clamp_min(0)], 0.0)
     d = N - 1
     p = torch.softmax(logits.float() / temperature.float(), dim=-1)              # (N, V)
     j = torch.arange(d, device=logits.device)

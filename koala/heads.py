@@ -161,6 +161,7 @@ class _DraftHead(nn.Module):
         # (V,) int64: each token's count in the training answers (token_counts.safetensors), or None
         self.token_counts: torch.Tensor | None = None
         self.vocab_ids: torch.Tensor | None = None   # (n,) the draft vocabulary, ascending ids; None: all
+        self.vocab_index: torch.Tensor | None = None  # (V,) int32: a token's index in vocab_ids, or -1
         self._vocab_w: list | None = None            # the gathered projection rows, one per projection
 
     def lm_head(self, x):  # x (..., D) -> (..., V) with the target's frozen LM head
@@ -184,7 +185,7 @@ class _DraftHead(nn.Module):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise KoalaError(f"draft_vocab must be None or a positive integer, got {n!r}")
         if n is None or n >= V:
-            self.vocab_ids, self._vocab_w = None, None
+            self.vocab_ids, self.vocab_index, self._vocab_w = None, None, None
             return
         if self.token_counts is None:
             raise KoalaError(f"draft_vocab={n} needs the head's token counts, and this head has none: run "
@@ -195,18 +196,20 @@ class _DraftHead(nn.Module):
         order = torch.sort(-counts, stable=True).indices[:n]
         dev = self._projections()[0][0].device
         self.vocab_ids = order.sort().values.to(dev)
+        self.vocab_index = torch.full((V,), -1, dtype=torch.int32, device=dev)
+        self.vocab_index[self.vocab_ids] = torch.arange(n, dtype=torch.int32, device=dev)
         self._vocab_w = [(w.detach()[self.vocab_ids].contiguous(),
                           None if b is None else b.detach()[self.vocab_ids].contiguous())
                          for w, b in self._projections()]
 
     def draft_vocab_state(self):
         """The draft vocabulary in use (an opaque value for restore_draft_vocab)."""
-        return self.vocab_ids, self._vocab_w
+        return self.vocab_ids, self.vocab_index, self._vocab_w
 
     def restore_draft_vocab(self, state):
         """Put back a draft vocabulary taken with draft_vocab_state: the same tensors, so that
         CUDA graphs captured with it stay valid after another decoder set its own."""
-        self.vocab_ids, self._vocab_w = state
+        self.vocab_ids, self.vocab_index, self._vocab_w = state
 
     def draft_project(self, x, i: int = 0):
         """Projection i applied to x (..., D) over the draft vocabulary: (..., draft_vocab_size)."""

@@ -254,7 +254,7 @@ class SpeculativeDecoder:
         if self.greedy:   # a ranking needs no normalisation: the top-k of the logits themselves
             rank_tok = (argmax_last(logits).unsqueeze(-1) if self.k == 1
                         else logits.topk(self.k, dim=-1).indices)            # (H, k)
-        elif q_logits:   # a chain over the whole vocabulary: Gumbel-max draws, q left to the kernel
+        elif q_logits:   # a chain: Gumbel-max draws, q left to the kernel (over the draft vocabulary)
             from kernels.argmax import gumbel_argmax
             rank_tok = gumbel_argmax(logits, self.noise_gumbel[: logits.shape[0]], self.sampler.temperature).unsqueeze(-1)
         else:
@@ -270,7 +270,8 @@ class SpeculativeDecoder:
         elif not self.greedy:
             q = head.to_full_probs(logq.exp())                            # children of depth-j nodes ~ head j
             Q = q[d.clamp_max(q.shape[0] - 1)]                            # (N, V)
-        return dict(tokens=tok, parents=self.m_parents, depth=d, anc=self.m_anc, Q=Q, q_logits=q_logits)
+        return dict(tokens=tok, parents=self.m_parents, depth=d, anc=self.m_anc, Q=Q, q_logits=q_logits,
+                    q_ids=head.vocab_index if q_logits else None)
 
     def _catch_up(self, W):
         """Run the EAGLE head over the cu_n entries accepted last iteration (positions
@@ -311,7 +312,8 @@ class SpeculativeDecoder:
                 t = argmax_last(lg, out=out)                              # (1,) in the draft vocabulary
             elif q_logits:
                 # one launch pair: a Gumbel-max draw from softmax(lg / T); the acceptance kernel
-                # forms q from these logits itself (kernels/spec_sample.py, q_logits)
+                # forms q from these logits itself (kernels/spec_sample.py, q_logits), over the
+                # draft vocabulary through head.vocab_index when the head has one
                 from kernels.argmax import gumbel_argmax
                 Qs.append(lg)
                 t = gumbel_argmax(lg, self.noise_gumbel[j:j + 1], self.sampler.temperature, out=out)
@@ -334,7 +336,8 @@ class SpeculativeDecoder:
         else:
             Q = torch.cat(Qs + [Qs[-1][:1]]) if Qs else None              # (N, V): a leaf has no children
         return dict(tokens=buf if buf is not None else torch.cat(toks), parents=self.c_parents,
-                    depth=self.c_depth, anc=self.c_anc, Q=Q, q_logits=q_logits)
+                    depth=self.c_depth, anc=self.c_anc, Q=Q, q_logits=q_logits,
+                    q_ids=head.vocab_index if q_logits else None)
 
     def _draft_eagle(self, W):
         if self.mode == "chain":
@@ -459,7 +462,7 @@ class SpeculativeDecoder:
                 from kernels.spec_sample import accept_sampling_chain
                 a, bonus = accept_sampling_chain(logits, t["Q"], t["tokens"], self.noise_u[:, 0],
                                                  self.noise_bonus, self.sampler.temperature,
-                                                 q_logits=t.get("q_logits", False))
+                                                 q_logits=t.get("q_logits", False), q_ids=t.get("q_ids"))
             commit_step(a, None, bonus, None, hidden, self.L, self.root, self.out,
                         self.cu_feat if self.eagle else self.h_prev, self.cu_tok if self.eagle else None,
                         self.cu_n if self.eagle else None, chain_tokens=t["tokens"])
@@ -501,10 +504,11 @@ class SpeculativeDecoder:
 
     def _q_logits(self):
         """A sampled chain whose acceptance is kernels/spec_sample.py's (fused path, temperature
-        only) and whose draft covers the whole vocabulary: draft by Gumbel-max over the logits and
-        hand the kernel those logits, not q (KOALA_SAMPLED_LOGITS=0: the probabilities, as before)."""
+        only): draft by Gumbel-max over the logits and hand the kernel those logits, not q, and for
+        a draft vocabulary its token -> column map, not q scattered onto all V tokens
+        (KOALA_SAMPLED_LOGITS=0: the probabilities over all V, as before)."""
         return (not self.greedy and self.chain and not self.sampler.truncate and self._fast()
-                and self.head.vocab_ids is None and _SAMPLED_LOGITS)
+                and _SAMPLED_LOGITS)
 
     def _fast(self):
         return _Fast.on and (self.dev.type == "cuda" or _Fast.cpu)

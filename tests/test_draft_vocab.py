@@ -73,6 +73,10 @@ def test_set_draft_vocab_takes_the_most_frequent_in_id_order(tiny):
     head.set_draft_vocab(3)                                      # 90, then the two lowest ids of the tie
     assert head.vocab_ids.tolist() == [3, 5, 90]
     assert head.draft_vocab_size == 3
+    # the inverse map (kernels/spec_sample.py's q_ids): each draft token's column, -1 elsewhere
+    idx = head.vocab_index
+    assert idx.dtype == torch.int32 and idx.shape == (V,)
+    assert idx[[3, 5, 90]].tolist() == [0, 1, 2] and int((idx >= 0).sum()) == 3
     x = torch.randn(2, tiny.model.config.dim)
     full = head.lm_head(x)
     torch.testing.assert_close(head.draft_project(x), full[:, [3, 5, 90]])
@@ -81,7 +85,7 @@ def test_set_draft_vocab_takes_the_most_frequent_in_id_order(tiny):
     qf = head.to_full_probs(q)
     assert qf.shape == (1, V) and torch.equal(qf[0, [3, 5, 90]], q[0]) and qf.sum() == pytest.approx(1.0)
     head.set_draft_vocab(V)                                      # all of it: the plain path again
-    assert head.vocab_ids is None and head.draft_vocab_size == V
+    assert head.vocab_ids is None and head.vocab_index is None and head.draft_vocab_size == V
     head.set_draft_vocab(None)
     assert head.vocab_ids is None
 

@@ -83,14 +83,17 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
 SAMPLED = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)
 
 
-def _random_head_gen(lt, kind, opts):
-    """A generator with a one-layer head of small random weights (seeded)."""
+def _random_head_gen(lt, kind, opts, draft_vocab=None):
+    """A generator with a one-layer head of small random weights (seeded); draft_vocab: its n
+    most frequent tokens under random counts."""
     torch.manual_seed(2)
     head = DraftConfig(kind=kind, layers=1).build(lt)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.05)
-    return SpeculativeGenerator(lt, head, max_seq_len=128, **opts)
+    if draft_vocab is not None:
+        head.token_counts = torch.randint(0, 1000, (lt.model.config.vocab_size,))
+    return SpeculativeGenerator(lt, head, max_seq_len=128, draft_vocab=draft_vocab, **opts)
 
 
 def _spy(monkeypatch, module, name):
@@ -122,19 +125,29 @@ def test_fused_sampled_chain_acceptance_is_the_pytorch_one(tiny_bf16, fused, kin
 
 @pytest.mark.parametrize("kind,opts", [("medusa", dict(mode="chain", depth=2)),
                                        ("eagle", dict(mode="chain", depth=2))], ids=["medusa", "eagle"])
-def test_sampled_chain_drafts_from_logits_as_from_probabilities(tiny_bf16, fused, kind, opts, monkeypatch):
+@pytest.mark.parametrize("draft_vocab", [None, 40], ids=["all", "vocab40"])
+def test_sampled_chain_drafts_from_logits_as_from_probabilities(tiny_bf16, fused, kind, opts, draft_vocab,
+                                                                monkeypatch):
     """A sampled chain on the fused path drafts by Gumbel-max over the draft logits and hands the
     acceptance kernel those logits (koala.speculative._SAMPLED_LOGITS). The draws are the same
     in law as the old form's argmax(log q + Gumbel) with q handed over as probabilities; with the
-    same seed they are also the same draws here, acceptances included."""
+    same seed they are also the same draws here, acceptances included. A draft vocabulary: the
+    kernel reads the logits over it through head.vocab_index, the old form q scattered onto V."""
     import kernels.argmax as am
+    import kernels.spec_sample as ss
     import koala.speculative as ks
-    gen = _random_head_gen(tiny_bf16, kind, opts)
+    gen = _random_head_gen(tiny_bf16, kind, opts, draft_vocab)
+    assert gen.spec.head.draft_vocab_size == (draft_vocab or tiny_bf16.model.config.vocab_size)
+    maps = []
+    real = ss.accept_sampling_chain
+    monkeypatch.setattr(ss, "accept_sampling_chain",
+                        lambda *a, **k: maps.append(k.get("q_ids")) or real(*a, **k))
     calls = _spy(monkeypatch, am, "gumbel_argmax")
     kw = SAMPLED
     got = [gen.generate(PROMPT, seed=s, **kw) for s in (0, 1)]
     steps = sum(len(r.stats.accepted_per_step) for r in got)
     assert len(calls) == steps * (opts["depth"] if kind == "eagle" else 1)
+    assert len(maps) == steps and all((m is None) == (draft_vocab is None) for m in maps)
     monkeypatch.setattr(ks, "_SAMPLED_LOGITS", False)
     ref = [gen.generate(PROMPT, seed=s, **kw) for s in (0, 1)]
     assert len(calls) == steps * (opts["depth"] if kind == "eagle" else 1)     # not called again

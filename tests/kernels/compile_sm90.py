@@ -86,13 +86,14 @@ def cases(dt):
                [p, "*fp32", "*fp32", "*fp32", "*i32", "i32", "i32", "i32", "i32"], dict(GUMBEL=gumbel, BLOCK=1024), 4)
     # speculative sampling's acceptance, with q as probabilities and as draft logits
     for q in (p, "*fp32", "*bf16"):   # q: the draft's logits (any float) or fp32 probabilities
-        yield (f"spec_sample row stats q={q}", spec_sample._row_stats_kernel, [p, q, "*fp32", "*fp32", "*fp32"] + ["i32"] * 5,
+        yield (f"spec_sample row stats q={q}", spec_sample._row_stats_kernel, [p, q, "*fp32", "*fp32", "*fp32"] + ["i32"] * 6,
                dict(BLOCK=spec_sample.BLOCK), 4)
     for q_logits in (False, True):
-        yield (f"spec_sample race q_logits={q_logits}", spec_sample._race_kernel,
-               [p, p if q_logits else "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*fp32",
-                "*i32", "*fp32", "*fp32", "*i32"] + ["i32"] * 6,
-               dict(Q_LOGITS=q_logits, BLOCK=spec_sample.BLOCK, BLOCK_N=8, BLOCK_P=32), 4)
+        for q_ids in (False, True):   # q over all V tokens, or over a draft vocabulary through its map
+            yield (f"spec_sample race q_logits={q_logits} q_ids={q_ids}", spec_sample._race_kernel,
+                   [p, p if q_logits else "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "*fp32", "*fp32", "*i64", "*fp32",
+                    "*i32", "*fp32", "*fp32", "*i32", "*i32" if q_ids else "*i64"] + ["i32"] * 6,
+                   dict(Q_LOGITS=q_logits, Q_IDS=q_ids, BLOCK=spec_sample.BLOCK, BLOCK_N=8, BLOCK_P=32), 4)
     yield ("spec_sample pick", spec_sample._pick_kernel, ["*fp32", "*i32", "*fp32", "*fp32", "*i32", "*i64", "i32"],
            dict(BLOCK_P=32), 1)
     yield "argmax final", argmax._argmax_final_kernel, ["*fp32", "*i32", "*i64", "i32"], dict(BLOCK_P=64), 1

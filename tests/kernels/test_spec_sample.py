@@ -116,3 +116,54 @@ def test_draft_logits_give_what_their_probabilities_give(N, V, dtype):
         seen.add(int(a))
     if N in (2, 4):
         assert {0, N - 1} <= seen, seen
+
+
+def _vocab_case(N, V, Vq, dtype, seed):
+    """A draft over Vq of the V tokens (ascending ids): its logits (N-1, Vq), the map q_ids (V,),
+    and a chain drawn from it."""
+    g = torch.Generator().manual_seed(seed)
+    args, _ = _case(N, V, dtype, seed, closeness=0.3 if seed % 2 else 3.0)
+    logits, _, tokens, u, noise, T = args
+    ids = torch.randperm(V, generator=g)[:Vq].sort().values
+    q_ids = torch.full((V,), -1, dtype=torch.int32)
+    q_ids[ids] = torch.arange(Vq, dtype=torch.int32)
+    # the target's mass mostly on the subset too (else no chain is ever accepted whole)
+    logits = logits.float().cpu().index_add_(1, ids, torch.full((N, Vq), 4.0)).to(dtype).to(DEVICE)
+    # near the target's own logits on the subset, so that runs of acceptances happen
+    ql = (logits.float().cpu()[: max(N - 1, 0)][:, ids] + torch.randn(max(N - 1, 0), Vq, generator=g)).to(dtype)
+    q = torch.softmax(ql.float() / T.cpu(), -1)
+    x = ids[torch.multinomial(q, 1, generator=g).view(-1)] if N > 1 else tokens[:0].cpu()
+    tokens = torch.cat([tokens[:1], x.to(DEVICE)])
+    q_full = torch.zeros(max(N - 1, 0), V).index_copy_(1, ids, q)
+    return (logits, tokens, u, noise, T), ql.to(DEVICE), q.to(DEVICE), q_full.to(DEVICE), q_ids.to(DEVICE)
+
+
+@pytest.mark.parametrize("N,V,Vq", [(2, 37, 11), (4, BLOCK + 3, 700), (5, 3 * BLOCK - 5, BLOCK + 1), (3, 40, 40)]
+                         + ([(9, 49152, 8192)] if ON_GPU else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_draft_vocabulary_read_through_its_map(N, V, Vq, dtype):
+    """q_ids: q over a draft vocabulary, read through the token -> column map, in both forms,
+    against the reference and against the same q scattered onto all V tokens (zero elsewhere)."""
+    seen = set()
+    for seed in range(10):
+        (logits, tokens, u, noise, T), ql, q, q_full, q_ids = _vocab_case(N, V, Vq, dtype, seed * 13 + N)
+        full = tuple(map(int, accept_sampling_chain(logits, q_full, tokens, u, noise, T)))
+        for form, qq in ((True, ql), (False, q)):
+            got = tuple(map(int, accept_sampling_chain(logits, qq, tokens, u, noise, T, q_logits=form, q_ids=q_ids)))
+            ref = tuple(map(int, accept_sampling_chain_ref(logits, qq, tokens, u, noise, T, q_logits=form,
+                                                           q_ids=q_ids)))
+            assert got == ref == full, (seed, form)
+        seen.add(full[0])
+    if N in (2, 4):
+        assert {0, N - 1} <= seen, seen
+
+
+def test_a_draft_vocabulary_map_is_checked():
+    (logits, tokens, u, noise, T), ql, _, _, q_ids = _vocab_case(3, 40, 11, torch.float32, 2)
+    with pytest.raises(ValueError, match="q_ids"):
+        accept_sampling_chain(logits, ql, tokens, u, noise, T, q_logits=True, q_ids=q_ids.long())
+    with pytest.raises(ValueError, match="q_ids"):
+        accept_sampling_chain(logits, ql, tokens, u, noise, T, q_logits=True, q_ids=q_ids[:30])
+    wide = torch.zeros(2, 41, device=DEVICE)
+    with pytest.raises(ValueError, match="1 to V"):
+        accept_sampling_chain(logits, wide, tokens, u, noise, T, q_logits=True, q_ids=q_ids)

@@ -117,14 +117,10 @@ def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K,
         a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
         w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, True)              # (BLOCK_K, BLOCK_N)
         # x is fed to the product in W's dtype, as F.linear does
-        if DOT_PRECISION == "ieee":
-            # fp32: the IEEE dot is a chain of FMAs over k, so one running sum over all of K
-            # carries K roundings (5-8x the cuBLAS reference's error at K = 1536-4100 on the
-            # H200); a fresh sum per K block, added to the total, carries BLOCK_K + K / BLOCK_K
-            acc += dot_acc(cast_rne(a, w.dtype), w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                           DOT_PRECISION, UPCAST)
-        else:
-            acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
+        # (fp32: one FMA chain over all of K, 5-8x cuBLAS's error at K = 1536-4100 on the H200;
+        # a fresh sum per block added to the total gave the same bits there: Triton folds
+        # add(dot(a, b, 0), acc) back into dot(a, b, acc))
+        acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
     return acc
 
 

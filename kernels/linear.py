@@ -117,10 +117,16 @@ def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K,
         a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
         w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, True)              # (BLOCK_K, BLOCK_N)
         # x is fed to the product in W's dtype, as F.linear does
-        # (fp32: one FMA chain over all of K, 5-8x cuBLAS's error at K = 1536-4100 on the H200;
-        # a fresh sum per block added to the total gave the same bits there: Triton folds
-        # add(dot(a, b, 0), acc) back into dot(a, b, acc))
-        acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
+        if DOT_PRECISION == "ieee":
+            # fp32: each K block summed afresh, then added to the total. One FMA chain over all
+            # of K (dot(a, b, acc)) had 5-8x cuBLAS's error at K = 1536-4100 on the H200. A plain
+            # `acc + dot(a, b)` is folded back into dot(a, b, acc) by Triton's combine pass;
+            # fma(part, 1, acc) is the same single rounding of part + acc and is not folded
+            part = dot_acc(cast_rne(a, w.dtype), w, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                           DOT_PRECISION, UPCAST)
+            acc = tl.fma(part, 1.0, acc)
+        else:
+            acc = dot_acc(cast_rne(a, w.dtype), w, acc, DOT_PRECISION, UPCAST)
     return acc
 
 

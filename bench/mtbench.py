@@ -318,7 +318,8 @@ def main(argv=None):
 
 def peers(lt, qs, max_new, plain):
     """transformers' generate (plain) and prompt-lookup decoding, same GPU, first turns only."""
-    from transformers import AutoModelForCausalLM
+    from koala.loading import transformers_api
+    AutoModelForCausalLM, = transformers_api("AutoModelForCausalLM")
 
     from koala.loading import _gguf_to_cache, default_gguf_path
     hf = AutoModelForCausalLM.from_pretrained(_gguf_to_cache(default_gguf_path()), local_files_only=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import SUPPORTED_ARCHS, ModelConfig
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, KoalaError, UnsupportedModelError
 from .model import Transformer
 
 log = logging.getLogger("koala")
@@ -114,12 +114,42 @@ def build_model(cfg: ModelConfig, state_dict: dict, device, dtype) -> Transforme
     return model.to(dtype).eval().requires_grad_(False)
 
 
+KERNELS_CLASH = (
+    "transformers found the Hugging Face `kernels` package installed (transformers 5.25 requires "
+    "it) and imported koala's own `kernels` package (its Triton kernels), which has the same import "
+    "name. Use transformers < 5.25 without that package: pip uninstall -y kernels && "
+    "pip install 'transformers<5.25' (koala's pyproject.toml pins it so)")
+
+
+def transformers_api(*names):
+    """The named attributes of transformers (AutoConfig, AutoTokenizer, ...). Fails with a
+    KoalaError that says what to do when the Hugging Face `kernels` package is installed: its
+    import name is the same as koala's `kernels`, and transformers then imports ours in its place."""
+    try:
+        import transformers
+        return tuple(getattr(transformers, n) for n in names)
+    except ImportError as e:
+        raise (kernels_clash(e) or e) from e
+
+
+def kernels_clash(e: BaseException) -> KoalaError | None:
+    """The KoalaError for an ImportError that is the `kernels` name clash (transformers imports
+    its model code lazily, so the clash can surface in from_pretrained too); None otherwise."""
+    if isinstance(e, ImportError) and "from 'kernels'" in str(e):
+        return KoalaError(f"{KERNELS_CLASH} ({e})")
+    return None
+
+
 def _read_hf_dir(path: Path):
-    from transformers import AutoConfig
+    AutoConfig, = transformers_api("AutoConfig")
     try:
         hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     except ValueError as e:  # unknown model_type
         raise UnsupportedModelError(f"{path}: {e}; koala runs {', '.join(SUPPORTED_ARCHS)}") from e
+    except ImportError as e:
+        if kernels_clash(e):
+            raise kernels_clash(e) from e
+        raise
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}/config.json is unreadable: {e}") from e
     cfg = ModelConfig.from_hf(hf_cfg)
@@ -169,12 +199,14 @@ def _gguf_to_cache(gguf: Path) -> Path:
 def _dequantise_into(gguf: Path, out: Path) -> None:
     """Write the HF directory of a GGUF (weights, config, generation config, tokenizer) into out,
     then its marker file koala_complete."""
+    AutoModelForCausalLM, AutoTokenizer = transformers_api("AutoModelForCausalLM", "AutoTokenizer")
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
                                                   dtype=torch.float32)
     except ImportError as e:
+        if kernels_clash(e):
+            raise kernels_clash(e) from e
         raise CheckpointError(f"loading GGUF needs the gguf package: pip install gguf ({e})") from e
     except Exception as e:
         raise CheckpointError(f"{gguf} could not be read as GGUF: {e}") from e
@@ -209,10 +241,12 @@ def _publish(tmp: Path, out: Path) -> Path:
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+    AutoTokenizer, = transformers_api("AutoTokenizer")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
+        if kernels_clash(e):
+            raise kernels_clash(e) from e
         raise CheckpointError(f"{path}: no usable tokenizer ({e}); the checkpoint needs tokenizer files") from e
 
 

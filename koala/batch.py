@@ -28,30 +28,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .errors import ContextLengthError, KoalaError
-from .graphs import capture
+from .graphs import bucket, capture, window, windows
 from .model import KVCache, argmax_last, not_exact
 from .sampling import SamplerState, SamplingParams, draw_noise, sample, warp_probs
-
-
-MIN_WINDOW = 256
-
-
-def _bucket(n: int) -> int:
-    """The power of two >= n, at least MIN_WINDOW: cache sizes and attention windows come in
-    these, so a decoder (its caches and CUDA graphs) serves many calls and a graph many steps."""
-    w = MIN_WINDOW
-    while w < n:
-        w *= 2
-    return w
-
-
-def _windows(S: int) -> list[int]:
-    """The attention windows of a cache of S slots (a power of two): MIN_WINDOW, 2x, ... S."""
-    out, w = [], MIN_WINDOW
-    while w < S:
-        out.append(w)
-        w *= 2
-    return out + [S]
 
 
 @contextmanager
@@ -175,7 +154,7 @@ class BatchDecoder:
         self.params, self.gen = params, None
         self.sampler.set(params)
         S, Sh = self.slots_needed(longest_prompt, max_new)
-        self._alloc(B, _bucket(S), _bucket(Sh) if self.eagle else 0)
+        self._alloc(B, bucket(S), bucket(Sh) if self.eagle else 0)
         if not self.use_graph:
             return 0
         T = self.depth + 1
@@ -183,8 +162,8 @@ class BatchDecoder:
         n = len(self.graphs)
         with _swapped_caches(self.model, self.caches), \
                 (_swapped_caches(self.head, self.hcaches) if self.eagle else nullcontext()):
-            for L in _windows(self.shape[1]):
-                for Lh in (_windows(self.shape[2]) if self.eagle else [0]):
+            for L in windows(self.shape[1]):
+                for Lh in (windows(self.shape[2]) if self.eagle else [0]):
                     if (self.eagle and Lh < L) or (self.params.graph_mode, L, Lh) in self.graphs:
                         continue
                     self.valid.zero_()
@@ -208,7 +187,7 @@ class BatchDecoder:
         B = len(prompts)
         Pmax = max(len(p) for p in prompts)
         S, Sh = self.slots_needed(Pmax, max_new)
-        self._alloc(B, _bucket(S), _bucket(Sh) if self.eagle else 0)
+        self._alloc(B, bucket(S), bucket(Sh) if self.eagle else 0)
         with _swapped_caches(self.model, self.caches), \
                 (_swapped_caches(self.head, self.hcaches) if self.eagle else nullcontext()):
             return self._run(prompts, Pmax, done_fn)
@@ -245,7 +224,7 @@ class BatchDecoder:
                 self.hs0.fill_(T)
             # the first catch-up: position n-1 (token `first`, feature f_{n-1}), one entry a row
             self._catch_up(first[:, None], self.h_last[:, None], (n - 1)[:, None],
-                           torch.zeros(B, dtype=torch.long, device=dev), _bucket(Pmax))
+                           torch.zeros(B, dtype=torch.long, device=dev), bucket(Pmax))
         return first
 
     def _run(self, prompts, Pmax, done_fn):
@@ -264,8 +243,8 @@ class BatchDecoder:
         def launch():
             """Queue one iteration, and the copy of its results to a host buffer."""
             nonlocal s0, hs0, launched
-            L = min(_bucket(s0 + T), S)
-            Lh = min(_bucket(hs0 + hstep), Sh) if self.eagle else 0
+            L = window(windows(S), min(s0 + T, S))
+            Lh = window(windows(Sh), min(hs0 + hstep, Sh)) if self.eagle else 0
             self._draw_noise()
             self._step(L, Lh)
             buf, ev = bufs[launched % 2]

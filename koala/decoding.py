@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .graphs import capture
+from .graphs import capture, window, windows
 from .model import Transformer, _fused, argmax_last
 from .sampling import SamplerState, graph_mode, sample, warp_probs
 
@@ -32,7 +32,7 @@ class PlainDecoder:
         self.slot_range = torch.arange(self.S, device=dev)             # (S,)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}   # (graph mode, window)
         # attention reads only the first L cache slots: one graph per power-of-two window
-        self.windows = [w for w in (256, 512, 1024, 2048, 4096, 8192, 16384) if w < self.S] + [self.S]
+        self.windows = windows(self.S)
         self.pool = None  # one memory pool shared by all captured graphs
 
     def _step(self, greedy: bool, L: int):
@@ -53,7 +53,8 @@ class PlainDecoder:
         self.step.add_(1)
 
     def window(self, last_slot: int) -> int:
-        return next(w for w in self.windows if w > last_slot)
+        """The attention window that reaches slot last_slot."""
+        return window(self.windows, last_slot + 1)
 
     def _graph(self, greedy: bool, L: int):
         # sampling with and without top-k / top-p trace different code (warp_probs): a graph each

@@ -1,9 +1,47 @@
-"""CUDA-graph capture shared by the plain decoder and the speculative decoder."""
+"""CUDA-graph capture and attention windows, shared by the plain, speculative and batch decoders
+and the graphed prefill.
+
+A captured graph bakes in the attention's width, so every decoder captures one graph per
+*window*: attention reads the first L cache slots only, L a power of two from MIN_WINDOW up
+(then the cache's own size), and a step uses the smallest window that holds the slots it
+reads. One list of windows and one rule for picking among them, so that the decoders that share
+caches and graphs agree."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
+
+MIN_WINDOW = 256   # the smallest attention window (slots) a graph is captured for
+
+
+def bucket(n: int) -> int:
+    """The power of two >= n, at least MIN_WINDOW: the sizes caches are allocated in, so that a
+    decoder (its caches and graphs) serves many calls."""
+    w = MIN_WINDOW
+    while w < n:
+        w *= 2
+    return w
+
+
+def windows(S: int) -> list[int]:
+    """The attention windows of a cache of S slots: MIN_WINDOW, 2x, 4x, ... below S, then S."""
+    if S < 1:
+        raise ValueError(f"a cache of {S} slots has no attention window")
+    out, w = [], MIN_WINDOW
+    while w < S:
+        out.append(w)
+        w *= 2
+    return out + [S]
+
+
+def window(wins: Sequence[int], need: int) -> int:
+    """The smallest of `wins` (ascending, as windows() gives them) that holds `need` slots."""
+    for w in wins:
+        if w >= need:
+            return w
+    raise ValueError(f"{need} cache slots needed, but the cache has {wins[-1]}: "
+                     "allocate a longer one (max_seq_len)")
 
 
 def capture(fns: Sequence[Callable[[], None]], reset: Callable[[], None], pool=None):

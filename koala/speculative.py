@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HeadMismatchError, KoalaError
-from .graphs import capture
+from .graphs import capture, window, windows
 from .model import Transformer, _Fast, argmax_last, causal_mask, not_exact, tree_mask
 from .sampling import SamplerState, graph_mode, warp_probs
 
@@ -170,6 +170,7 @@ class SpeculativeDecoder:
         self.chain = mode == "chain" and (self.eagle or parents == list(range(-1, len(parents) - 1)))
         # working slots beyond the committed text: the tree, and the EAGLE head's drafted pool
         self.max_new_per_step = self.depth + 1 + self.N + (self.P if self.eagle else 0)
+        self.windows = windows(model.max_len)   # the attention windows of its graphs
         if self.eagle and mode == "chain":  # the chain's shape is fixed: node i's parent is i-1
             n = self.N
             self.c_parents = torch.arange(-1, n - 1, device=dev)
@@ -611,11 +612,10 @@ class SpeculativeDecoder:
         self.head.restore_draft_vocab(self._vocab)
 
     def window(self, L: int) -> int:
-        need = L + self.max_new_per_step + 1
-        for w in (256, 512, 1024, 2048, 4096, 8192, 16384):
-            if w >= need and w <= self.model.max_len:
-                return w
-        return self.model.max_len
+        """The attention window of an iteration whose committed length is at most L: it must hold
+        the L slots and the iteration's drafted ones (capped at the cache's length)."""
+        S = self.model.max_len
+        return window(self.windows, min(L + self.max_new_per_step + 1, S))
 
     def decode(self, prompt_ids, first, hidden, params, gen, out, stats, primed: bool = False):
         """Continue after the prefill of the prompt, whose last logits gave `first`;

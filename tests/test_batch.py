@@ -392,10 +392,10 @@ def test_graph_mode_bookkeeping_on_cpu(tiny, refs, monkeypatch, kind):
     back after capture must be complete, one graph per (mode, window) must serve many steps,
     windows must grow as the slots fill, and a second call must reuse the decoder and its
     graphs. The rows still equal each prompt decoded alone."""
-    from koala import batch
+    from koala import batch, graphs
     log = []
     monkeypatch.setattr(batch, "capture", _fake_capture(log))
-    monkeypatch.setattr(batch, "MIN_WINDOW", 16)          # several windows within 40 tokens
+    monkeypatch.setattr(graphs, "MIN_WINDOW", 16)          # several windows within 40 tokens
     head = _jittered_head(tiny, kind, 1, seed=7)
     gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2, use_cuda_graph=True)
     res = gen.generate_batch(PROMPTS, max_new_tokens=40, chat=False, ignore_eos=True)
@@ -425,10 +425,10 @@ def test_warmup_batch_captures_what_later_calls_need(tiny, refs, monkeypatch, ki
     """After warmup_batch(B, prompt_tokens, max_new_tokens), a call of B prompts that fits
     captures no graph (greedy here; a sampled call after a greedy-only warmup does), and still
     decodes each row as alone."""
-    from koala import batch
+    from koala import batch, graphs
     log = []
     monkeypatch.setattr(batch, "capture", _fake_capture(log))
-    monkeypatch.setattr(batch, "MIN_WINDOW", 16)
+    monkeypatch.setattr(graphs, "MIN_WINDOW", 16)
     head = None if kind is None else DraftConfig(kind=kind, layers=1).build(tiny)
     gen = SpeculativeGenerator(tiny, head, max_seq_len=256, mode="chain", depth=2, use_cuda_graph=True)
     longest = max(len(gen.encode(p, chat=False)) for p in PROMPTS)

@@ -140,3 +140,40 @@ def test_gguf_cache_replaces_an_incomplete_entry_and_keeps_a_complete_one(tmp_pa
     (other / "config.json").write_text('{"late": 1}')
     (other / "koala_complete").write_text("x")
     assert _publish(other, out) == out and (out / "config.json").read_text() == "{}"   # the first wins
+
+
+def test_attention_windows_and_buckets():
+    # one list of windows and one rule for every decoder (koala/graphs.py)
+    from koala import graphs
+    assert graphs.windows(2048) == [256, 512, 1024, 2048]
+    assert graphs.windows(3000) == [256, 512, 1024, 2048, 3000]          # the cache's own size last
+    assert graphs.windows(100) == [100]
+    assert graphs.windows(65536)[-3:] == [16384, 32768, 65536]
+    wins = graphs.windows(3000)
+    assert [graphs.window(wins, n) for n in (0, 1, 256, 257, 2048, 2049, 3000)] == \
+        [256, 256, 256, 512, 2048, 3000, 3000]
+    with pytest.raises(ValueError, match="3001 cache slots needed, but the cache has 3000"):
+        graphs.window(wins, 3001)
+    with pytest.raises(ValueError, match="no attention window"):
+        graphs.windows(0)
+    assert [graphs.bucket(n) for n in (0, 1, 256, 257, 5000)] == [256, 256, 256, 512, 8192]
+
+
+def test_the_kernels_name_clash_is_explained(monkeypatch, tmp_path):
+    # transformers >= 5.25 with the Hugging Face `kernels` package imports koala's kernels/ in
+    # its place: koala says so and what to do, instead of transformers' ImportError
+    import transformers
+
+    from koala import KoalaError, loading
+    clash = ImportError("cannot import name 'CUDAProperties' from 'kernels' (/repo/kernels/__init__.py)")
+
+    def boom(*a, **k):
+        raise clash
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+    with pytest.raises(KoalaError, match="pip uninstall -y kernels"):
+        loading.load_tokenizer(tmp_path)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", boom)
+    with pytest.raises(KoalaError, match="same import name"):
+        loading._read_hf_dir(tmp_path)
+    other = ImportError("No module named 'gguf'")
+    assert loading.kernels_clash(other) is None and loading.kernels_clash(clash) is not None

@@ -31,3 +31,12 @@ check(5, 4096, 4096, 8)
 check(5, 4096, 4100, 8, cfg1_rows=8)
 check(5, 576, 4100, 8)
 check(5, 4096, 1536, 8)
+# second round (appended; the lines above are unchanged, so their RNG draws are too): do the
+# multi-row programs agree with each other, and which K are affected (masked last block or not)
+check(5, 4096, 4100, 8, cfg1_rows=2)
+check(5, 4096, 4100, 4, cfg1_rows=2)
+check(8, 4096, 4100, 8, cfg1_rows=4)
+for K in (4104, 4160, 4608, 1540, 600):
+    check(8, 4096, K, 8)
+for _ in range(3):
+    check(8, 4096, 4100, 8)

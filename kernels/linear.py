@@ -318,7 +318,13 @@ def _linear_kernel(
             if row < M:
                 rm = row + tl.arange(0, 1)                               # (1,)
                 m_mask = rm < M
-                x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # (1, 1)
+                # x's row pointer with no alignment the compiler could prove from ROWS: it sizes
+                # the x loads' vectors from it, and the vector width orders the sum of squares.
+                # pid * ROWS is a multiple of ROWS, so at a row stride that is not a multiple of
+                # 16 bytes' worth (K = 4100) a 1-, 2- and 8-row program loaded x in 1-, 2- and
+                # 4-wide vectors and their fp32 rstd differed by an ulp on the H200. The select
+                # (a no-op: rm < M here) leaves rm only what is common to all ROWS.
+                x_rows = x_ptr + tl.where(m_mask, rm, 1).to(tl.int64)[:, None] * stride_xm
                 if HAS_NORM:
                     rstd = _row_rstd(x_rows, m_mask, K, eps, 1, BLOCK_K)
                 else:

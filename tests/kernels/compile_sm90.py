@@ -50,6 +50,51 @@ def check_prefetch():
     return None
 
 
+
+def _ss_layouts(rows, K, N=4096):
+    """sizePerThread of the tiles over which a GEMV program of ROWS rows (fp32, norm on) sums
+    each row's squares, compiled with the alignment the runtime specialises on: 16-byte aligned
+    pointers, N and the output strides multiples of 16, K and x's stride too when they are, and
+    M = 1 (a constant at runtime) for one row."""
+    import re
+    c = linear._config(rows, N, K)._replace(ROWS=rows)
+    fn = linear._linear_kernel
+    cx = dict(HAS_NORM=True, HAS_BIAS=True, HAS_RESIDUAL=True, SILU=False, USE_DOT=False, VEC=False,
+              EVEN_K=K % c.BLOCK_K == 0, DOT_PRECISION="ieee", UPCAST=False, BLOCK_M=1, BLOCK_N=c.BLOCK_N,
+              BLOCK_K=c.BLOCK_K, ROWS=rows, USE_GDC=False)
+    types = iter(["*fp32"] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4)
+    aligned = {"N", "stride_rm", "stride_ym"} | ({"K", "stride_xm", "stride_wn"} if K % 16 == 0 else set())
+    sig, const, attrs = {}, {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in cx or (n == "M" and rows == 1):
+            sig[n] = "constexpr"
+            const[(i,)] = cx.get(n, 1)
+            next(types) if n == "M" else None
+            continue
+        sig[n] = next(types)
+        if sig[n].startswith("*") or n in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=TARGET,
+                       options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+    ir = k.asm["ttgir"]
+    spt = dict(re.findall(r"(#blocked\d*) = #ttg\.blocked<\{sizePerThread = (\[[^]]*\])", ir))
+    used = re.findall(rf"\}}\) : \(tensor<1x{c.BLOCK_K}xf32, (#blocked\d*)>\)", ir)
+    return [spt[u] for u in used]
+
+
+def check_row_layouts():
+    """A GEMV row's sum of squares (its rstd) must not depend on how many rows its program
+    holds (exact mode's batch invariance): at K = 4100, whose rows are only 4-byte aligned, the
+    1-, 2- and 8-row programs once loaded x in vectors of 1, 2 and 4 (pid * ROWS is a multiple of
+    ROWS), so they reduced over different tiles and differed by an ulp on the H200."""
+    for K in (4100, 4096):
+        got = {rows: _ss_layouts(rows, K) for rows in (1, 2, 8)}
+        if not all(got.values()):
+            return f"K={K}: found no sum-of-squares reduction in the TTGIR ({got})"
+        if len({x for v in got.values() for x in v}) != 1:
+            return f"K={K}: the sum-of-squares tiles differ with ROWS: {got}"
+    return None
+
 def cases(dt):
     p = f"*{dt}"
     yield "rms_norm", rmsnorm._rms_norm_kernel, [p, p, p, "i32", "fp32", "i32", "i32"], dict(BLOCK_D=4096), 8
@@ -132,7 +177,9 @@ def main():
                     print(f"FAIL {dt} {name} USE_GDC={gdc}: {type(e).__name__}: {str(e)[:2000]}")
     err = check_prefetch()
     print(f"FAIL GEMV prefetch: {err}" if err else "ok   GEMV loads W before griddepcontrol.wait")
-    return 1 if failed or err else 0
+    err2 = check_row_layouts()
+    print(f"FAIL GEMV row layouts: {err2}" if err2 else "ok   GEMV rows sum their squares over one tile whatever ROWS")
+    return 1 if failed or err or err2 else 0
 
 
 if __name__ == "__main__":

@@ -318,10 +318,8 @@ def main(argv=None):
 
 def peers(lt, qs, max_new, plain):
     """transformers' generate (plain) and prompt-lookup decoding, same GPU, first turns only."""
-    from koala.loading import transformers_api
+    from koala.loading import _gguf_to_cache, default_gguf_path, transformers_api
     AutoModelForCausalLM, = transformers_api("AutoModelForCausalLM")
-
-    from koala.loading import _gguf_to_cache, default_gguf_path
     hf = AutoModelForCausalLM.from_pretrained(_gguf_to_cache(default_gguf_path()), local_files_only=True,
                                               dtype=torch.bfloat16).cuda().eval()
     out = {"questions": len(qs), "note": "first turns only; no smaller model with SmolLM2's tokenizer "

@@ -41,9 +41,8 @@ def main():
     gen, rows, koala_ms = measure(True)
     step_ms = plain_step_ms(lt, 300)   # the bare step: one graph replay at 300 committed tokens
 
-    from koala.loading import transformers_api
+    from koala.loading import _gguf_to_cache, default_gguf_path, transformers_api
     AutoModelForCausalLM, = transformers_api("AutoModelForCausalLM")
-    from koala.loading import _gguf_to_cache, default_gguf_path
     hf = AutoModelForCausalLM.from_pretrained(_gguf_to_cache(default_gguf_path()), local_files_only=True,
                                               dtype=torch.bfloat16).cuda().eval()
     ids = torch.tensor([gen.encode(prompts[0])], device="cuda")

@@ -235,6 +235,7 @@ class BatchDecoder:
         finished = [done_fn(b, [firsts[b]]) for b in range(B)]
         per_step: list[list[int]] = [[] for _ in range(B)]
         S, Sh = self.shape[1], self.shape[2]
+        wins, hwins = windows(S), (windows(Sh) if self.eagle else None)   # once, not per iteration
         cuda = self.model.device.type == "cuda"
         bufs = self._result_buffers(B, T, cuda)
         s0, hs0 = Pmax, (max(Pmax - 1, 0) + 1 if self.eagle else 0)    # the host's counts of the slots
@@ -243,8 +244,8 @@ class BatchDecoder:
         def launch():
             """Queue one iteration, and the copy of its results to a host buffer."""
             nonlocal s0, hs0, launched
-            L = window(windows(S), min(s0 + T, S))
-            Lh = window(windows(Sh), min(hs0 + hstep, Sh)) if self.eagle else 0
+            L = window(wins, min(s0 + T, S))
+            Lh = window(hwins, min(hs0 + hstep, Sh)) if self.eagle else 0
             self._draw_noise()
             self._step(L, Lh)
             buf, ev = bufs[launched % 2]

@@ -129,7 +129,8 @@ def transformers_api(*names):
         import transformers
         return tuple(getattr(transformers, n) for n in names)
     except ImportError as e:
-        raise (kernels_clash(e) or e) from e
+        _raise_if_clash(e)
+        raise
 
 
 def kernels_clash(e: BaseException) -> KoalaError | None:
@@ -140,6 +141,12 @@ def kernels_clash(e: BaseException) -> KoalaError | None:
     return None
 
 
+def _raise_if_clash(e: BaseException) -> None:
+    clash = kernels_clash(e)
+    if clash is not None:
+        raise clash from e
+
+
 def _read_hf_dir(path: Path):
     AutoConfig, = transformers_api("AutoConfig")
     try:
@@ -147,8 +154,7 @@ def _read_hf_dir(path: Path):
     except ValueError as e:  # unknown model_type
         raise UnsupportedModelError(f"{path}: {e}; koala runs {', '.join(SUPPORTED_ARCHS)}") from e
     except ImportError as e:
-        if kernels_clash(e):
-            raise kernels_clash(e) from e
+        _raise_if_clash(e)
         raise
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}/config.json is unreadable: {e}") from e
@@ -205,8 +211,7 @@ def _dequantise_into(gguf: Path, out: Path) -> None:
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
                                                   dtype=torch.float32)
     except ImportError as e:
-        if kernels_clash(e):
-            raise kernels_clash(e) from e
+        _raise_if_clash(e)
         raise CheckpointError(f"loading GGUF needs the gguf package: pip install gguf ({e})") from e
     except Exception as e:
         raise CheckpointError(f"{gguf} could not be read as GGUF: {e}") from e
@@ -245,8 +250,7 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        if kernels_clash(e):
-            raise kernels_clash(e) from e
+        _raise_if_clash(e)
         raise CheckpointError(f"{path}: no usable tokenizer ({e}); the checkpoint needs tokenizer files") from e
 
 

@@ -17,9 +17,13 @@ from kernels import linear, linear_rope  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_one(fn, types, constexprs, num_warps=4, asm=False):
+def compile_one(fn, types, constexprs, num_warps=4, asm=False, aligned=(), num_stages=None):
+    """Compile fn for sm_90. types: the non-constexpr arguments' types, in order. aligned: names
+    of arguments to compile as the runtime specialises them when aligned (pointers 16-byte,
+    integers multiples of 16). Returns the shared memory in bytes, or the PTX (asm=True), or the
+    IR of that name (asm="ttgir")."""
     names = fn.arg_names
-    sig, const = {}, {}
+    sig, const, attrs = {}, {}, {}
     ti = iter(types)
     for i, n in enumerate(names):
         if n in constexprs:
@@ -27,11 +31,15 @@ def compile_one(fn, types, constexprs, num_warps=4, asm=False):
             const[(i,)] = constexprs[n]
         else:
             sig[n] = next(ti)
+            if n in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     assert next(ti, None) is None, "too many types"
-    src = ASTSource(fn=fn, signature=sig, constexprs=const)
-    k = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
-    return k.asm["ptx"] if asm else k.metadata.shared
-
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    k = triton.compile(src, target=TARGET, options=options)
+    if asm:
+        return k.asm["ptx" if asm is True else asm]
+    return k.metadata.shared
 
 def check_prefetch():
     """The GEMV's PDL variant loads its W tile before griddepcontrol.wait (the point of PDL
@@ -50,7 +58,6 @@ def check_prefetch():
     return None
 
 
-
 def _ss_layouts(rows, K, N=4096):
     """sizePerThread of the tiles over which a GEMV program of ROWS rows (fp32, norm on) sums
     each row's squares, compiled with the alignment the runtime specialises on: 16-byte aligned
@@ -58,25 +65,15 @@ def _ss_layouts(rows, K, N=4096):
     M = 1 (a constant at runtime) for one row."""
     import re
     c = linear._config(rows, N, K)._replace(ROWS=rows)
-    fn = linear._linear_kernel
     cx = dict(HAS_NORM=True, HAS_BIAS=True, HAS_RESIDUAL=True, SILU=False, USE_DOT=False, VEC=False,
               EVEN_K=K % c.BLOCK_K == 0, DOT_PRECISION="ieee", UPCAST=False, BLOCK_M=1, BLOCK_N=c.BLOCK_N,
-              BLOCK_K=c.BLOCK_K, ROWS=rows, USE_GDC=False)
-    types = iter(["*fp32"] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4)
-    aligned = {"N", "stride_rm", "stride_ym"} | ({"K", "stride_xm", "stride_wn"} if K % 16 == 0 else set())
-    sig, const, attrs = {}, {}, {}
-    for i, n in enumerate(fn.arg_names):
-        if n in cx or (n == "M" and rows == 1):
-            sig[n] = "constexpr"
-            const[(i,)] = cx.get(n, 1)
-            next(types) if n == "M" else None
-            continue
-        sig[n] = next(types)
-        if sig[n].startswith("*") or n in aligned:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=TARGET,
-                       options={"num_warps": c.num_warps, "num_stages": c.num_stages})
-    ir = k.asm["ttgir"]
+              BLOCK_K=c.BLOCK_K, ROWS=rows, USE_GDC=False) | ({"M": 1} if rows == 1 else {})
+    ints = ["i32"] * (2 if rows == 1 else 3)                     # M, N, K (M a constant at one row)
+    aligned = {"x_ptr", "w_ptr", "wu_ptr", "b_ptr", "r_ptr", "nw_ptr", "y_ptr", "N", "stride_rm", "stride_ym"}
+    if K % 16 == 0:
+        aligned |= {"K", "stride_xm", "stride_wn"}
+    ir = compile_one(linear._linear_kernel, ["*fp32"] * 7 + ints + ["fp32"] + ["i32"] * 4, cx,
+                     c.num_warps, asm="ttgir", aligned=aligned, num_stages=c.num_stages)
     spt = dict(re.findall(r"(#blocked\d*) = #ttg\.blocked<\{sizePerThread = (\[[^]]*\])", ir))
     used = re.findall(rf"\}}\) : \(tensor<1x{c.BLOCK_K}xf32, (#blocked\d*)>\)", ir)
     return [spt[u] for u in used]
@@ -94,6 +91,7 @@ def check_row_layouts():
         if len({x for v in got.values() for x in v}) != 1:
             return f"K={K}: the sum-of-squares tiles differ with ROWS: {got}"
     return None
+
 
 def cases(dt):
     p = f"*{dt}"

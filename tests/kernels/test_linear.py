@@ -76,11 +76,11 @@ def _assert_silu_in_rounding_envelope(y, x, W13, nw, eps, what):
         xn1 = t.to(x.dtype).double()
         lo_t, hi_t = (t * (1 - rel)).to(x.dtype).double(), (t * (1 + rel)).to(x.dtype).double()
         xn = (xn1 * nw.double()).to(x.dtype).double()
-        step = torch.maximum((hi_t - lo_t).abs(), torch.zeros_like(t))   # 0 away from a tie
+        near_tie = hi_t != lo_t                       # x * rstd may round either way
         # either neighbour of x * rstd, then times the weight and rounded again: one step of each
         alt = torch.maximum(((lo_t * nw.double()).to(x.dtype).double() - xn).abs(),
                             ((hi_t * nw.double()).to(x.dtype).double() - xn).abs())
-        slack_x = torch.where(step > 0, alt, slack_x)
+        slack_x = torch.where(near_tie, alt, slack_x)
     else:
         xn = xd
     Wd = W13.double()

@@ -8,8 +8,10 @@ from typing import Any
 from .errors import UnsupportedModelError
 
 # model_type values of Hugging Face configs that this runtime implements. All are the Llama
-# block (RMSNorm, RoPE, GQA attention, SwiGLU MLP); they differ only in the fields below.
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+# block (RMSNorm, RoPE, GQA attention, SwiGLU MLP); they differ only in the fields below and in
+# their checkpoints' tensor names (koala.loading): Phi-3 stores q|k|v and gate|up fused, Qwen3
+# adds a per-head RMSNorm on q and k (qk_norm).
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 @dataclass
@@ -28,6 +30,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False   # SmolLM2: the LM head is the embedding matrix
     attention_bias: bool = False        # Qwen2: biases on q, k, v (not on o)
+    qk_norm: bool = False               # Qwen3: RMSNorm over head_dim on every q and k head, before RoPE
     sliding_window: int | None = None   # Mistral v0.1: 4096; we refuse contexts beyond it
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -58,8 +61,8 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHS:
             raise UnsupportedModelError(
                 f"architecture {arch!r} is not supported; koala runs {', '.join(SUPPORTED_ARCHS)} "
-                "(Llama 2/3, Vicuna, Mistral, Qwen2, SmolLM2). Convert the model to one of these or "
-                "open an issue for the architecture.")
+                "(Llama 2/3, Vicuna, Mistral, Qwen2, Qwen3, Phi-3, SmolLM2). Convert the model to one of "
+                "these or open an issue for the architecture.")
         act = getattr(hf, "hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu/SwiGLU)")
@@ -76,11 +79,23 @@ class ModelConfig:
                 scaling = None
             elif kind not in ("linear", "llama3"):
                 raise UnsupportedModelError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+        # Phi-3.5 / Phi-4-mini rotate only part of each head (partial_rotary_factor 0.75)
+        partial = rp.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
+        if partial is not None and float(partial) != 1.0:
+            raise UnsupportedModelError(f"partial_rotary_factor={partial} is not supported (RoPE over whole heads only)")
         n_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // n_heads
         eos = hf.eos_token_id
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        use_sw = getattr(hf, "use_sliding_window", arch == "mistral")
+        # Mistral v0.1 and Phi-3 apply their window to every layer; Qwen2/3 only with
+        # use_sliding_window (then to the layers layer_types marks). Within the window a sliding
+        # layer equals a full one, and koala refuses contexts beyond it (sliding_window).
+        use_sw = getattr(hf, "use_sliding_window", None)
+        if use_sw is None:
+            use_sw = arch in ("mistral", "phi3")
+        types = getattr(hf, "layer_types", None)
+        if use_sw and types is not None and "sliding_attention" not in types:
+            use_sw = False
         sw = getattr(hf, "sliding_window", None) if use_sw else None
         bias = getattr(hf, "attention_bias", arch == "qwen2")
         return cls(
@@ -90,7 +105,7 @@ class ModelConfig:
             rope_theta=float(theta), rope_scaling=scaling,
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            attention_bias=bool(bias), sliding_window=sw,
+            attention_bias=bool(bias), qk_norm=arch == "qwen3", sliding_window=sw,
             bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos)
 
     @classmethod

@@ -77,7 +77,7 @@ def resolve(target: str | os.PathLike) -> tuple[str, Path]:
 
 
 def convert_hf_state_dict(sd: dict, cfg: ModelConfig) -> dict:
-    """Hugging Face Llama-family names -> ours, fusing q|k|v and gate|up."""
+    """Hugging Face Llama-family names -> ours, fusing q|k|v and gate|up (Phi-3 ships them fused)."""
     out = {}
     def take(name):
         if name not in sd:
@@ -87,13 +87,22 @@ def convert_hf_state_dict(sd: dict, cfg: ModelConfig) -> dict:
     out["norm.weight"] = take("model.norm.weight")
     if not cfg.tie_word_embeddings:
         out["output.weight"] = take("lm_head.weight")
+    fused = cfg.arch == "phi3"   # Phi-3 stores q|k|v and gate|up as one matrix each, in our order
     for i in range(cfg.n_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
-        out[o + "attention.wqkv.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        if fused:
+            out[o + "attention.wqkv.weight"] = take(p + "self_attn.qkv_proj.weight")
+        else:
+            out[o + "attention.wqkv.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         if cfg.attention_bias:
-            out[o + "attention.wqkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            out[o + "attention.wqkv.bias"] = (take(p + "self_attn.qkv_proj.bias") if fused else
+                                              torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+        if cfg.qk_norm:
+            out[o + "attention.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
+            out[o + "attention.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
         out[o + "attention.wo.weight"] = take(p + "self_attn.o_proj.weight")
-        out[o + "feed_forward.w13.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+        out[o + "feed_forward.w13.weight"] = (take(p + "mlp.gate_up_proj.weight") if fused else
+                                              torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
         out[o + "feed_forward.w2.weight"] = take(p + "mlp.down_proj.weight")
         out[o + "attention_norm.weight"] = take(p + "input_layernorm.weight")
         out[o + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")

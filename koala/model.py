@@ -224,7 +224,16 @@ class Attention(nn.Module):
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, q + 2 * kv, bias=cfg.attention_bias)
         self.wo = nn.Linear(q, cfg.dim, bias=False)
+        # Qwen3: RMSNorm over each q and k head (head_dim wide, weights shared by the heads)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.kv_cache: KVCache | None = None
+
+    def norm_qk(self, q, k):
+        """q (B, T, h, hd), k (B, T, nkv, hd) -> both head-normed where the model has qk_norm."""
+        if self.q_norm is None:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)
 
     def forward(self, x, cos, sin, slots=None, mask=None, residual=None):
         # x: (B, T, D); cos, sin: (B, T, hd); slots: (T,) or None; mask: (B|1, T, S) bool or None
@@ -233,8 +242,9 @@ class Attention(nn.Module):
         if _fused(x) and slots is not None:
             return self._forward_fused(x, cos, sin, slots, mask, residual)
         q, k, v = self.wqkv(x).split([h * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, h, hd).transpose(1, 2)      # (B, h, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)    # (B, nkv, T, hd)
+        q, k = self.norm_qk(q.view(B, T, h, hd), k.view(B, T, nkv, hd))
+        q = q.transpose(1, 2)                        # (B, h, T, hd)
+        k = k.transpose(1, 2)                        # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + rotate_half(q) * s
@@ -263,8 +273,10 @@ class Attention(nn.Module):
         the first mask.shape[-1] slots. qkv (B, T, (h+2nkv)*hd) -> (B, T, h*hd)."""
         from kernels.rope_cache import rope_and_cache_write
         c = self.kv_cache
+        qk = {} if self.q_norm is None else dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight,
+                                                 eps=self.q_norm.eps)
         return self.attend_rotated(rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads,
-                                                        self.n_kv), mask)
+                                                        self.n_kv, **qk), mask)
 
     def attend_rotated(self, q, mask):
         """The fused path's attention of the rotated q (B, h, T, hd), its k and v already in the
@@ -331,7 +343,8 @@ class Block(nn.Module):
         def cf(W, silu=False):        # exact mode: M = 1's tiles, up to 8 rows a program
             return _row_config(W, M, silu) if _Fast.exact else None
         cq = cf(a.wqkv.weight)
-        if _Fast.fused_rope and not (cq is not None and cq.vec):    # GEMV tiles only
+        # GEMV tiles only, and no per-head q/k norm (Qwen3: the RoPE kernel applies it instead)
+        if _Fast.fused_rope and not (cq is not None and cq.vec) and a.q_norm is None:
             from kernels.linear_rope import linear_rope_cache
             c = a.kv_cache
             q = linear_rope_cache(x, a.wqkv.weight, a.wqkv.bias, n1.weight, n1.eps, cos, sin, slots,

@@ -23,6 +23,8 @@ ARCHS = {
     "llama-linear-rope": dict(model_type="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "mistral": dict(model_type="mistral"),
     "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=16),
+    "phi3": dict(model_type="phi3", pad_token_id=0),
 }
 
 
@@ -47,6 +49,11 @@ def make_hf_checkpoint(tmp: Path, arch: str, seed: int = 0, vocab: int = 128, sc
             for layer in model.model.layers:
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.5)
+    if mt == "qwen3":  # q/k norm weights start at one: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1, 0.3)
+                layer.self_attn.k_norm.weight.normal_(1, 0.3)
     if scale != 1.0:  # sharper or flatter next-token distributions
         with torch.no_grad():
             model.lm_head.weight.mul_(scale)

@@ -202,3 +202,51 @@ def test_fused_batch_rows_equal_each_prompt_alone(tiny_fp32, fused, kind):
         one = gen.generate(p, max_new_tokens=N_NEW, chat=False, ignore_eos=True)
         assert r.token_ids == one.token_ids
         assert r.stats.accepted_per_step == one.stats.accepted_per_step
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    path, _ = make_hf_checkpoint(tmp_path_factory.mktemp("fused_qwen3"), "qwen3", seed=3)
+    return load_target(path, device="cpu", dtype=torch.bfloat16)
+
+
+def test_fused_qwen3_norms_q_and_k_in_the_rope_launch(tiny_qwen3, fused):
+    """Qwen3's per-head q/k RMSNorm runs inside the RoPE + cache-write launch: the fused forward
+    is as close to the PyTorch path as bf16 allows (and far from the same forward with the norm
+    weights set to one), and an EAGLE head, whose layers are the target's kind and so norm their
+    q and k too, gives plain greedy output."""
+    from koala.model import causal_mask
+    m = tiny_qwen3.model
+    m.setup_cache(1, 64)
+    ids = torch.randint(3, 128, (1, 12))
+    s = torch.arange(12)
+
+    def logits(kernels: bool):
+        Transformer.use_kernels(kernels, cpu=kernels)
+        with torch.no_grad():
+            return m(ids, s[None], s, causal_mask(s, 64))[0].float()
+    fused_out, ref = logits(True), logits(False)
+    saved = [(l.attention.q_norm.weight.clone(), l.attention.k_norm.weight.clone()) for l in m.layers]
+    with torch.no_grad():
+        for l in m.layers:
+            l.attention.q_norm.weight.fill_(1.0)
+            l.attention.k_norm.weight.fill_(1.0)
+    other = logits(False)
+    with torch.no_grad():
+        for l, (qn, kn) in zip(m.layers, saved):
+            l.attention.q_norm.weight.copy_(qn)
+            l.attention.k_norm.weight.copy_(kn)
+    Transformer.use_kernels(True, exact=True, cpu=True)
+    err, moved = (fused_out - ref).abs().max(), (other - ref).abs().max()
+    assert err < 0.2 * moved, (err, moved)
+
+    ref_ids, _ = _plain(tiny_qwen3)
+    torch.manual_seed(1)
+    head = DraftConfig(kind="eagle", layers=2).build(tiny_qwen3)
+    assert head.layers[0].attention.q_norm is not None
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    gen = SpeculativeGenerator(tiny_qwen3, head, max_seq_len=128, mode="chain", depth=2)
+    res = gen.generate(PROMPT, max_new_tokens=N_NEW, chat=False, ignore_eos=True)
+    assert res.token_ids == ref_ids

@@ -177,3 +177,44 @@ def test_the_kernels_name_clash_is_explained(monkeypatch, tmp_path):
         loading._read_hf_dir(tmp_path)
     other = ImportError("No module named 'gguf'")
     assert loading.kernels_clash(other) is None and loading.kernels_clash(clash) is not None
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_new_architectures_decode_as_transformers_does(tmp_path, arch):
+    """Qwen3 (per-head q/k norms, in the target and in an EAGLE head's layers) and Phi-3 (q|k|v
+    and gate|up stored fused) through the whole speculative loop: greedy output equals
+    transformers' generate, for an EAGLE chain and a Medusa tree with random heads."""
+    from koala import SpeculativeGenerator
+    from koala.heads import DraftConfig
+    from tests.helpers import hf_greedy
+    path, hf = make_hf_checkpoint(tmp_path, arch, seed=5)
+    lt = load_target(path, device="cpu", dtype=torch.float32)
+    ids = [5, 9, 17, 3, 44, 21]
+    ref = hf_greedy(hf, ids, 24)
+    for kind, opts in (("eagle", dict(mode="chain", depth=3)), ("medusa", dict(mode="tree", tree_size=8))):
+        torch.manual_seed(2)
+        head = DraftConfig(kind=kind, layers=2).build(lt)
+        with torch.no_grad():
+            for p in head.parameters():
+                p.normal_(0, 0.05)
+        res = SpeculativeGenerator(lt, head, max_seq_len=128, **opts).generate(
+            ids, max_new_tokens=24, chat=False, ignore_eos=True)
+        assert res.token_ids == ref, (kind, res.token_ids, ref)
+        if kind == "eagle":   # the head's layers are the target's kind: norms iff Qwen3
+            assert (head.layers[0].attention.q_norm is not None) == (arch == "qwen3")
+    assert lt.model.config.qk_norm == (arch == "qwen3")
+
+
+def test_partial_rotary_and_phi3_window_are_read(tmp_path):
+    """Phi-3.5 / Phi-4-mini rotate part of each head: refused with the reason; Phi-3's sliding
+    window is kept (koala refuses contexts past it, as for Mistral)."""
+    from koala.config import ModelConfig
+    from koala.errors import UnsupportedModelError
+    from transformers import AutoConfig
+    cfg = AutoConfig.for_model("phi3", num_hidden_layers=2, sliding_window=2047)
+    assert ModelConfig.from_hf(cfg).sliding_window == 2047
+    cfg.rope_parameters = {**cfg.rope_parameters, "partial_rotary_factor": 0.75}
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor"):
+        ModelConfig.from_hf(cfg)
+    q3 = AutoConfig.for_model("qwen3", num_hidden_layers=2)
+    assert ModelConfig.from_hf(q3).qk_norm and ModelConfig.from_hf(q3).sliding_window is None

@@ -17,13 +17,19 @@ from train.selfdistill import generate, regenerate
 from train.trainer import CKPT, TrainConfig, Trainer
 
 
-def tiny_target(seed=0, sharpen=4.0):
+def tiny_target(seed=0, sharpen=4.0, qk_norm=False):
     """Tiny random target; its LM head is scaled up so its distributions are peaked (a random
-    model's near-uniform distributions leave a head little to learn)."""
+    model's near-uniform distributions leave a head little to learn). qk_norm: Qwen3's per-head
+    q/k norms, with weights away from one."""
     torch.manual_seed(seed)
-    m = Transformer(ModelConfig.from_name("tiny")).eval().requires_grad_(False)
+    cfg = ModelConfig.from_name("tiny")
+    cfg.qk_norm = qk_norm
+    m = Transformer(cfg).eval().requires_grad_(False)
     with torch.no_grad():
         m.output.weight.mul_(sharpen)
+        for layer in m.layers if qk_norm else []:
+            layer.attention.q_norm.weight.normal_(1, 0.3)
+            layer.attention.k_norm.weight.normal_(1, 0.3)
     return m
 
 
@@ -179,10 +185,12 @@ def test_medusa_targets_are_shifted():
     assert v.tolist() == [[False, True, False, False, False]]
 
 
-def test_eagle_rollout_matches_drafting_with_cache():
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3-norms"])
+def test_eagle_rollout_matches_drafting_with_cache(qk_norm):
     """Step 0 is the head's own forward; step 1 at u equals what the head computes when drafting:
-    true features cached for positions < u, then its own step-0 feature fed back at u."""
-    m = tiny_target()
+    true features cached for positions < u, then its own step-0 feature fed back at u. With
+    Qwen3's q/k norms the training rollout norms its heads as the cached decoder does."""
+    m = tiny_target(qk_norm=qk_norm)
     head = DraftConfig("eagle", 2).build(m)
     with torch.no_grad():
         for p in head.parameters():

@@ -149,8 +149,9 @@ def _attend(attn, x, cos, sin, past_k, past_v, s: int):
     B, T, _ = x.shape
     h, nkv, hd = attn.n_heads, attn.n_kv, attn.hd
     q, k, v = attn.wqkv(x).split([h * hd, nkv * hd, nkv * hd], dim=-1)
-    q = q.view(B, T, h, hd).transpose(1, 2)
-    k = k.view(B, T, nkv, hd).transpose(1, 2)
+    q, k = attn.norm_qk(q.view(B, T, h, hd), k.view(B, T, nkv, hd))   # Qwen3's per-head norms
+    q = q.transpose(1, 2)
+    k = k.transpose(1, 2)
     v = v.view(B, T, nkv, hd).transpose(1, 2)
     c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
     q = (q * c + rotate_half(q) * sn).to(v.dtype)   # fp32 tables would promote q, k under autocast

@@ -98,8 +98,10 @@ def cases(dt):
     yield "rms_norm", rmsnorm._rms_norm_kernel, [p, p, p, "i32", "fp32", "i32", "i32"], dict(BLOCK_D=4096), 8
     yield "add_rms_norm", rmsnorm._add_rms_norm_kernel, [p] * 5 + ["i32", "fp32"] + ["i32"] * 4, dict(BLOCK_D=1024), 4
     yield "silu_mul", swiglu._silu_mul_kernel, [p, p, "i32", "i32", "i32"], dict(BLOCK=1024), 4
-    yield ("rope_cache", rope_cache._rope_cache_kernel, [p, p, p, "*i64", p, p, p] + ["i32"] * 4 + ["i32"] * 15,
-           dict(HALF=32, BLOCK_H=32), 1)
+    for qk in (False, True):   # QK_NORM: Qwen3's per-head q/k norms before RoPE
+        yield (f"rope_cache QK_NORM={qk}", rope_cache._rope_cache_kernel,
+               [p, p, p, "*i64", p, p, p, p, p] + ["i32"] * 4 + ["fp32"] + ["i32"] * 15,
+               dict(HALF=32, BLOCK_H=32, QK_NORM=qk), 1)
     for bm, bk in ((16, 64), (64, 32)):
         yield (f"medusa BLOCK_M={bm}", medusa._resblock_layer_kernel, [p if bm == 16 else "*fp32", p, p, p] + ["i32"] * 9,
                dict(HAS_BIAS=True, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False,

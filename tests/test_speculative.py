@@ -471,3 +471,36 @@ def test_cuda_graphs_switch_between_plain_and_truncated_sampling(kind, opts, tmp
         assert run(gen) == first                                      # not the top-p graphs
         fresh = SpeculativeGenerator(lt, h, max_seq_len=256, **({} if h is None else opts))
         assert run(fresh, top_p=0.5) == cut and cut != first
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_cuda_new_architectures_chain_equals_plain_in_bf16(arch, tmp_path):
+    """Qwen3 (its q/k norms inside the RoPE launch) and Phi-3 on the CUDA path: bf16, fused
+    kernels, exact mode, CUDA graphs. A real EAGLE head's chain gives plain greedy output, and
+    the fused forward's logits stay as close to the PyTorch path's as bf16 allows."""
+    from koala.model import Transformer, causal_mask
+    path, _ = make_hf_checkpoint(tmp_path, arch, seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.bfloat16)
+    m = lt.model
+    m.setup_cache(1, 64)
+    ids = torch.randint(3, 128, (1, 12), device="cuda")
+    s = torch.arange(12, device="cuda")
+    with torch.no_grad():
+        fused = m(ids, s[None], s, causal_mask(s, 64))[0].float()
+        Transformer.use_kernels(False)
+        try:
+            ref = m(ids, s[None], s, causal_mask(s, 64))[0].float()
+        finally:
+            Transformer.use_kernels(True)
+    assert (fused - ref).abs().max() < 0.05 * ref.abs().max() + 0.02
+    plain = SpeculativeGenerator(lt, None, max_seq_len=256)
+    want = plain.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True).token_ids
+    torch.manual_seed(1)
+    head = DraftConfig(kind="eagle", layers=2).build(lt)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    gen = SpeculativeGenerator(lt, head, max_seq_len=256, mode="chain", depth=2)
+    res = gen.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True)
+    assert gen.spec.use_graph and res.token_ids == want

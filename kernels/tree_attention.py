@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -265,9 +266,6 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         if block_s < n_splits or block_s & (block_s - 1) or block_s < 2:
             raise ValueError(f"block_s must be a power of two >= max(2, n_splits={n_splits}), got {block_s}")
         BLOCK_S = block_s
-    # fp32 tiles at hd=128, BLOCK_N=64 need 180 KB of shared memory (of 227 KB on an H100)
-    BLOCK_N = 64 if hd <= 128 and q.dtype != torch.float32 else 32
-    BLOCK_D = max(16, next_pow2(hd))
     # stored as (B, T, h, hd) and returned as its transposed view: the output projection reads
     # (B, T, h*hd), which is then a free reshape (a copy kernel per layer otherwise, 2.3 us each
     # at T = 5 on the H100: 69 us of a SmolLM2 verify, bench/results/profile_step.txt)
@@ -293,31 +291,125 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         lse = torch.empty((B, h, T, n_splits), dtype=torch.float32, device=dev)
         so = o_part.stride()[:4]
         sl = lse.stride()[:3]
+    _split(q, k_cache, v_cache, mask, kv_len if has_kv_len else None, o_part, lse, so, sl, out,
+           tickets if fused else None, n_splits, BLOCK_M, scale)
+    if not single and not fused:
+        _combine(o_part, lse, out, n_splits, BLOCK_S)
+    return out
+
+
+def _split(q, k_cache, v_cache, mask, kv_len, o_part, lse, so, sl, out, tickets, n_splits: int,
+           BLOCK_M: int, scale: float):
+    """Stage 1 into given buffers: q (B, h, T, hd) (any strides, last unit), caches (B, n_kv, S,
+    hd), mask (B|1, T, S) bool; so / sl: the (b, head, t, split) strides of o_part and the (b,
+    head, t) strides of lse (with one split: out's, and o_part is out); tickets: the fused
+    combine's counters or None."""
+    B, h, T, hd = q.shape
+    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    single = n_splits == 1
     m8 = mask.view(torch.uint8)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    _attn_split_kernel[(B * n_kv, row_blocks, n_splits)](
-        q, k_cache, v_cache, m8, kv_len, o_part, lse,
-        out, tickets if fused else lse,
-        T, G, n_kv, S, n_splits, scale * math.log2(math.e),
+    # fp32 tiles at hd=128, BLOCK_N=64 need 180 KB of shared memory (of 227 KB on an H100)
+    BLOCK_N = 64 if hd <= 128 and q.dtype != torch.float32 else 32
+    _attn_split_kernel[(B * n_kv, triton.cdiv((h // n_kv) * T, BLOCK_M), n_splits)](
+        q, k_cache, v_cache, m8, q if kv_len is None else kv_len, o_part, lse,
+        out, lse if tickets is None else tickets,
+        T, h // n_kv, n_kv, S, n_splits, scale * math.log2(math.e),
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         m8.stride(0) if mask.shape[0] > 1 else 0, m8.stride(1),
         *so, *sl,
         out.stride(0), out.stride(1), out.stride(2),
-        HD=hd, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE=single,
-        HAS_KV_LEN=has_kv_len, FUSED=fused, DOT_PRECISION=prec, UPCAST=interpreting(), USE_GDC=pdl(),
-        num_warps=4, launch_pdl=pdl(),
+        HD=hd, BLOCK_D=max(16, next_pow2(hd)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SINGLE=single,
+        HAS_KV_LEN=kv_len is not None, FUSED=tickets is not None, DOT_PRECISION=prec,
+        UPCAST=interpreting(), USE_GDC=pdl(), num_warps=4, launch_pdl=pdl(),
     )
-    if not single and not fused:
-        _attn_combine_kernel[(B * h * T,)](
-            o_part, lse, out,
-            h, T, n_splits,
-            *o_part.stride()[:4], *lse.stride()[:3],
-            out.stride(0), out.stride(1), out.stride(2),
-            HD=hd, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, USE_GDC=pdl(),
-            num_warps=1, launch_pdl=pdl(),
-        )
+
+
+def _combine(o_part, lse, out, n_splits: int, BLOCK_S: int):
+    """Stage 2: o_part (B, h, T, >= n_splits, hd) fp32 and lse (B, h, T, >= n_splits), the
+    first n_splits splits of each row combined into out (B, h, T, hd) (a strided view)."""
+    B, h, T, _, hd = o_part.shape
+    _attn_combine_kernel[(B * h * T,)](
+        o_part, lse, out,
+        h, T, n_splits,
+        *o_part.stride()[:4], *lse.stride()[:3],
+        out.stride(0), out.stride(1), out.stride(2),
+        HD=hd, BLOCK_D=max(16, next_pow2(hd)), BLOCK_S=BLOCK_S, USE_GDC=pdl(),
+        num_warps=1, launch_pdl=pdl(),
+    )
+
+
+# Exact tree verification. In exact mode a query's attention is a function of the keys at each
+# cache slot it sees (the split kernel's 64-key blocks, 128-slot splits, the combine's fixed
+# tile), so a chain verifies with plain decoding's bits: its nodes sit in the slots they would
+# hold had they been decoded one by one. A tree's nodes cannot all do that (siblings would share
+# a slot). So each node attends in three parts: (a) the splits below the one holding the root's
+# slot L, shared by every node and the same as plain decoding's; (b) the next two splits from a
+# private copy (TAIL = 256 slots) in which the node's ancestors, in depth order, sit at slots L,
+# L + 1, ..., as plain decoding would have written them; (c) the usual combine over all splits.
+# Each split is then computed on the same key at the same slot as plain decoding, by the same
+# kernel, and empty splits add exact zeros, so the node's output has the same bits.
+TAIL = 256
+
+
+class ExactTail(NamedTuple):
+    """A tree verification's layout for exact_tree_attention (koala.model.exact_tree_tail):
+    prefix_mask (1, N, S) bool: the slots below the root's split, for every node;
+    idx (N, TAIL) int64: the cache slot of each private slot (TAIL slots from the root's split);
+    tail_mask (N, 1, TAIL) bool: the private slots each node sees (prefix, then its path);
+    splits (2,) int64: the indices of the two splits the private copy replaces."""
+    prefix_mask: torch.Tensor
+    idx: torch.Tensor
+    tail_mask: torch.Tensor
+    splits: torch.Tensor
+
+
+def exact_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         tail: ExactTail, n_splits: int, block_m: int, block_s: int,
+                         scale: float | None = None) -> torch.Tensor:
+    """tree_attention for the N nodes of one tree (B = 1) with plain decoding's bits per node,
+    given exact_tiles' n_splits, block_m and block_s for the window k_cache.shape[2]. q (1, h, N,
+    hd); caches (1, n_kv, S, hd). Returns (1, h, N, hd) as tree_attention does. Costs a gather
+    of 2 x N x TAIL keys and values and two launches beyond tree_attention's."""
+    check_tensor("q", q, ndim=4, dtypes=FLOATS)
+    B, h, N, hd = q.shape
+    if B != 1:
+        raise ValueError(f"exact tree attention verifies one tree (B = 1), got B={B}")
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), shape=(1, None, None, hd))
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), shape=tuple(k_cache.shape))
+    n_kv, S = k_cache.shape[1], k_cache.shape[2]
+    check_tensor("tail.prefix_mask", tail.prefix_mask, ndim=3, dtypes=(torch.bool,), shape=(1, N, S))
+    check_tensor("tail.idx", tail.idx, ndim=2, dtypes=INTS, shape=(N, TAIL))
+    check_tensor("tail.tail_mask", tail.tail_mask, ndim=3, dtypes=(torch.bool,), shape=(N, 1, TAIL))
+    check_tensor("tail.splits", tail.splits, ndim=1, dtypes=INTS, shape=(2,))
+    # exact mode's splits: 128 slots each (one split for a window of <= 128 slots, whose one
+    # 64-slot block the private copy's second, masked block leaves unchanged)
+    if triton.cdiv(triton.cdiv(S, n_splits), 64) * 64 != 128 and not (n_splits == 1 and S <= 128):
+        raise ValueError(f"exact tree attention needs exact mode's 128-slot splits; S={S} with "
+                         f"n_splits={n_splits} gives others")
+    scale = hd ** -0.5 if scale is None else float(scale)
+    dev = q.device
+    out = torch.empty((1, N, h, hd), dtype=q.dtype, device=dev).transpose(1, 2)
+    # one spare split: the private copy's second split may lie past the window's last
+    o_part = torch.empty((1, h, N, n_splits + 1, hd), dtype=torch.float32, device=dev)
+    lse = torch.empty((1, h, N, n_splits + 1), dtype=torch.float32, device=dev)
+    # (a) every node against the splits below the root's: plain decoding's bits, as for a chain
+    _split(q, k_cache, v_cache, tail.prefix_mask, None, o_part, lse, o_part.stride()[:4],
+           lse.stride()[:3], out, None, n_splits, block_m, scale)
+    # (b) each node (a batch row of its own) against its private copy of the next two splits
+    idx = tail.idx.reshape(-1)
+    tk = k_cache[0].index_select(1, idx).view(n_kv, N, TAIL, hd).transpose(0, 1)   # (N, n_kv, TAIL, hd)
+    tv = v_cache[0].index_select(1, idx).view(n_kv, N, TAIL, hd).transpose(0, 1)
+    o_t = torch.empty((N, h, 1, 2, hd), dtype=torch.float32, device=dev)
+    lse_t = torch.empty((N, h, 1, 2), dtype=torch.float32, device=dev)
+    _split(q.permute(2, 1, 0, 3), tk, tv, tail.tail_mask, None, o_t, lse_t, o_t.stride()[:4],
+           lse_t.stride()[:3], out, None, 2, block_m, scale)
+    o_part[0].index_copy_(2, tail.splits, o_t[:, :, 0].transpose(0, 1))
+    lse[0].index_copy_(2, tail.splits, lse_t[:, :, 0].transpose(0, 1))
+    # (c) the combine over the window's splits, with exact mode's tile
+    _combine(o_part, lse, out, n_splits, block_s)
     return out
 
 

@@ -235,12 +235,14 @@ class Attention(nn.Module):
             return q, k
         return self.q_norm(q), self.k_norm(k)
 
-    def forward(self, x, cos, sin, slots=None, mask=None, residual=None):
-        # x: (B, T, D); cos, sin: (B, T, hd); slots: (T,) or None; mask: (B|1, T, S) bool or None
+    def forward(self, x, cos, sin, slots=None, mask=None, residual=None, tail=None):
+        # x: (B, T, D); cos, sin: (B, T, hd); slots: (T,) or None; mask: (B|1, T, S) bool or None;
+        # tail: a tree verification's ExactTail (kernels/tree_attention.py), read by exact mode's
+        # fused attention only (the mask says the same visibility)
         B, T, _ = x.shape
         h, nkv, hd = self.n_heads, self.n_kv, self.hd
         if _fused(x) and slots is not None:
-            return self._forward_fused(x, cos, sin, slots, mask, residual)
+            return self._forward_fused(x, cos, sin, slots, mask, residual, tail)
         q, k, v = self.wqkv(x).split([h * hd, nkv * hd, nkv * hd], dim=-1)
         q, k = self.norm_qk(q.view(B, T, h, hd), k.view(B, T, nkv, hd))
         q = q.transpose(1, 2)                        # (B, h, T, hd)
@@ -268,7 +270,7 @@ class Attention(nn.Module):
         out = self.wo(y.transpose(1, 2).reshape(B, T, h * hd))
         return out if residual is None else residual + out
 
-    def attend(self, qkv, cos, sin, slots, mask):
+    def attend(self, qkv, cos, sin, slots, mask, tail=None):
         """Fused path from the q|k|v projection: RoPE + cache write, then masked attention over
         the first mask.shape[-1] slots. qkv (B, T, (h+2nkv)*hd) -> (B, T, h*hd)."""
         from kernels.rope_cache import rope_and_cache_write
@@ -276,23 +278,27 @@ class Attention(nn.Module):
         qk = {} if self.q_norm is None else dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight,
                                                  eps=self.q_norm.eps)
         return self.attend_rotated(rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads,
-                                                        self.n_kv, **qk), mask)
+                                                        self.n_kv, **qk), mask, tail)
 
-    def attend_rotated(self, q, mask):
+    def attend_rotated(self, q, mask, tail=None):
         """The fused path's attention of the rotated q (B, h, T, hd), its k and v already in the
-        cache, over the first mask.shape[-1] slots -> (B, T, h*hd)."""
-        from kernels.tree_attention import exact_tiles, tree_attention
+        cache, over the first mask.shape[-1] slots -> (B, T, h*hd). tail (exact mode): a tree's
+        nodes attend as plain decoding would (kernels/tree_attention.py, exact_tree_attention)."""
+        from kernels.tree_attention import exact_tiles, exact_tree_attention, tree_attention
         B, _, T, _ = q.shape
         c = self.kv_cache
         L = mask.shape[-1]
         # exact mode: the plain step and a verify forward read through different windows L and
         # must still give a query the same bits, so the tiles follow the whole cache, not L
         tiles = exact_tiles(B * self.n_kv, L, c.k.shape[2]) if _Fast.exact else {}
-        y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask, **tiles)    # (B, h, T, hd)
+        if tail is not None and _Fast.exact:
+            y = exact_tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], tail, **tiles)
+        else:
+            y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask, **tiles)    # (B, h, T, hd)
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
 
-    def _forward_fused(self, x, cos, sin, slots, mask, residual):
-        y = self.attend(self.wqkv(x), cos, sin, slots, mask)
+    def _forward_fused(self, x, cos, sin, slots, mask, residual, tail=None):
+        y = self.attend(self.wqkv(x), cos, sin, slots, mask, tail)
         if residual is None:
             return self.wo(y)
         return _linear_residual(residual, y, self.wo)
@@ -325,14 +331,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, slots=None, mask=None):
+    def forward(self, x, cos, sin, slots=None, mask=None, tail=None):
         if _fused(x) and slots is not None and x.shape[0] * x.shape[1] <= _small_m():
-            return self._forward_small(x, cos, sin, slots, mask)
-        x = self.attention(self.attention_norm(x), cos, sin, slots, mask, residual=x)
+            return self._forward_small(x, cos, sin, slots, mask, tail)
+        x = self.attention(self.attention_norm(x), cos, sin, slots, mask, residual=x, tail=tail)
         return self.feed_forward(self.ffn_norm(x), residual=x)
 
 
-    def _forward_small(self, x, cos, sin, slots, mask):
+    def _forward_small(self, x, cos, sin, slots, mask, tail=None):
         """Decode/verify with few tokens: 6-7 launches a layer. The norms run as prologues of
         the projections and the residuals and SwiGLU as their epilogues (kernels/linear.py),
         where cuBLAS took 5-8 us per tiny GEMM plus separate norm and activation launches."""
@@ -349,10 +355,10 @@ class Block(nn.Module):
             c = a.kv_cache
             q = linear_rope_cache(x, a.wqkv.weight, a.wqkv.bias, n1.weight, n1.eps, cos, sin, slots,
                                   c.k, c.v, a.n_heads, a.n_kv, config=cq)
-            y = a.attend_rotated(q, mask)
+            y = a.attend_rotated(q, mask, tail)
         else:
             qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps, config=cq)
-            y = a.attend(qkv, cos, sin, slots, mask)
+            y = a.attend(qkv, cos, sin, slots, mask, tail)
         x = linear(y, a.wo.weight, residual=x, config=cf(a.wo.weight))
         g = linear_silu(x, f.w13.weight, n2.weight, n2.eps, config=cf(f.w13.weight, True))
         return linear(g, f.w2.weight, residual=x, config=cf(f.w2.weight))
@@ -454,12 +460,14 @@ class Transformer(CachedStack, nn.Module):
     def dtype(self):
         return self.tok_embeddings.weight.dtype
 
-    def forward(self, tokens, positions=None, slots=None, mask=None, logits_index=None):
+    def forward(self, tokens, positions=None, slots=None, mask=None, logits_index=None, tail=None):
         """tokens (B, T); positions (B, T) RoPE positions; slots (T,) cache slots to write;
         mask (B|1, T, L) bool, True where a query may attend a cache slot; only the first L <= S
         slots are read, so short contexts can use a narrower mask.
         With slots=None: no cache, causal attention, positions default to 0..T-1.
         logits_index (n,): compute logits only at these time indices (saves the LM head).
+        tail: a tree verification's ExactTail (exact_tree_tail), which exact mode's attention
+        reads so that every node gets the bits plain decoding would give it.
         Returns logits (B, T|n, V) and hidden (B, T, D), the final-norm hidden state."""
         B, T = tokens.shape
         if positions is None:
@@ -472,7 +480,7 @@ class Transformer(CachedStack, nn.Module):
             x = self.tok_embeddings(tokens)
             cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, slots, mask)
+            x = layer(x, cos, sin, slots, mask, tail)
         hidden = self.norm(x)
         h = hidden if logits_index is None else hidden.index_select(1, logits_index)
         lm_m = EXACT_M if _Fast.exact else LM_HEAD_M
@@ -486,6 +494,27 @@ class Transformer(CachedStack, nn.Module):
 def causal_mask(slots, max_len: int):
     """(1, T, S) mask for a linear sequence written at slots (T,): slot j visible if j <= slot."""
     return (torch.arange(max_len, device=slots.device)[None, :] <= slots[:, None]).unsqueeze(0)
+
+
+def exact_tree_tail(prefix_len, slots, depth, ancestors, max_len: int):
+    """The ExactTail of a drafted tree (kernels/tree_attention.py): with it, exact mode's
+    attention gives every node the bits plain decoding would. prefix_len: the root's slot L (int
+    or 0-d tensor); slots (N,) the nodes' cache slots, the root's L; depth (N,) int; ancestors
+    (N, N) bool ancestor-or-self; max_len: the window. Device ops only (builds in a CUDA graph)."""
+    from kernels.tree_attention import TAIL, ExactTail
+    N, dev = depth.shape[0], depth.device
+    key = torch.where(ancestors, depth[None, :], N + 1)                  # a node's path by depth
+    path_slots = slots[key.argsort(dim=1)]                               # (N, N): column j, depth j
+    k0 = prefix_len // 128                                               # the root's split
+    v = k0 * 128 + torch.arange(TAIL, device=dev)                        # (TAIL,) private slots
+    j = v - prefix_len                                                   # depth in plain order
+    in_prefix = (v < prefix_len)[None, :].expand(N, TAIL)
+    in_path = (j >= 0)[None, :] & (j[None, :] <= depth[:, None])
+    on_path = path_slots.gather(1, j.clamp(0, N - 1)[None, :].expand(N, TAIL))
+    idx = torch.where(in_prefix, v[None, :].expand(N, TAIL), torch.where(in_path, on_path, 0))
+    prefix = (torch.arange(max_len, device=dev) < k0 * 128)[None, None, :].expand(1, N, max_len)
+    return ExactTail(prefix, idx, (in_prefix | in_path)[:, None, :],
+                     k0 + torch.arange(2, device=dev))
 
 
 def tree_mask(prefix_len, slots, ancestors, max_len: int):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .errors import HeadMismatchError, KoalaError
 from .graphs import capture, window, windows
-from .model import Transformer, _Fast, argmax_last, causal_mask, not_exact, tree_mask
+from .model import Transformer, _Fast, argmax_last, causal_mask, exact_tree_tail, not_exact, tree_mask
 from .sampling import SamplerState, graph_mode, warp_probs
 
 NEG = -1e30
@@ -104,7 +104,7 @@ def medusa_tree(n_heads: int, size: int, depth: int, top_k: int):
 class SpeculativeDecoder:
     def __init__(self, model: Transformer, head, mode: str = "chain", depth: int | None = None,
                  tree_size: int = 32, top_k: int = 4, use_graph: bool = False, pipeline: bool | None = None,
-                 draft_vocab: int | None | str = "head"):
+                 draft_vocab: int | None | str = "head", exact_trees: bool | None = None):
         from .heads import EagleHead
         self.model, self.head = model, head
         self.eagle = isinstance(head, EagleHead)
@@ -125,6 +125,12 @@ class SpeculativeDecoder:
         if not isinstance(top_k, int) or not 1 <= top_k <= min(16, model.config.vocab_size):
             raise KoalaError(f"top_k must be an integer in 1..16, got {top_k!r}")
         self.mode, self.depth, self.N, self.k = mode, depth, tree_size, top_k
+        # exact_trees (None: KOALA_EXACT_TREES=1): trees verify in exact mode too, each node's
+        # attention through exact_tree_attention, so bf16 greedy trees give plain decoding's
+        # tokens as chains do; the verify then runs the per-row GEMV for every node (slower)
+        if exact_trees is None:
+            exact_trees = os.environ.get("KOALA_EXACT_TREES", "0") == "1"
+        self.exact_trees = bool(exact_trees)
         # draft from the head's most frequent tokens only ("head": its config's draft_vocab)
         if draft_vocab == "head":
             draft_vocab = head.config.draft_vocab
@@ -415,15 +421,21 @@ class SpeculativeDecoder:
         chain's bf16 verification bit-identical to one-token steps, because a chain's nodes sit in
         the same cache slots as plainly decoded tokens would. A tree's nodes do not (a depth-2
         node may sit at slot L+7), so attention sums its keys in another order and no kernel
-        choice makes trees bit-exact in bf16; they keep the faster cuBLAS verification."""
+        choice makes trees bit-exact in bf16 by itself; they keep the faster cuBLAS verification
+        unless exact_trees, whose attention gives each node its ancestors at plain decoding's
+        slots (kernels/tree_attention.py, exact_tree_attention)."""
         saved = _Fast.exact
-        _Fast.exact = saved and self.mode == "chain"
+        _Fast.exact = saved and (self.mode == "chain" or self.exact_trees)
         try:
             yield
         finally:
             _Fast.exact = saved
 
     def draft(self, W):
+        if self.exact_trees and not self.chain:   # drafts decide speed, not output: no per-row GEMV
+            with not_exact():
+                self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
+            return
         self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
 
     # ------------------------------------------------------------------ verify
@@ -446,7 +458,10 @@ class SpeculativeDecoder:
                 pos, mask = slots, (self.slot_range[:W] <= slots[:, None]).unsqueeze(0)
             else:
                 pos, mask = L + t["depth"], tree_mask(L, slots, t["anc"], W)
-        logits, hidden = self.model(t["tokens"].view(1, N), pos.view(1, N), slots, mask)
+        tail = None
+        if not self.chain and self.exact_trees and _Fast.exact:
+            tail = exact_tree_tail(L, slots, t["depth"], t["anc"], W)
+        logits, hidden = self.model(t["tokens"].view(1, N), pos.view(1, N), slots, mask, tail=tail)
         logits, hidden = logits[0], hidden[0]
         fast = self._fast()
         dpos = self.ar_d1

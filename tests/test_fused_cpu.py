@@ -55,8 +55,10 @@ TINY_ROW_TILES = {k: L.LinearConfig(False, 2, c.BLOCK_N, c.BLOCK_K, 4, 1, 1, Tru
     ("medusa", dict(mode="chain"), True, False, TINY_TILES),
     ("eagle", dict(mode="chain", depth=3), False, False, TINY_TILES),
     ("eagle", dict(mode="chain", depth=2), True, True, TINY_TILES),
-    ("eagle", dict(mode="chain", depth=3), False, False, TINY_ROW_TILES)],
-    ids=["medusa-oracle", "eagle-oracle", "eagle-real-rope-fused", "eagle-oracle-row-tiles"])
+    ("eagle", dict(mode="chain", depth=3), False, False, TINY_ROW_TILES),
+    ("eagle", dict(mode="tree", depth=3, tree_size=7, top_k=2, exact_trees=True), False, False, TINY_TILES)],
+    ids=["medusa-oracle", "eagle-oracle", "eagle-real-rope-fused", "eagle-oracle-row-tiles",
+         "eagle-oracle-exact-tree"])
 def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope, real, tiles):
     """An oracle head gets most drafts accepted (the accept and compaction kernels take long
     paths); a real head of two random layers runs its own layers through the kernels too."""
@@ -75,9 +77,13 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
     if not real:
         full = plain.encode(PROMPT, chat=False) + ref
         head.bind(full, gen.spec) if kind == "medusa" else head.bind(full)
+    import kernels.tree_attention as TA
+    exact_calls = _spy(fused, TA, "exact_tree_attention")
     res = gen.generate(PROMPT, max_new_tokens=N_NEW, chat=False, ignore_eos=True)
     assert res.token_ids == ref
     assert real or res.stats.tau > 1.8
+    # exact trees verify through exact_tree_attention (one call a layer a verify), others never
+    assert bool(exact_calls) == bool(opts.get("exact_trees"))
 
 
 SAMPLED = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)
@@ -250,3 +256,44 @@ def test_fused_qwen3_norms_q_and_k_in_the_rope_launch(tiny_qwen3, fused):
     gen = SpeculativeGenerator(tiny_qwen3, head, max_seq_len=128, mode="chain", depth=2)
     res = gen.generate(PROMPT, max_new_tokens=N_NEW, chat=False, ignore_eos=True)
     assert res.token_ids == ref_ids
+
+
+def test_exact_tree_verify_gives_plain_decodings_logits(tiny_bf16, fused):
+    """exact_trees: a tree's forward (nodes of one path at slots plain decoding would not give
+    them, a sibling branch between) gives the path's nodes the bf16 logits of plain one-token
+    steps, bit for bit, through the fused kernels in exact mode."""
+    from koala.model import causal_mask, exact_tree_tail, tree_mask
+    m = tiny_bf16.model
+    W, P = 256, 126                                     # the path crosses a 128-slot split
+    torch.manual_seed(4)
+    prompt = torch.randint(3, 128, (1, P))
+    path = torch.randint(3, 128, (4,))                  # x_P .. x_{P+3}
+    m.setup_cache(1, W)
+    s = torch.arange(P)
+    with torch.no_grad():
+        m(prompt, s[None], s, causal_mask(s, W))
+        saved = [(l.attention.kv_cache.k.clone(), l.attention.kv_cache.v.clone()) for l in m.layers]
+        plain = []
+        for i in range(4):
+            si = torch.tensor([P + i])
+            plain.append(m(path[i].view(1, 1), si[None], si, causal_mask(si, W))[0][0, -1])
+        for l, (k, v) in zip(m.layers, saved):
+            l.attention.kv_cache.k.copy_(k)
+            l.attention.kv_cache.v.copy_(v)
+        # nodes: 0 root x_P; 1 a sibling of x_{P+1}; 2 x_{P+1}; 3 child of 1; 4 x_{P+2}; 5 x_{P+3}
+        parents = [-1, 0, 0, 1, 2, 4]
+        tokens = torch.tensor([path[0], 7, path[1], 9, path[2], path[3]])
+        N = len(parents)
+        anc = torch.zeros(N, N, dtype=torch.bool)
+        depth = torch.zeros(N, dtype=torch.long)
+        for i in range(N):
+            j = i
+            while j >= 0:
+                anc[i, j] = True
+                j = parents[j]
+            depth[i] = anc[i].sum() - 1
+        slots = P + torch.arange(N)
+        logits, _ = m(tokens.view(1, N), (P + depth).view(1, N), slots, tree_mask(P, slots, anc, W),
+                      tail=exact_tree_tail(P, slots, depth, anc, W))
+    for node, i in ((0, 0), (2, 1), (4, 2), (5, 3)):
+        assert torch.equal(logits[0, node], plain[i]), f"node {node} (x_P+{i})"

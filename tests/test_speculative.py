@@ -504,3 +504,24 @@ def test_cuda_new_architectures_chain_equals_plain_in_bf16(arch, tmp_path):
     gen = SpeculativeGenerator(lt, head, max_seq_len=256, mode="chain", depth=2)
     res = gen.generate(PROMPT, max_new_tokens=40, chat=False, ignore_eos=True)
     assert gen.spec.use_graph and res.token_ids == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+def test_cuda_exact_trees_equal_plain_in_bf16(kind, tmp_path):
+    """exact_trees on the CUDA path (bf16, fused kernels, exact mode, CUDA graphs): a tree of
+    random-head drafts gives plain greedy decoding's tokens, as chains do (without it, bf16
+    trees may part from plain decoding after a near-tie)."""
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.bfloat16)
+    plain = SpeculativeGenerator(lt, None, max_seq_len=512)
+    want = plain.generate(PROMPT, max_new_tokens=200, chat=False, ignore_eos=True).token_ids
+    torch.manual_seed(1)
+    head = DraftConfig(kind=kind, layers=2).build(lt)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    gen = SpeculativeGenerator(lt, head, max_seq_len=512, mode="tree", depth=4, tree_size=16, top_k=4,
+                               exact_trees=True)
+    res = gen.generate(PROMPT, max_new_tokens=200, chat=False, ignore_eos=True)
+    assert gen.spec.use_graph and gen.spec.exact_trees and res.token_ids == want

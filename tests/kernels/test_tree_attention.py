@@ -168,3 +168,50 @@ def test_fused_combine_in_a_cuda_graph_replays_correctly():
             g.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, want)
+
+
+def _random_tree(N, gen):
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, N)]
+    depth, anc = [0] * N, torch.zeros(N, N, dtype=torch.bool)
+    for i in range(N):
+        j = i
+        while j >= 0:
+            anc[i, j] = True
+            j = parents[j]
+        depth[i] = int(anc[i].sum()) - 1
+    return torch.tensor(depth, device=DEVICE), anc.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("L", [100, 125, 256, 380])
+def test_exact_tree_attention_gives_each_node_plain_decodings_bits(dtype, L):
+    """Every node of a tree, its ancestors at other slots than plain decoding would give them
+    (siblings share depths), attends with the bits of plain decoding's query at its position:
+    the same keys at slots L, L + 1, ... in order, read through the smallest window that holds
+    them (exact mode's tiles for a cache of S_max slots). L = 125 puts the paths across a
+    128-slot split; 256 starts a split."""
+    from kernels.tree_attention import exact_tiles, exact_tree_attention
+    from koala.model import exact_tree_tail
+    gen = torch.Generator().manual_seed(L)
+    h, n_kv, hd, N, S = 4, 2, 16, 12, 512
+    depth, anc = _random_tree(N, gen)
+    k = (torch.randn(1, n_kv, S, hd, generator=gen)).to(DEVICE, dtype)
+    v = (torch.randn(1, n_kv, S, hd, generator=gen)).to(DEVICE, dtype)
+    q = (torch.randn(1, h, N, hd, generator=gen) * 2).to(DEVICE, dtype)
+    slots = L + torch.arange(N, device=DEVICE)
+    tiles = exact_tiles(n_kv, S, S)
+    got = exact_tree_attention(q, k, v, exact_tree_tail(L, slots, depth, anc, S), **tiles)
+    ref = tree_attention_ref(q.float(), k.float(), v.float(),
+                             torch.cat([torch.ones(N, L, dtype=torch.bool, device=DEVICE), anc,
+                                        torch.zeros(N, S - L - N, dtype=torch.bool, device=DEVICE)], 1)[None])
+    assert (got.float() - ref).abs().max() < (0.05 if dtype == torch.bfloat16 else 1e-4)
+    for t in range(N):
+        path = torch.nonzero(anc[t]).flatten()          # ancestors, root first (depth order)
+        kp, vp = k.clone(), v.clone()
+        kp[:, :, L:L + len(path)] = k[:, :, L + path]
+        vp[:, :, L:L + len(path)] = v[:, :, L + path]
+        pos = L + int(depth[t])
+        W = 256 if pos < 256 else S                     # the plain step's window
+        mask = (torch.arange(W, device=DEVICE) <= pos)[None, None, :]
+        want = tree_attention(q[:, :, t:t + 1], kp[:, :, :W], vp[:, :, :W], mask, **exact_tiles(n_kv, W, S))
+        assert torch.equal(got[:, :, t], want[:, :, 0]), f"node {t} (depth {int(depth[t])}) differs"

@@ -27,6 +27,8 @@
 #   batch              bench.batch: generate_batch at B = 1, 2, 4, 8, plain and shipped heads,
 #                      then plain and EAGLE at B = 1, 8 with KOALA_BATCH_PIPELINE=1        ~5 min
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
+#   exact-trees        GPU tests of exact trees and of Qwen3 / Phi-3, then MT-bench trees of the
+#                      shipped EAGLE head with KOALA_EXACT_TREES=1 and 0                    ~8 min
 #   vocab <kind> [depths] [vocabs]  MT-bench of the shipped <eagle|medusa> head, chains of the
 #                      given depths (default 1), one method per draft vocabulary (default
 #                      none,4096,8192,16384)                                                ~4 min
@@ -38,7 +40,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -186,6 +188,19 @@ PY
         --draft-vocabs "$vocabs" --time-budget "${KOALA_EVAL_BUDGET:-420}" --no-progress \
         --out "mtbench_vocab_${kind}_d${depths//,/}.json" > "$log" 2>&1
     quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 12
+    ;;
+  exact-trees)
+    # exact trees (KOALA_EXACT_TREES=1) and the Qwen3 / Phi-3 CUDA path: their GPU tests, then
+    # MT-bench trees of the shipped EAGLE head with and without exact trees (identical_to_plain
+    # should be 1.0 with them; the cost of the per-row GEMV verify shows in verify_ms_per_iter)
+    python -m pytest -q -m gpu tests/test_speculative.py -k "exact_trees or new_architectures" \
+        -p no:cacheprovider > "$log" 2>&1 || true
+    for e in 1 0; do
+      KOALA_EXACT_TREES=$e python -m bench.mtbench --heads koala/default_heads/eagle --modes tree \
+          --tree-depths 5 --tree-size 32 --time-budget 150 --no-progress \
+          --out "mtbench_exact_trees$e.json" >> "$log" 2>&1
+    done
+    quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 16
     ;;
   vec)
     # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)

@@ -131,6 +131,11 @@ class SpeculativeDecoder:
         if exact_trees is None:
             exact_trees = os.environ.get("KOALA_EXACT_TREES", "0") == "1"
         self.exact_trees = bool(exact_trees)
+        if self.exact_trees and os.environ.get("KOALA_FUSED_COMBINE", "0") == "1":
+            # plain decoding would combine the attention's splits in the split kernel, in another
+            # order than exact_tree_attention's combine launch
+            raise KoalaError("exact_trees needs the attention's separate combine launch: unset "
+                             "KOALA_FUSED_COMBINE (or set it to 0)")
         # draft from the head's most frequent tokens only ("head": its config's draft_vocab)
         if draft_vocab == "head":
             draft_vocab = head.config.draft_vocab

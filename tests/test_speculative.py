@@ -525,3 +525,13 @@ def test_cuda_exact_trees_equal_plain_in_bf16(kind, tmp_path):
                                exact_trees=True)
     res = gen.generate(PROMPT, max_new_tokens=200, chat=False, ignore_eos=True)
     assert gen.spec.use_graph and gen.spec.exact_trees and res.token_ids == want
+
+
+def test_exact_trees_refuse_the_fused_combine(tiny, monkeypatch):
+    monkeypatch.setenv("KOALA_FUSED_COMBINE", "1")
+    head = DraftConfig(kind="medusa").build(tiny)
+    with pytest.raises(KoalaError, match="KOALA_FUSED_COMBINE"):
+        SpeculativeGenerator(tiny, head, max_seq_len=128, mode="tree", exact_trees=True)
+    monkeypatch.setenv("KOALA_EXACT_TREES", "1")
+    monkeypatch.setenv("KOALA_FUSED_COMBINE", "0")
+    assert SpeculativeGenerator(tiny, head, max_seq_len=128, mode="tree").spec.exact_trees

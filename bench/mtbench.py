@@ -243,6 +243,9 @@ def measure(plain, methods, questions, temperatures, max_new, seed, *, time_budg
 def main(argv=None):
     t0 = time.perf_counter()
     ap = argparse.ArgumentParser(prog="python -m bench.mtbench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="smollm2-135m-instruct",
+                    help="the target: the embedded default, a Hugging Face checkpoint directory or a .gguf "
+                         "(then --heads must name heads trained for it)")
     ap.add_argument("--heads", default="koala/default_heads/eagle,koala/default_heads/medusa")
     ap.add_argument("--modes", default="chain,tree")
     ap.add_argument("--questions", type=int, default=80)
@@ -274,7 +277,7 @@ def main(argv=None):
     temps = parse_temperatures(a.temperatures, a.temperature)
     from koala import SpeculativeGenerator, load_target
     from koala.heads import load_head
-    lt = load_target("smollm2-135m-instruct")
+    lt = load_target(a.target)
     qs = select(mt_bench(), a.questions)
     plain = SpeculativeGenerator(lt, None, max_seq_len=2048)
     heads = {}
@@ -311,17 +314,18 @@ def main(argv=None):
             res["not_run"].append("peers")
             res["incomplete"] = True
         else:
-            res["peers"] = peers(lt, select(mt_bench(), a.peer_questions), a.max_new_tokens, plain)
+            res["peers"] = peers(lt, select(mt_bench(), a.peer_questions), a.max_new_tokens, plain, a.target)
     path = write(a.out, {"settings": settings, **res})
     print(f"-> {path}" + ("  (incomplete: time budget spent)" if res["incomplete"] else ""))
 
 
-def peers(lt, qs, max_new, plain):
+def peers(lt, qs, max_new, plain, target="smollm2-135m-instruct"):
     """transformers' generate (plain) and prompt-lookup decoding, same GPU, first turns only."""
-    from koala.loading import _gguf_to_cache, default_gguf_path, transformers_api
+    from koala.loading import _gguf_to_cache, resolve, transformers_api
     AutoModelForCausalLM, = transformers_api("AutoModelForCausalLM")
-    hf = AutoModelForCausalLM.from_pretrained(_gguf_to_cache(default_gguf_path()), local_files_only=True,
-                                              dtype=torch.bfloat16).cuda().eval()
+    kind, path = resolve(target)
+    hf = AutoModelForCausalLM.from_pretrained(_gguf_to_cache(path) if kind == "gguf" else path,
+                                              local_files_only=True, dtype=torch.bfloat16).cuda().eval()
     out = {"questions": len(qs), "note": "first turns only; no smaller model with SmolLM2's tokenizer "
            "is available offline, so transformers' assisted generation has no usable assistant here"}
     for name, kw in (("transformers_generate", {}), ("transformers_prompt_lookup", {"prompt_lookup_num_tokens": 10})):

@@ -22,8 +22,12 @@ def _tables(B, T, hd, dtype):
 
 @pytest.mark.parametrize("B,T,h,n_kv,hd,S", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_cache_write_matches_reference(B, T, h, n_kv, hd, S, dtype):
-    qkv = torch.randn(B, T, (h + 2 * n_kv) * hd, device=DEVICE).to(dtype)
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qk-norm"])
+def test_rope_and_cache_write_matches_reference(B, T, h, n_kv, hd, S, dtype, qk_norm):
+    """qk_norm: Qwen3's per-head RMSNorm on q and k before RoPE, in the same launch."""
+    qkv = (torch.randn(B, T, (h + 2 * n_kv) * hd, device=DEVICE) * (3 if qk_norm else 1)).to(dtype)
+    norms = (dict(q_norm=(1 + 0.3 * torch.randn(hd, device=DEVICE)).to(dtype),
+                  k_norm=(1 + 0.3 * torch.randn(hd, device=DEVICE)).to(dtype), eps=1e-6) if qk_norm else {})
     cos, sin = _tables(B, T, hd, dtype)
     slots = torch.randperm(S, device=DEVICE)[:T]
     kc0 = torch.randn(B, n_kv, S, hd, device=DEVICE).to(dtype)
@@ -31,56 +35,32 @@ def test_rope_and_cache_write_matches_reference(B, T, h, n_kv, hd, S, dtype):
     kc, vc = kc0.clone(), vc0.clone()
     kc[:, :, slots] = float("nan")                      # poison the slots the kernel must write
     vc[:, :, slots] = float("nan")
-    q = rope_and_cache_write(qkv, cos, sin, slots, kc, vc, h, n_kv)
+    q = rope_and_cache_write(qkv, cos, sin, slots, kc, vc, h, n_kv, **norms)
 
     ke, ve = kc0.double(), vc0.double()
-    qe = rope_and_cache_write_ref(qkv.double(), cos.double(), sin.double(), slots, ke, ve, h, n_kv)
+    qe = rope_and_cache_write_ref(qkv.double(), cos.double(), sin.double(), slots, ke, ve, h, n_kv,
+                                  **{k: (v.double() if torch.is_tensor(v) else v) for k, v in norms.items()})
     kl, vl = kc0.clone(), vc0.clone()
-    ql = rope_and_cache_write_ref(qkv, cos, sin, slots, kl, vl, h, n_kv)
+    ql = rope_and_cache_write_ref(qkv, cos, sin, slots, kl, vl, h, n_kv, **norms)
+    floor = 1e-6
+    if qk_norm:
+        # The model rounds the normalised head to the dtype before RoPE (koala.model.RMSNorm, as
+        # transformers' Qwen3 does). The kernel sums its squares in another order, so at a
+        # rounding tie it may land one ulp from PyTorch's choice; that ulp passes through the
+        # rotation with a gain of at most |cos| + |sin| <= 1.42. So the floor is 1.5 ulps at the
+        # values' size (bf16: 2^-7 relative; fp32: 2^-23), on top of twice the reference's error.
+        mag = max(qe.abs().max().item(), ke[:, :, slots].abs().max().item())
+        floor = 1.5 * 2.0 ** (math.floor(math.log2(mag)) - (7 if dtype == torch.bfloat16 else 23))
     assert q.shape == (B, h, T, hd) and q.dtype == dtype
-    assert_close_to_baseline(q, qe, ql, floor=1e-6, what="q")
-    assert_close_to_baseline(kc, ke, kl, floor=1e-6, what="k cache")
+    assert_close_to_baseline(q, qe, ql, floor=floor, what="q")
+    assert_close_to_baseline(kc, ke, kl, floor=floor, what="k cache")
     assert torch.equal(vc, vl), "v must be copied exactly"
     untouched = torch.ones(S, dtype=torch.bool, device=DEVICE)
     untouched[slots] = False
     assert torch.equal(kc[:, :, untouched], kc0[:, :, untouched])
-
-
-@pytest.mark.parametrize("B,T,h,n_kv,hd,S", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_with_qk_norm_matches_reference(B, T, h, n_kv, hd, S, dtype):
-    """Qwen3's per-head RMSNorm on q and k before RoPE, done in the same launch."""
-    qkv = (torch.randn(B, T, (h + 2 * n_kv) * hd, device=DEVICE) * 3).to(dtype)
-    qn = (1 + 0.3 * torch.randn(hd, device=DEVICE)).to(dtype)
-    kn = (1 + 0.3 * torch.randn(hd, device=DEVICE)).to(dtype)
-    cos, sin = _tables(B, T, hd, dtype)
-    slots = torch.randperm(S, device=DEVICE)[:T]
-    kc0 = torch.randn(B, n_kv, S, hd, device=DEVICE).to(dtype)
-    vc0 = torch.randn(B, n_kv, S, hd, device=DEVICE).to(dtype)
-    kc, vc = kc0.clone(), vc0.clone()
-    kc[:, :, slots] = float("nan")                      # poison the slots the kernel must write
-    vc[:, :, slots] = float("nan")
-    q = rope_and_cache_write(qkv, cos, sin, slots, kc, vc, h, n_kv, q_norm=qn, k_norm=kn, eps=1e-6)
-    ke, ve = kc0.double(), vc0.double()
-    qe = rope_and_cache_write_ref(qkv.double(), cos.double(), sin.double(), slots, ke, ve, h, n_kv,
-                                  qn.double(), kn.double(), 1e-6)
-    kl, vl = kc0.clone(), vc0.clone()
-    ql = rope_and_cache_write_ref(qkv, cos, sin, slots, kl, vl, h, n_kv, qn, kn, 1e-6)
-    # The model rounds the normalised head to the dtype before RoPE (koala.model.RMSNorm, as
-    # transformers' Qwen3 does). The kernel sums its squares in another order, so at a rounding
-    # tie it may land one ulp from PyTorch's choice; that ulp passes through the rotation with a
-    # gain of at most |cos| + |sin| <= 1.42. So the floor is 1.5 ulps at the normalised values'
-    # size (bf16: 2^-7 relative; fp32: 2^-23), on top of twice the reference's own error.
-    mag = max(rope_and_cache_write_ref(qkv.double(), cos.double(), sin.double(), slots, ke.clone(),
-                                       ve.clone(), h, n_kv, qn.double(), kn.double(), 1e-6).abs().max().item(),
-              ke[:, :, slots].abs().max().item())
-    ulp = 2.0 ** (math.floor(math.log2(mag)) - (7 if dtype == torch.bfloat16 else 23))
-    assert_close_to_baseline(q, qe, ql, floor=1.5 * ulp, what="q")
-    assert_close_to_baseline(kc, ke, kl, floor=1.5 * ulp, what="k cache")
-    assert torch.equal(vc, vl), "v must be copied exactly"
-    # the norm is really applied: without it the result is far off
-    q_plain = rope_and_cache_write(qkv, cos, sin, slots, kc.clone(), vc.clone(), h, n_kv)
-    assert (q_plain.double() - qe).abs().max() > 10 * (q.double() - qe).abs().max() + 1e-3
+    if qk_norm:   # the norm is really applied: without it the result is far off
+        q_plain = rope_and_cache_write(qkv, cos, sin, slots, kc.clone(), vc.clone(), h, n_kv)
+        assert (q_plain.double() - qe).abs().max() > 10 * (q.double() - qe).abs().max() + 1e-3
 
 
 def test_rope_qk_norm_needs_both_weights():

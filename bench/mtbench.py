@@ -326,7 +326,7 @@ def peers(lt, qs, max_new, plain, target="smollm2-135m-instruct"):
     kind, path = resolve(target)
     hf = AutoModelForCausalLM.from_pretrained(_gguf_to_cache(path) if kind == "gguf" else path,
                                               local_files_only=True, dtype=torch.bfloat16).cuda().eval()
-    out = {"questions": len(qs), "note": "first turns only; no smaller model with SmolLM2's tokenizer "
+    out = {"questions": len(qs), "note": "first turns only; no smaller model with the target's tokenizer "
            "is available offline, so transformers' assisted generation has no usable assistant here"}
     for name, kw in (("transformers_generate", {}), ("transformers_prompt_lookup", {"prompt_lookup_num_tokens": 10})):
         tok = wall = 0

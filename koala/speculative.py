@@ -28,7 +28,7 @@ replacement (Gumbel-top-k), renormalising q after each rejected sibling.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -437,11 +437,9 @@ class SpeculativeDecoder:
             _Fast.exact = saved
 
     def draft(self, W):
-        if self.exact_trees and not self.chain:   # drafts decide speed, not output: no per-row GEMV
-            with not_exact():
-                self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
-            return
-        self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
+        # exact trees: the draft decides speed, not output, so it skips exact mode's per-row GEMV
+        with not_exact() if self.exact_trees and not self.chain else nullcontext():
+            self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
 
     # ------------------------------------------------------------------ verify
     def verify(self, W):

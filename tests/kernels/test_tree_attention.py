@@ -182,14 +182,17 @@ def _random_tree(N, gen):
     return torch.tensor(depth, device=DEVICE), anc.to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float32] if ON_GPU else []))
 @pytest.mark.parametrize("L", [100, 125, 256, 380])
 def test_exact_tree_attention_gives_each_node_plain_decodings_bits(dtype, L):
     """Every node of a tree, its ancestors at other slots than plain decoding would give them
     (siblings share depths), attends with the bits of plain decoding's query at its position:
     the same keys at slots L, L + 1, ... in order, read through the smallest window that holds
     them (exact mode's tiles for a cache of S_max slots). L = 125 puts the paths across a
-    128-slot split; 256 starts a split."""
+    128-slot split; 256 starts a split. fp32 on the GPU only, as in
+    test_exact_attention_is_window_invariant: the interpreter's fp32 products go through numpy's
+    BLAS, whose sum for a row depends on where the row sits in the tile and on the CPU's kernel
+    (on an AMD EPYC with OpenBLAS 0.3.31 L = 256 and 380 failed at f588e10, on the CI machine not)."""
     from kernels.tree_attention import exact_tiles, exact_tree_attention
     from koala.model import exact_tree_tail
     gen = torch.Generator().manual_seed(L)

@@ -7,7 +7,8 @@ around one replay on an idle GPU (draft_ms, verify_ms) and as do_bench queues wi
 With --unfused, the depth-4 chain iteration of every kind and K is measured again on the PyTorch
 path (KOALA_KERNELS=0, still graph-captured): the fused draft against the unfused head.
 
-    python -m bench.spec_cost [--quick] [--ks 1,2,3,4] [--unfused] [--random-weights] [--out F]
+    python -m bench.spec_cost [--quick] [--ks 1,2,3,4] [--kinds medusa,eagle] [--depths 1,2]
+                              [--trees 16,64 | --trees ""] [--unfused] [--random-weights] [--out F]
 """
 from __future__ import annotations
 
@@ -62,9 +63,16 @@ def main():
     ap.add_argument("--random-weights", action="store_true",
                     help="SmolLM2's shape with random weights (bench.scale's target): no model to stage; "
                          "costs only, like the heads")
+    ap.add_argument("--kinds", default="medusa,eagle", help="head kinds")
+    ap.add_argument("--depths", default=None, help="chain depths (default 1,2,4,8 with --quick, else 1..8)")
+    ap.add_argument("--trees", default=None, help="tree sizes (default 16,64 with --quick, else 8,16,32,64; "
+                                                  "'' for none)")
     ap.add_argument("--out", default="spec_cost.json", help="result file name")
     a = ap.parse_args()
     ks = [int(k) for k in a.ks.split(",")]
+    kinds = [k for k in a.kinds.split(",") if k]
+    if not kinds or set(kinds) - {"medusa", "eagle"}:
+        ap.error(f"--kinds takes medusa and/or eagle, got {a.kinds!r}")
     if a.random_weights:
         from bench.scale import random_target
         lt = random_target("smollm2-135m", "cuda", torch.bfloat16)
@@ -73,10 +81,12 @@ def main():
     plain_ms = plain_step_ms(lt, a.context)
     plain_gpu = plain_step_gpu_ms(lt, a.context)
     rows = []
-    depths = [1, 2, 4, 8] if a.quick else list(range(1, 9))
-    trees = [16, 64] if a.quick else [8, 16, 32, 64]
+    depths = ([1, 2, 4, 8] if a.quick else list(range(1, 9))) if a.depths is None else \
+        [int(d) for d in a.depths.split(",") if d]
+    trees = ([16, 64] if a.quick else [8, 16, 32, 64]) if a.trees is None else \
+        [int(n) for n in a.trees.split(",") if n]
     configs = []
-    for kind in ("medusa", "eagle"):
+    for kind in kinds:
         for K in ks:
             for d in depths:
                 if kind == "medusa" and d > 5:
@@ -87,7 +97,7 @@ def main():
                                               depth=6 if kind == "eagle" else 5)))
     configs = [(kind, K, opts, True) for kind, K, opts in configs]
     if a.unfused:
-        configs += [(kind, K, dict(mode="chain", depth=4), False) for kind in ("medusa", "eagle") for K in ks]
+        configs += [(kind, K, dict(mode="chain", depth=4), False) for kind in kinds for K in ks]
     for kind, K, opts, fused in configs:
         os.environ["KOALA_KERNELS"] = "1" if fused else "0"   # read when the generator is built
         draft_ms, verify_ms, N, draft_gpu, verify_gpu = iteration_ms(lt, random_head(lt, kind, K), opts, a.context)

@@ -47,7 +47,6 @@ def _attn_split_kernel(
     bk = tl.program_id(0)
     b = (bk // n_kv).to(tl.int64)
     kvh = (bk % n_kv).to(tl.int64)
-    split = tl.program_id(2)
     r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)           # row = group member * T + t
     rmask = r < G * T
     head = kvh * G + (r // T)
@@ -56,13 +55,45 @@ def _attn_split_kernel(
     dmask = d < HD
     q = tl.load(q_ptr + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qt + d[None, :],
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    kv_len = _kv_len(kvlen_ptr, b, S, HAS_KV_LEN)
+    _split_rows(q, b, kvh, head, t, rmask, d, dmask, kv_len, bk,
+                k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, out_ptr, cnt_ptr, n_splits, qk_scale,
+                s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb, s_mt, s_ob, s_oh, s_ot, s_os,
+                s_lb, s_lh, s_lt, s_yb, s_yh, s_yt,
+                BLOCK_D, BLOCK_M, BLOCK_N, SINGLE, FUSED, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _kv_len(kvlen_ptr, b, S, HAS_KV_LEN: tl.constexpr):
+    """The slots a batch row's queries read: min(kv_len[b], S), or S."""
     if HAS_KV_LEN:
-        kv_len = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), S)
+        return tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), S)
     else:
-        kv_len = S
+        return S
+
+
+@triton.jit
+def _split_range(kv_len, split, n_splits, BLOCK_N: tl.constexpr):
+    """[lo, hi): the slots of one split, whole BLOCK_N blocks of [0, kv_len) in split order."""
     chunk = tl.cdiv(tl.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, kv_len)
+    return lo, tl.minimum(lo + chunk, kv_len)
+
+
+@triton.jit
+def _split_rows(q, b, kvh, head, t, rmask, d, dmask, kv_len, bk,
+                k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, out_ptr, cnt_ptr, n_splits, qk_scale,
+                s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb, s_mt, s_ob, s_oh, s_ot, s_os,
+                s_lb, s_lh, s_lt, s_yb, s_yh, s_yt,
+                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SINGLE: tl.constexpr, FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Stage 1 for one program: the query rows q (BLOCK_M, BLOCK_D) of kv head kvh (their query
+    heads `head`, positions `t`) against this program's split of the slots below kv_len, online
+    softmax in fp32; stores the split's output and log2-sum-exp (or, SINGLE, the output itself;
+    FUSED, the last split program of the row tile combines)."""
+    split = tl.program_id(2)
+    lo, hi = _split_range(kv_len, split, n_splits, BLOCK_N)
     m_i = tl.zeros((BLOCK_M,), tl.float32) - float("inf")
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -112,6 +143,86 @@ def _attn_split_kernel(
                               s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt, s_yb, s_yh, s_yt,
                               BLOCK_M, BLOCK_D)
                 tl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _rotate(x, xp, c, sn, low):
+    """RoPE (rotate_half) of x given its partner half xp (x[d +- hd/2]), cos and sin at d, and
+    low = d < hd/2: x*cos - xp*sin on the low half, x*cos + xp*sin on the high half, fp32. The
+    same multiply-adds as kernels/rope_cache.py spells out (r1 = fma(x1, c1, -(x2 * s1)), r2 =
+    fma(x2, c2, x1 * s2)), so q and k get that kernel's bits."""
+    prod = xp * sn
+    return tl.fma(x, c, tl.where(low, -prod, prod))
+
+
+@triton.jit
+def _attn_rope_split_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, slots_ptr,                              # pointers: the step's inputs
+    k_ptr, v_ptr, mask_ptr, kvlen_ptr, o_ptr, lse_ptr, out_ptr, cnt_ptr,
+    T, G, n_kv, S, S_cap, n_splits, qk_scale,                          # sizes (S: window, S_cap: cache)
+    s_xb, s_xt, s_cb, s_ct, s_sb, s_st,                                # strides (last dims unit)
+    s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,
+    s_mb, s_mt, s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt, s_yb, s_yh, s_yt,
+    HD: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,      # constexpr
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    SINGLE: tl.constexpr, HAS_KV_LEN: tl.constexpr, FUSED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_GDC: tl.constexpr,
+):
+    """_attn_split_kernel from the q|k|v projection itself: RoPE of the program's query rows in
+    registers (never stored), and the rotated k and the v of every new token whose slot lies in
+    this program's split written into the caches before the split reads them (a slot at or past
+    kv_len by the last split). Each slot below kv_len lies in exactly one split, so no program
+    reads a slot that another program writes; the row tiles of one split write the same values."""
+    pdl_wait(USE_GDC)              # before any read of activations or any store
+    bk = tl.program_id(0)
+    b = (bk // n_kv).to(tl.int64)
+    kvh = (bk % n_kv).to(tl.int64)
+    split = tl.program_id(2)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HD
+    low = d < HALF
+    pd = tl.where(low, d + HALF, d - HALF)                           # the partner of d in its head
+    NH = n_kv * G
+    kv_len = _kv_len(kvlen_ptr, b, S, HAS_KV_LEN)
+    lo, hi = _split_range(kv_len, split, n_splits, BLOCK_N)
+    # the new tokens' k and v (BLOCK_T >= T rows), those whose slot this split owns
+    tt = tl.arange(0, BLOCK_T)
+    tmask = tt < T
+    slot = tl.load(slots_ptr + tt, mask=tmask, other=-1).to(tl.int64)
+    last = (tt * 0 + split) == n_splits - 1                           # (BLOCK_T,): scalar & vector masks
+    mine = tmask & (((slot >= lo) & (slot < hi)) | (last & (slot >= kv_len))) & (slot >= 0) & (slot < S_cap)
+    wmask = mine[:, None] & dmask[None, :]
+    xrow = qkv_ptr + b * s_xb + tt[:, None].to(tl.int64) * s_xt
+    kcol = (NH + kvh) * HD
+    kx = tl.load(xrow + kcol + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+    kxp = tl.load(xrow + kcol + pd[None, :], mask=wmask, other=0.0).to(tl.float32)
+    ck = tl.load(cos_ptr + b * s_cb + tt[:, None] * s_ct + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+    sk = tl.load(sin_ptr + b * s_sb + tt[:, None] * s_st + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+    kr = _rotate(kx, kxp, ck, sk, low[None, :])
+    tl.store(k_ptr + b * s_kb + kvh * s_kh + slot[:, None] * s_ks + d[None, :],
+             cast_rne(kr, k_ptr.dtype.element_ty), mask=wmask)
+    vx = tl.load(xrow + (NH + n_kv + kvh) * HD + d[None, :], mask=wmask, other=0.0)
+    tl.store(v_ptr + b * s_vb + kvh * s_vh + slot[:, None] * s_vs + d[None, :],
+             cast_rne(vx.to(tl.float32), v_ptr.dtype.element_ty), mask=wmask)
+    # the program's query rows, rotated and rounded to the input dtype as the RoPE kernel stores them
+    r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)           # row = group member * T + t
+    rmask = r < G * T
+    head = kvh * G + (r // T)
+    t = (r % T).to(tl.int64)
+    qm = rmask[:, None] & dmask[None, :]
+    qrow = qkv_ptr + b * s_xb + t[:, None] * s_xt + head[:, None] * HD
+    qx = tl.load(qrow + d[None, :], mask=qm, other=0.0).to(tl.float32)
+    qxp = tl.load(qrow + pd[None, :], mask=qm, other=0.0).to(tl.float32)
+    cq = tl.load(cos_ptr + b * s_cb + t[:, None] * s_ct + d[None, :], mask=qm, other=0.0).to(tl.float32)
+    sq = tl.load(sin_ptr + b * s_sb + t[:, None] * s_st + d[None, :], mask=qm, other=0.0).to(tl.float32)
+    q = cast_rne(_rotate(qx, qxp, cq, sq, low[None, :]), qkv_ptr.dtype.element_ty)
+    # this program's cache writes are visible to all its threads from here on
+    tl.debug_barrier()
+    _split_rows(q, b, kvh, head, t, rmask, d, dmask, kv_len, bk,
+                k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, out_ptr, cnt_ptr, n_splits, qk_scale,
+                s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb, s_mt, s_ob, s_oh, s_ot, s_os,
+                s_lb, s_lh, s_lt, s_yb, s_yh, s_yt,
+                BLOCK_D, BLOCK_M, BLOCK_N, SINGLE, FUSED, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -237,19 +348,43 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     dev = check_device(("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask))
     for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask)):
         check_last_contiguous(n, t)
+    plan = _plan(B, h, n_kv, T, hd, S, q.dtype, dev, kv_len, scale, n_splits, block_m, block_s,
+                 fuse_combine)
+    if B * T:
+        _split(q, k_cache, v_cache, mask, plan.kv_len, plan.o_part, plan.lse, plan.so, plan.sl,
+               plan.out, plan.tickets, plan.n_splits, plan.BLOCK_M, plan.scale)
+        _finish(plan)
+    return plan.out
+
+
+class _Plan(NamedTuple):
+    """One attention launch's tiles and buffers (tree_attention and rope_tree_attention)."""
+    out: torch.Tensor             # (B, h, T, hd): the transposed view of a (B, T, h, hd) buffer
+    o_part: torch.Tensor          # (B, h, T, n_splits, hd) fp32, or out with one split
+    lse: torch.Tensor             # (B, h, T, n_splits) fp32 (unused with one split)
+    so: tuple                     # o_part's (b, head, t, split) strides
+    sl: tuple                     # lse's (b, head, t) strides
+    kv_len: torch.Tensor | None   # (B,) int, or None: all S slots
+    tickets: torch.Tensor | None  # the fused combine's counters, or None
+    n_splits: int
+    BLOCK_M: int
+    BLOCK_S: int
+    scale: float
+
+
+def _plan(B, h, n_kv, T, hd, S, dtype, dev, kv_len, scale, n_splits, block_m, block_s,
+          fuse_combine) -> _Plan:
     if hd > 256:
         raise ValueError(f"head_dim {hd} > 256 is not supported")
     # kv_len=None reads all S slots with no extra launch (a fill kernel per layer would cost
     # 30 graph nodes a step on SmolLM2); an int becomes a tensor (one small fill launch)
-    has_kv_len = kv_len is not None
-    if has_kv_len and not isinstance(kv_len, torch.Tensor):
-        kv_len = torch.full((B,), int(kv_len), dtype=torch.int32, device=dev)
-    if has_kv_len:
+    if kv_len is not None:
+        if not isinstance(kv_len, torch.Tensor):
+            kv_len = torch.full((B,), int(kv_len), dtype=torch.int32, device=dev)
         check_tensor("kv_len", kv_len, dtypes=INTS)
-        check_device(("q", q), ("kv_len", kv_len))
+        if kv_len.device != dev:
+            raise ValueError(f"tensors on different devices: k_cache={dev}, kv_len={kv_len.device}")
         kv_len = kv_len.reshape(-1).expand(B).contiguous()
-    else:
-        kv_len = q                                        # unused pointer
     scale = hd ** -0.5 if scale is None else float(scale)
     G = h // n_kv
     BLOCK_M = min(64, max(16, next_pow2(G * T)))
@@ -269,16 +404,12 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     # stored as (B, T, h, hd) and returned as its transposed view: the output projection reads
     # (B, T, h*hd), which is then a free reshape (a copy kernel per layer otherwise, 2.3 us each
     # at T = 5 on the H100: 69 us of a SmolLM2 verify, bench/results/profile_step.txt)
-    out = torch.empty((B, T, h, hd), dtype=q.dtype, device=dev).transpose(1, 2)
-    if B * T == 0:
-        return out
+    out = torch.empty((B, T, h, hd), dtype=dtype, device=dev).transpose(1, 2)
     single = n_splits == 1
     if fuse_combine is None:
         fuse_combine = os.environ.get("KOALA_FUSED_COMBINE", "0") == "1"
-    fused = not single and fuse_combine
-    tickets = _tickets(dev, B * n_kv * row_blocks) if fused else None
-    if fused and tickets is None:
-        fused = False
+    tickets = _tickets(dev, B * n_kv * row_blocks) if not single and fuse_combine and B * T else None
+    if not single and fuse_combine and B * T and tickets is None:
         _log.warning("tree_attention: %d ticket counters needed while a CUDA graph is being "
                      "captured and fewer were allocated before it: using the separate combine "
                      "launch", B * n_kv * row_blocks)
@@ -291,11 +422,104 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         lse = torch.empty((B, h, T, n_splits), dtype=torch.float32, device=dev)
         so = o_part.stride()[:4]
         sl = lse.stride()[:3]
-    _split(q, k_cache, v_cache, mask, kv_len if has_kv_len else None, o_part, lse, so, sl, out,
-           tickets if fused else None, n_splits, BLOCK_M, scale)
-    if not single and not fused:
-        _combine(o_part, lse, out, n_splits, BLOCK_S)
-    return out
+    return _Plan(out, o_part, lse, so, sl, kv_len, tickets, n_splits, BLOCK_M, BLOCK_S, scale)
+
+
+def _finish(plan: _Plan):
+    """Stage 2 after a split launch: the separate combine, unless one split or the fused one."""
+    if plan.n_splits > 1 and plan.tickets is None:
+        _combine(plan.o_part, plan.lse, plan.out, plan.n_splits, plan.BLOCK_S)
+
+
+ROPE_MAX_T = 64            # rope_tree_attention's new tokens at most (every split program reads them all)
+
+
+def rope_tree_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, mask: torch.Tensor,
+                        kv_len=None, scale: float | None = None, n_splits: int | None = None,
+                        block_m: int | None = None, block_s: int | None = None,
+                        fuse_combine: bool | None = None) -> torch.Tensor:
+    """RoPE, the KV-cache write and tree_attention in the launches of tree_attention alone:
+    rope_and_cache_write(qkv, cos, sin, slots, k_cache, v_cache, n_heads, n_kv) followed by
+    tree_attention(q, k_cache[:, :, :W], v_cache[:, :, :W], mask, ...) with W = mask.shape[-1],
+    with the same bits (the same RoPE multiply-adds and roundings, the same split and combine code).
+
+    qkv (B, T, (h + 2*n_kv)*hd): the q|k|v projection; cos, sin (B, T, hd) (a stride-0 batch dim
+    is fine); slots (T,) int: the cache slots of the T new tokens (shared by the batch), written in
+    place with the rotated k and the v (out-of-range slots are not written); k_cache, v_cache
+    (B, n_kv, S_cap, hd): the whole caches; mask (B|1, T, W) bool over the window W <= S_cap that
+    the queries attend to. T <= ROPE_MAX_T. The remaining arguments and the result are
+    tree_attention's. No per-head q/k norm (Qwen3): use rope_and_cache_write for those.
+
+    Why: the RoPE launch (about 1.7 us a layer on the H100, bench/results/profile_step.txt) sits
+    between the q|k|v product and the attention on every decode step and verify. Here each split
+    program rotates its query rows in registers, and the programs whose split holds a new token's
+    slot write that token's k and v before reading the split."""
+    check_tensor("qkv", qkv, ndim=3, dtypes=FLOATS)
+    B, T, Wq = qkv.shape
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(qkv.dtype,), shape=(B, None, None, None))
+    _, n_kv, S_cap, hd = k_cache.shape
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=(qkv.dtype,), shape=tuple(k_cache.shape))
+    if n_heads <= 0 or n_heads % n_kv:
+        raise ValueError(f"n_heads={n_heads} query heads is not a multiple of n_kv={n_kv}")
+    if Wq != (n_heads + 2 * n_kv) * hd:
+        raise ValueError(f"qkv width {Wq} is not (n_heads + 2*n_kv) * hd = {(n_heads + 2 * n_kv) * hd}")
+    if hd % 2:
+        raise ValueError(f"head_dim {hd} must be even for rotate_half RoPE")
+    if T > ROPE_MAX_T:
+        raise ValueError(f"{T} new tokens: rope_tree_attention takes at most {ROPE_MAX_T}; use "
+                         "rope_and_cache_write, then tree_attention")
+    check_tensor("cos", cos, ndim=3, dtypes=FLOATS, shape=(B, T, hd))
+    check_tensor("sin", sin, ndim=3, dtypes=FLOATS, shape=(B, T, hd))
+    check_tensor("slots", slots, ndim=1, dtypes=INTS, shape=(T,))
+    check_tensor("mask", mask, ndim=3, dtypes=(torch.bool,), shape=(None, T, None))
+    W = mask.shape[2]
+    if mask.shape[0] not in (1, B):
+        raise ValueError(f"mask batch {mask.shape[0]} must be 1 or B={B}")
+    if W > S_cap:
+        raise ValueError(f"the mask covers {W} slots, more than the cache's {S_cap}")
+    named = (("qkv", qkv), ("cos", cos), ("sin", sin), ("slots", slots), ("k_cache", k_cache),
+             ("v_cache", v_cache), ("mask", mask))
+    dev = check_device(*named)
+    for n, t in named:
+        if n != "slots":
+            check_last_contiguous(n, t)
+    plan = _plan(B, n_heads, n_kv, T, hd, W, qkv.dtype, dev, kv_len, scale, n_splits, block_m,
+                 block_s, fuse_combine)
+    if B * T == 0:
+        return plan.out
+    slots = slots.contiguous()
+    m8 = mask.view(torch.uint8)
+    single = plan.n_splits == 1
+    BLOCK_N = 64 if hd <= 128 and qkv.dtype != torch.float32 else 32
+    G = n_heads // n_kv
+    _attn_rope_split_kernel[(B * n_kv, triton.cdiv(G * T, plan.BLOCK_M), plan.n_splits)](
+        qkv, cos, sin, slots,
+        k_cache, v_cache, m8, qkv if plan.kv_len is None else plan.kv_len, plan.o_part, plan.lse,
+        plan.out, plan.lse if plan.tickets is None else plan.tickets,
+        T, G, n_kv, W, S_cap, plan.n_splits, plan.scale * math.log2(math.e),
+        qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        m8.stride(0) if mask.shape[0] > 1 else 0, m8.stride(1),
+        *plan.so, *plan.sl,
+        plan.out.stride(0), plan.out.stride(1), plan.out.stride(2),
+        HD=hd, HALF=hd // 2, BLOCK_D=max(16, next_pow2(hd)), BLOCK_M=plan.BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_T=max(2, next_pow2(T)), SINGLE=single, HAS_KV_LEN=plan.kv_len is not None,
+        FUSED=plan.tickets is not None, DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting(), USE_GDC=pdl(), num_warps=4, launch_pdl=pdl(),
+    )
+    _finish(plan)
+    return plan.out
+
+
+def rope_tree_attention_ref(qkv, cos, sin, slots, k_cache, v_cache, n_heads: int, mask, kv_len=None,
+                            scale=None):
+    """The two steps rope_tree_attention fuses, as PyTorch ops (writes the caches too)."""
+    from .rope_cache import rope_and_cache_write_ref
+    W = mask.shape[-1]
+    q = rope_and_cache_write_ref(qkv, cos, sin, slots, k_cache, v_cache, n_heads, k_cache.shape[1])
+    return tree_attention_ref(q, k_cache[:, :, :W], v_cache[:, :, :W], mask, kv_len, scale)
 
 
 def _split(q, k_cache, v_cache, mask, kv_len, o_part, lse, so, sl, out, tickets, n_splits: int,

@@ -43,6 +43,10 @@ class _Fast:
     # the q|k|v projection, RoPE and the cache write in one launch (kernels/linear_rope.py), not
     # two: one launch a layer fewer, but slower on the H200 (README, "One launch fewer per layer")
     fused_rope = os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0")
+    # RoPE and the cache write inside the attention's split launch (kernels/tree_attention.py,
+    # rope_tree_attention) for forwards of up to 64 tokens: the same bits as the RoPE launch
+    # before it, which KOALA_ROPE_ATTN=0 brings back
+    rope_attn = os.environ.get("KOALA_ROPE_ATTN", "1") not in ("", "0")
     # exact mode's GEMV tiles per product shape, {(N, K, silu): LinearConfig}, from the shipped
     # koala/exact_tiles.json or the file KOALA_EXACT_TILES names (exact_tiles); None: not read yet
     tiles: dict | None = None
@@ -272,9 +276,20 @@ class Attention(nn.Module):
 
     def attend(self, qkv, cos, sin, slots, mask, tail=None):
         """Fused path from the q|k|v projection: RoPE + cache write, then masked attention over
-        the first mask.shape[-1] slots. qkv (B, T, (h+2nkv)*hd) -> (B, T, h*hd)."""
+        the first mask.shape[-1] slots. qkv (B, T, (h+2nkv)*hd) -> (B, T, h*hd). With
+        _Fast.rope_attn, forwards of up to ROPE_MAX_T tokens do both in the attention's launches
+        (kernels/tree_attention.py, rope_tree_attention: the same bits, one launch a layer fewer);
+        per-head q/k norms (Qwen3) and exact trees' tails keep the RoPE launch."""
         from kernels.rope_cache import rope_and_cache_write
+        from kernels.tree_attention import ROPE_MAX_T
         c = self.kv_cache
+        B, T = qkv.shape[0], qkv.shape[1]
+        if _Fast.rope_attn and self.q_norm is None and tail is None and T <= ROPE_MAX_T:
+            from kernels.tree_attention import exact_tiles, rope_tree_attention
+            L = mask.shape[-1]
+            tiles = exact_tiles(B * self.n_kv, L, c.k.shape[2]) if _Fast.exact else {}
+            y = rope_tree_attention(qkv, cos, sin, slots, c.k, c.v, self.n_heads, mask, **tiles)
+            return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         qk = {} if self.q_norm is None else dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight,
                                                  eps=self.q_norm.eps)
         return self.attend_rotated(rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads,

@@ -51,18 +51,22 @@ def _plain(lt):
 TINY_ROW_TILES = {k: L.LinearConfig(False, 2, c.BLOCK_N, c.BLOCK_K, 4, 1, 1, True) for k, c in TINY_TILES.items()}
 
 
-@pytest.mark.parametrize("kind,opts,fused_rope,real,tiles", [
-    ("medusa", dict(mode="chain"), True, False, TINY_TILES),
-    ("eagle", dict(mode="chain", depth=3), False, False, TINY_TILES),
-    ("eagle", dict(mode="chain", depth=2), True, True, TINY_TILES),
-    ("eagle", dict(mode="chain", depth=3), False, False, TINY_ROW_TILES),
-    ("eagle", dict(mode="tree", depth=3, tree_size=7, top_k=2, exact_trees=True), False, False, TINY_TILES)],
-    ids=["medusa-oracle", "eagle-oracle", "eagle-real-rope-fused", "eagle-oracle-row-tiles",
+@pytest.mark.parametrize("kind,opts,fused_rope,rope_attn,real,tiles", [
+    ("medusa", dict(mode="chain"), True, True, False, TINY_TILES),
+    ("eagle", dict(mode="chain", depth=3), False, True, False, TINY_TILES),
+    ("eagle", dict(mode="chain", depth=2), True, True, True, TINY_TILES),
+    ("eagle", dict(mode="chain", depth=3), False, False, False, TINY_ROW_TILES),
+    ("eagle", dict(mode="tree", depth=3, tree_size=7, top_k=2, exact_trees=True), False, True, False, TINY_TILES)],
+    ids=["medusa-oracle", "eagle-oracle", "eagle-real-rope-fused", "eagle-oracle-row-tiles-rope-launch",
          "eagle-oracle-exact-tree"])
-def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope, real, tiles):
+def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope, rope_attn, real, tiles):
     """An oracle head gets most drafts accepted (the accept and compaction kernels take long
-    paths); a real head of two random layers runs its own layers through the kernels too."""
+    paths); a real head of two random layers runs its own layers through the kernels too.
+    rope_attn: RoPE inside the attention launch (rope_tree_attention) or its own launch before
+    it. With exact trees the plain steps and chains take the former and the tree verifies the
+    latter (exact_tree_attention), so that case also checks that the two give the same bits."""
     fused.setattr(_Fast, "fused_rope", fused_rope)
+    fused.setattr(_Fast, "rope_attn", rope_attn)
     fused.setattr(_Fast, "tiles", tiles)
     ref, plain = _plain(tiny_bf16)
     if real:
@@ -79,11 +83,15 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
         head.bind(full, gen.spec) if kind == "medusa" else head.bind(full)
     import kernels.tree_attention as TA
     exact_calls = _spy(fused, TA, "exact_tree_attention")
+    rope_calls = _spy(fused, TA, "rope_tree_attention")
     res = gen.generate(PROMPT, max_new_tokens=N_NEW, chat=False, ignore_eos=True)
     assert res.token_ids == ref
     assert real or res.stats.tau > 1.8
     # exact trees verify through exact_tree_attention (one call a layer a verify), others never
     assert bool(exact_calls) == bool(opts.get("exact_trees"))
+    # RoPE went into the attention launch, or never did (with fused_rope only the forwards that
+    # skip the q|k|v+RoPE launch take it: the prompt's, which runs more rows than it serves)
+    assert bool(rope_calls) == rope_attn
 
 
 SAMPLED = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)

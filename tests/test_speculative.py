@@ -388,6 +388,36 @@ def test_fused_rope_path_is_bitwise_the_unfused_one(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_in_attention_is_bitwise_the_rope_launch(tmp_path, monkeypatch, dtype):
+    """KOALA_ROPE_ATTN (koala.model._Fast.rope_attn): RoPE and the cache write inside the
+    attention launch give the model's logits and caches of the separate RoPE launch bit for bit,
+    at prefill, verify and decode sizes, in exact mode. Exact trees rely on it: their verify keeps
+    the RoPE launch while plain decoding steps do not."""
+    from koala.model import Transformer, _Fast, causal_mask
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    m = load_target(path, device="cuda", dtype=dtype).model
+    m.setup_cache(1, 128)
+    ids = torch.randint(3, 128, (1, 40), device="cuda")
+    Transformer.use_kernels(True, exact=True)
+    outs = []
+    try:
+        for on in (False, True):
+            monkeypatch.setattr(_Fast, "rope_attn", on)
+            got = []
+            with torch.no_grad():
+                for a, b in ((0, 30), (30, 35), (35, 36)):
+                    s = torch.arange(a, b, device="cuda")
+                    got.append(m(ids[:, a:b], s[None], s, causal_mask(s, 64))[0])
+            got += [torch.cat([l.attention.kv_cache.k[:, :, :36], l.attention.kv_cache.v[:, :, :36]])
+                    for l in m.layers]
+            outs.append(got)
+    finally:
+        Transformer.use_kernels(False)
+    assert all(torch.equal(u, f) for u, f in zip(*outs))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fused_rope", [False, True], ids=["rope-apart", "rope-fused"])
 @pytest.mark.parametrize("kind,opts", [MODES[0], MODES[2]], ids=["medusa-chain", "eagle-chain"])
 def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, fused_rope, tmp_path, monkeypatch):

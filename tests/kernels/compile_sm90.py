@@ -116,6 +116,14 @@ def cases(dt):
                + ["i32"] * 21,
                dict(HD=hd, BLOCK_D=hd, BLOCK_M=64, BLOCK_N=32 if dt == "fp32" else 64, SINGLE=single, HAS_KV_LEN=single,
                     FUSED=fused, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False), 4)
+    # the same with RoPE and the cache write first (rope_tree_attention): a decode step, a chain
+    for hd, single, bt in ((64, False, 2), (64, True, 8), (128, False, 64)):
+        yield (f"rope attention hd={hd} single={single} T<={bt}", tree_attention._attn_rope_split_kernel,
+               [p, p, p, "*i64", p, p, "*u8", "*i32", p if single else "*fp32", "*fp32", p, "*i32"]
+               + ["i32"] * 6 + ["fp32"] + ["i32"] * 24,
+               dict(HD=hd, HALF=hd // 2, BLOCK_D=hd, BLOCK_M=64, BLOCK_N=32 if dt == "fp32" else 64,
+                    BLOCK_T=bt, SINGLE=single, HAS_KV_LEN=False, FUSED=False,
+                    DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False), 4)
     # the q|k|v projection with RoPE and the cache write: SmolLM2's tiles (one pair a program)
     # and a 7B's (eight), several rows a program
     for p_, bk, rows in ((1, 1024, 1), (8, 512, 4)):

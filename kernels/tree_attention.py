@@ -185,25 +185,6 @@ def _attn_rope_split_kernel(
     NH = n_kv * G
     kv_len = _kv_len(kvlen_ptr, b, S, HAS_KV_LEN)
     lo, hi = _split_range(kv_len, split, n_splits, BLOCK_N)
-    # the new tokens' k and v (BLOCK_T >= T rows), those whose slot this split owns
-    tt = tl.arange(0, BLOCK_T)
-    tmask = tt < T
-    slot = tl.load(slots_ptr + tt, mask=tmask, other=-1).to(tl.int64)
-    last = (tt * 0 + split) == n_splits - 1                           # (BLOCK_T,): scalar & vector masks
-    mine = tmask & (((slot >= lo) & (slot < hi)) | (last & (slot >= kv_len))) & (slot >= 0) & (slot < S_cap)
-    wmask = mine[:, None] & dmask[None, :]
-    xrow = qkv_ptr + b * s_xb + tt[:, None].to(tl.int64) * s_xt
-    kcol = (NH + kvh) * HD
-    kx = tl.load(xrow + kcol + d[None, :], mask=wmask, other=0.0).to(tl.float32)
-    kxp = tl.load(xrow + kcol + pd[None, :], mask=wmask, other=0.0).to(tl.float32)
-    ck = tl.load(cos_ptr + b * s_cb + tt[:, None] * s_ct + d[None, :], mask=wmask, other=0.0).to(tl.float32)
-    sk = tl.load(sin_ptr + b * s_sb + tt[:, None] * s_st + d[None, :], mask=wmask, other=0.0).to(tl.float32)
-    kr = _rotate(kx, kxp, ck, sk, low[None, :])
-    tl.store(k_ptr + b * s_kb + kvh * s_kh + slot[:, None] * s_ks + d[None, :],
-             cast_rne(kr, k_ptr.dtype.element_ty), mask=wmask)
-    vx = tl.load(xrow + (NH + n_kv + kvh) * HD + d[None, :], mask=wmask, other=0.0)
-    tl.store(v_ptr + b * s_vb + kvh * s_vh + slot[:, None] * s_vs + d[None, :],
-             cast_rne(vx.to(tl.float32), v_ptr.dtype.element_ty), mask=wmask)
     # the program's query rows, rotated and rounded to the input dtype as the RoPE kernel stores them
     r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)           # row = group member * T + t
     rmask = r < G * T
@@ -216,8 +197,30 @@ def _attn_rope_split_kernel(
     cq = tl.load(cos_ptr + b * s_cb + t[:, None] * s_ct + d[None, :], mask=qm, other=0.0).to(tl.float32)
     sq = tl.load(sin_ptr + b * s_sb + t[:, None] * s_st + d[None, :], mask=qm, other=0.0).to(tl.float32)
     q = cast_rne(_rotate(qx, qxp, cq, sq, low[None, :]), qkv_ptr.dtype.element_ty)
-    # this program's cache writes are visible to all its threads from here on
-    tl.debug_barrier()
+    # the new tokens' k and v (BLOCK_T >= T rows), those whose slot this split owns. Only programs
+    # that own one write and wait (a decode step's or a chain's new slots lie in one or two splits):
+    # the barrier makes this program's cache writes visible to all its threads before the split
+    # is read, and keeps the other splits' programs from waiting on loads they do not need.
+    tt = tl.arange(0, BLOCK_T)
+    tmask = tt < T
+    slot = tl.load(slots_ptr + tt, mask=tmask, other=-1).to(tl.int64)
+    last = (tt * 0 + split) == n_splits - 1                           # (BLOCK_T,): scalar & vector masks
+    mine = tmask & (((slot >= lo) & (slot < hi)) | (last & (slot >= kv_len))) & (slot >= 0) & (slot < S_cap)
+    if tl.max(mine.to(tl.int32), axis=0) > 0:
+        wmask = mine[:, None] & dmask[None, :]
+        xrow = qkv_ptr + b * s_xb + tt[:, None].to(tl.int64) * s_xt
+        kcol = (NH + kvh) * HD
+        kx = tl.load(xrow + kcol + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+        kxp = tl.load(xrow + kcol + pd[None, :], mask=wmask, other=0.0).to(tl.float32)
+        ck = tl.load(cos_ptr + b * s_cb + tt[:, None] * s_ct + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+        sk = tl.load(sin_ptr + b * s_sb + tt[:, None] * s_st + d[None, :], mask=wmask, other=0.0).to(tl.float32)
+        vx = tl.load(xrow + (NH + n_kv + kvh) * HD + d[None, :], mask=wmask, other=0.0)
+        kr = _rotate(kx, kxp, ck, sk, low[None, :])
+        tl.store(k_ptr + b * s_kb + kvh * s_kh + slot[:, None] * s_ks + d[None, :],
+                 cast_rne(kr, k_ptr.dtype.element_ty), mask=wmask)
+        tl.store(v_ptr + b * s_vb + kvh * s_vh + slot[:, None] * s_vs + d[None, :],
+                 cast_rne(vx.to(tl.float32), v_ptr.dtype.element_ty), mask=wmask)
+        tl.debug_barrier()
     _split_rows(q, b, kvh, head, t, rmask, d, dmask, kv_len, bk,
                 k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, out_ptr, cnt_ptr, n_splits, qk_scale,
                 s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb, s_mt, s_ob, s_oh, s_ot, s_os,

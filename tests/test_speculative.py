@@ -542,7 +542,7 @@ def test_cuda_exact_trees_equal_plain_in_bf16(kind, tmp_path):
     """exact_trees on the CUDA path (bf16, fused kernels, exact mode, CUDA graphs): a tree of
     random-head drafts gives plain greedy decoding's tokens, as chains do (without it, bf16
     trees may part from plain decoding after a near-tie)."""
-    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3, max_positions=1024)
     lt = load_target(path, device="cuda", dtype=torch.bfloat16)
     plain = SpeculativeGenerator(lt, None, max_seq_len=512)
     want = plain.generate(PROMPT, max_new_tokens=200, chat=False, ignore_eos=True).token_ids

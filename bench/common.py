@@ -64,7 +64,7 @@ def environment() -> dict:
             "fused_rope": os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0"),
             # RoPE inside the attention launch (rope_tree_attention); recorded after f588e10, before
             # which every forward ran the separate RoPE launch
-            "rope_attn": os.environ.get("KOALA_ROPE_ATTN", "1") not in ("", "0"),
+            "rope_attn": os.environ.get("KOALA_ROPE_ATTN", "0") not in ("", "0"),
             "exact_trees": os.environ.get("KOALA_EXACT_TREES", "0") == "1",
             # exact mode's tiles file (None: its own tiles): koala/exact_tiles.json on sm_90 unless
             # KOALA_EXACT_TILES names another or none; at 7c09695 and before there was no default

@@ -457,7 +457,11 @@ def rope_tree_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     Why: the RoPE launch (about 1.7 us a layer on the H100, bench/results/profile_step.txt) sits
     between the q|k|v product and the attention on every decode step and verify. Here each split
     program rotates its query rows in registers, and the programs whose split holds a new token's
-    slot write that token's k and v before reading the split."""
+    slot write that token's k and v before reading the split. Measured, it is not faster: on the
+    H100 a SmolLM2 plain step took 0.485 against 0.481 ms with the RoPE launch (c2d81e5,
+    bench/results/spec_cost_rope_attn*_c2d81e5.json): under PDL the small launch costs little, and
+    the split that owns the new slot now waits on its own writes before it reads. koala.model
+    uses it only with KOALA_ROPE_ATTN=1."""
     check_tensor("qkv", qkv, ndim=3, dtypes=FLOATS)
     B, T, Wq = qkv.shape
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(qkv.dtype,), shape=(B, None, None, None))

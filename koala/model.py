@@ -44,9 +44,11 @@ class _Fast:
     # two: one launch a layer fewer, but slower on the H200 (README, "One launch fewer per layer")
     fused_rope = os.environ.get("KOALA_FUSED_ROPE", "0") not in ("", "0")
     # RoPE and the cache write inside the attention's split launch (kernels/tree_attention.py,
-    # rope_tree_attention) for forwards of up to 64 tokens: the same bits as the RoPE launch
-    # before it, which KOALA_ROPE_ATTN=0 brings back
-    rope_attn = os.environ.get("KOALA_ROPE_ATTN", "1") not in ("", "0")
+    # rope_tree_attention) for forwards of up to 64 tokens: the same bits as the RoPE launch, one
+    # launch a layer fewer, but not faster, so opt-in (KOALA_ROPE_ATTN=1): on the H100 at c2d81e5
+    # a plain step took 0.485 against 0.481 ms (do_bench, four runs each, alternating), an EAGLE
+    # depth-1 draft the same per layer (bench/results/spec_cost_rope_attn*_c2d81e5.json)
+    rope_attn = os.environ.get("KOALA_ROPE_ATTN", "0") not in ("", "0")
     # exact mode's GEMV tiles per product shape, {(N, K, silu): LinearConfig}, from the shipped
     # koala/exact_tiles.json or the file KOALA_EXACT_TILES names (exact_tiles); None: not read yet
     tiles: dict | None = None

@@ -52,19 +52,20 @@ TINY_ROW_TILES = {k: L.LinearConfig(False, 2, c.BLOCK_N, c.BLOCK_K, 4, 1, 1, Tru
 
 
 @pytest.mark.parametrize("kind,opts,fused_rope,rope_attn,real,tiles", [
-    ("medusa", dict(mode="chain"), True, True, False, TINY_TILES),
+    ("medusa", dict(mode="chain"), True, False, False, TINY_TILES),
     ("eagle", dict(mode="chain", depth=3), False, True, False, TINY_TILES),
-    ("eagle", dict(mode="chain", depth=2), True, True, True, TINY_TILES),
+    ("eagle", dict(mode="chain", depth=2), True, False, True, TINY_TILES),
     ("eagle", dict(mode="chain", depth=3), False, False, False, TINY_ROW_TILES),
     ("eagle", dict(mode="tree", depth=3, tree_size=7, top_k=2, exact_trees=True), False, True, False, TINY_TILES)],
-    ids=["medusa-oracle", "eagle-oracle", "eagle-real-rope-fused", "eagle-oracle-row-tiles-rope-launch",
-         "eagle-oracle-exact-tree"])
+    ids=["medusa-oracle", "eagle-oracle-rope-in-attention", "eagle-real-rope-fused", "eagle-oracle-row-tiles",
+         "eagle-oracle-exact-tree-rope-in-attention"])
 def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope, rope_attn, real, tiles):
     """An oracle head gets most drafts accepted (the accept and compaction kernels take long
     paths); a real head of two random layers runs its own layers through the kernels too.
-    rope_attn: RoPE inside the attention launch (rope_tree_attention) or its own launch before
-    it. With exact trees the plain steps and chains take the former and the tree verifies the
-    latter (exact_tree_attention), so that case also checks that the two give the same bits."""
+    rope_attn: RoPE inside the attention launch (rope_tree_attention, KOALA_ROPE_ATTN=1) or its
+    own launch before it (the default). With exact trees and rope_attn the plain steps take the
+    former and the tree verifies the latter (exact_tree_attention), so that case also checks that
+    the two give the same bits."""
     fused.setattr(_Fast, "fused_rope", fused_rope)
     fused.setattr(_Fast, "rope_attn", rope_attn)
     fused.setattr(_Fast, "tiles", tiles)

@@ -360,40 +360,16 @@ def test_exact_mode_rows_are_batch_invariant_in_bf16(tmp_path):
 
 
 @pytest.mark.gpu
-def test_fused_rope_path_is_bitwise_the_unfused_one(tmp_path, monkeypatch):
-    """KOALA_FUSED_ROPE (koala.model._Fast.fused_rope): the q|k|v projection, RoPE and cache write
-    in one launch give the model's bf16 logits and caches bit for bit, at prefill, verify and
-    decode sizes."""
-    from koala.model import Transformer, _Fast, causal_mask
-    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
-    m = load_target(path, device="cuda", dtype=torch.bfloat16).model
-    m.setup_cache(1, 128)
-    ids = torch.randint(3, 128, (1, 40), device="cuda")
-    Transformer.use_kernels(True, exact=True)
-    outs = []
-    try:
-        for fused in (False, True):
-            monkeypatch.setattr(_Fast, "fused_rope", fused)
-            got = []
-            with torch.no_grad():
-                for a, b in ((0, 30), (30, 35), (35, 36)):
-                    s = torch.arange(a, b, device="cuda")
-                    got.append(m(ids[:, a:b], s[None], s, causal_mask(s, 64))[0])
-            got += [torch.cat([l.attention.kv_cache.k[:, :, :36], l.attention.kv_cache.v[:, :, :36]])
-                    for l in m.layers]
-            outs.append(got)
-    finally:
-        Transformer.use_kernels(False)
-    assert all(torch.equal(u, f) for u, f in zip(*outs))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rope_in_attention_is_bitwise_the_rope_launch(tmp_path, monkeypatch, dtype):
-    """KOALA_ROPE_ATTN (koala.model._Fast.rope_attn): RoPE and the cache write inside the
-    attention launch give the model's logits and caches of the separate RoPE launch bit for bit,
-    at prefill, verify and decode sizes, in exact mode. Exact trees rely on it: their verify keeps
-    the RoPE launch while plain decoding steps do not."""
+@pytest.mark.parametrize("switch,dtype", [("fused_rope", torch.bfloat16), ("rope_attn", torch.bfloat16),
+                                          ("rope_attn", torch.float32)],
+                         ids=["fused-rope-bf16", "rope-attn-bf16", "rope-attn-fp32"])
+def test_one_launch_fewer_is_bitwise_the_rope_launch(switch, dtype, tmp_path, monkeypatch):
+    """Two ways of dropping a layer's RoPE launch give the model's logits and caches of that
+    launch bit for bit, at prefill, verify and decode sizes, in exact mode: KOALA_FUSED_ROPE
+    (_Fast.fused_rope: the q|k|v projection, RoPE and the cache write in one launch) and
+    KOALA_ROPE_ATTN (_Fast.rope_attn: RoPE and the cache write inside the attention launch).
+    Exact trees rely on the latter: with it their verify keeps the RoPE launch while plain
+    decoding steps do not."""
     from koala.model import Transformer, _Fast, causal_mask
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
     m = load_target(path, device="cuda", dtype=dtype).model
@@ -403,7 +379,7 @@ def test_rope_in_attention_is_bitwise_the_rope_launch(tmp_path, monkeypatch, dty
     outs = []
     try:
         for on in (False, True):
-            monkeypatch.setattr(_Fast, "rope_attn", on)
+            monkeypatch.setattr(_Fast, switch, on)
             got = []
             with torch.no_grad():
                 for a, b in ((0, 30), (30, 35), (35, 36)):

@@ -129,10 +129,13 @@ PY
     exit "$rc"
     ;;
   selfdistill)
-    # re-answer the first <limit> prepared ShareGPT conversations with the target (carry
-    # runs/data/sharegpt); 8,192 took 95 s on the H100. Then KOALA_TRAIN_DATA=/tmp/sd for training.
+    # re-answer the first <limit> prepared ShareGPT conversations with the target; 8,192 took 95 s
+    # on the H100. Carry their prompts, runs/data/sharegpt-prompts (3.9 MB; made here by
+    # python -m train.selfdistill --data runs/data/sharegpt --prompts-out runs/data/sharegpt-prompts):
+    # the whole set (28 MB) and the repository do not fit one call's 64 MiB. KOALA_SD_DATA names
+    # another source. Then KOALA_TRAIN_DATA=/tmp/sd for training.
     limit="${1:?selfdistill needs the number of conversations}"
-    python -m train.selfdistill --data runs/data/sharegpt --out /tmp/sd --batch-size 512 --max-new 384 \
+    python -m train.selfdistill --data "${KOALA_SD_DATA:-runs/data/sharegpt-prompts}" --out /tmp/sd --batch-size 512 --max-new 384 \
         --limit "$limit" --time-budget 520 > "$log" 2>&1
     # a finished shard set comes back whole (6 .npy files and meta.json, each under the 16 MiB a
     # returned file may have: uint16 tokens; with the log, the 8 files a call may return), so

@@ -166,6 +166,37 @@ def test_regenerate_replaces_assistant_turns():
     assert ids[3:] == _greedy_ref(m, [5, 6, 7], 4, []) and all(mask[3:])  # no EOS: turn 2 not asked
 
 
+@pytest.mark.parametrize("turns", [1, 2])
+def test_selfdistill_from_prompts_only_is_the_same(tmp_path, turns):
+    """--prompts-out keeps what regenerate reads: self-distilling the reduced set gives the
+    sequences that self-distilling the whole set gives, and the reduced set is smaller."""
+    from train.selfdistill import run, write_prompts
+    m = tiny_target()
+    rng = np.random.default_rng(1)
+    ids, masks = [], []
+    for _ in range(5):   # system+user, answer, user, answer, user, answer
+        lens = rng.integers(2, 6, 6)
+        ids.append(rng.integers(1, 256, int(lens.sum())).tolist())
+        masks.append(sum(([i % 2] * int(n) for i, n in enumerate(lens)), []))
+    for split in ("train", "eval"):
+        write_split(tmp_path / "src", split, ids, masks)
+    write_prompts(str(tmp_path / "src"), str(tmp_path / "prompts"), turns)
+    small = ShardData(tmp_path / "prompts", "train", batch_size=1)
+    assert small.offsets[-1] < ShardData(tmp_path / "src", "train", batch_size=1).offsets[-1]
+    kw = dict(batch_size=4, max_new=5, max_len=64, turns=turns)
+    eos = list(range(1000))   # every token ends a turn, so the second turn is asked too
+    assert run(m, eos, [198], str(tmp_path / "src"), str(tmp_path / "sd_full"), **kw)
+    assert run(m, eos, [198], str(tmp_path / "prompts"), str(tmp_path / "sd_small"), **kw)
+    for split in ("train", "eval"):
+        a = ShardData(tmp_path / "sd_full", split, batch_size=1)
+        b = ShardData(tmp_path / "sd_small", split, batch_size=1)
+        assert a.n == b.n == 5
+        for i in range(a.n):
+            (ta, ma), (tb, mb) = a.sequence(i), b.sequence(i)
+            assert ta.tolist() == tb.tolist() and ma.tolist() == mb.tolist()
+            assert int(np.diff(ma.astype(int)).clip(min=0).sum()) == turns   # answers regenerated
+
+
 # ---------------------------------------------------------------------------------------------
 # losses
 

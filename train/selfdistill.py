@@ -18,6 +18,15 @@ Works in token space on a shard set (python -m train.data), so the GPU machine n
   python -m train.selfdistill --data data/sharegpt --out data/sharegpt-sd --batch-size 128 \
       --max-new 512 [--turns 1] [--temperature 0] [--time-budget 540] [--limit N]
   (run again with the same arguments to continue; it merges the parts when all are done)
+
+Only the prompts of the regenerated turns are read, so a GPU call can carry just those:
+
+  python -m train.selfdistill --data data/sharegpt --prompts-out data/sharegpt-prompts [--turns 1]
+
+writes a shard set in which every answer is cut to its first token (and nothing follows the last
+regenerated turn's): 3.9 MB for ShareGPT's first turns against 28 MB for the whole set, which
+with the repository (about 36 MB) would not fit the 64 MiB a GPU call carries. Self-distilling it
+gives what self-distilling the whole set gives.
 """
 from __future__ import annotations
 
@@ -138,6 +147,40 @@ def regenerate(model, seqs: list[tuple[np.ndarray, np.ndarray]], batch_size: int
     return [(c["ids"][:max_len], c["mask"][:max_len]) for c in convs if any(c["mask"])]
 
 
+def prompts_only(tok: np.ndarray, mask: np.ndarray, turns: int) -> tuple[np.ndarray, np.ndarray]:
+    """What regenerate reads of a sequence: its context segments up to the `turns`-th answer, each
+    answer cut to its first token (so the segments, and their order, stay those of the sequence).
+    Returns (ids, mask)."""
+    ids, msk, answers = [], [], 0
+    for seg, is_answer in segments(tok, mask):
+        if is_answer:
+            ids.append(seg[:1])
+            msk.append(np.ones(1, dtype=bool))
+            answers += 1
+            if answers == turns:
+                break
+        else:
+            ids.append(seg)
+            msk.append(np.zeros(len(seg), dtype=bool))
+    return np.concatenate(ids), np.concatenate(msk)
+
+
+def write_prompts(data: str, out: str, turns: int = 1) -> dict:
+    """The shard set `data` reduced to what regenerate reads for `turns` turns (prompts_only),
+    written to `out` in the same format, with the source's meta. Returns the counts."""
+    counts = {}
+    for split in ("eval", "train"):
+        src = ShardData(data, split, batch_size=1)
+        seqs = [prompts_only(*src.sequence(i), turns) for i in range(src.n)]
+        write_split(out, split, [s[0] for s in seqs], [s[1] for s in seqs])
+        counts[split] = {"sequences": len(seqs), "tokens": int(sum(len(s[0]) for s in seqs))}
+    meta = json.loads((Path(data) / "meta.json").read_text()) if (Path(data) / "meta.json").is_file() else {}
+    meta.update(counts)
+    meta.update({"prompts_of": str(data), "prompts_turns": turns})
+    (Path(out) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return counts
+
+
 def run(model, eos_ids, end_of_turn, data: str, out: str, batch_size=64, max_new=512, max_len=1024,
         turns=1, temperature=0.0, seed=0, part_size=1024, time_budget=0.0, limit=None) -> bool:
     """Regenerate the train and eval splits of a shard set into out, in parts of part_size
@@ -192,7 +235,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m train.selfdistill", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="smollm2-135m-instruct")
     ap.add_argument("--data", required=True, help="shard set from python -m train.data")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="where the self-distilled shard set goes")
+    ap.add_argument("--prompts-out", help="instead: write only the prompts of --data that --turns turns read, "
+                                          "to carry to the GPU machine, and exit (no model is loaded)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--max-len", type=int, default=1024)
@@ -203,6 +248,11 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds; then stop cleanly (resumable)")
     ap.add_argument("--limit", type=int, help="only the first N sequences of each split")
     a = ap.parse_args(argv)
+    if a.prompts_out:
+        print(json.dumps(write_prompts(a.data, a.prompts_out, a.turns)))
+        return
+    if not a.out:
+        ap.error("--out is required (or --prompts-out)")
     from koala.loading import load_target
     lt = load_target(a.target)
     eos = list(lt.model.config.eos_token_ids)

@@ -411,8 +411,9 @@ def _plan(B, h, n_kv, T, hd, S, dtype, dev, kv_len, scale, n_splits, block_m, bl
     single = n_splits == 1
     if fuse_combine is None:
         fuse_combine = os.environ.get("KOALA_FUSED_COMBINE", "0") == "1"
-    tickets = _tickets(dev, B * n_kv * row_blocks) if not single and fuse_combine and B * T else None
-    if not single and fuse_combine and B * T and tickets is None:
+    want_tickets = not single and fuse_combine and B * T > 0
+    tickets = _tickets(dev, B * n_kv * row_blocks) if want_tickets else None
+    if want_tickets and tickets is None:
         _log.warning("tree_attention: %d ticket counters needed while a CUDA graph is being "
                      "captured and fewer were allocated before it: using the separate combine "
                      "launch", B * n_kv * row_blocks)

@@ -283,15 +283,15 @@ class Attention(nn.Module):
         (kernels/tree_attention.py, rope_tree_attention: the same bits, one launch a layer fewer);
         per-head q/k norms (Qwen3) and exact trees' tails keep the RoPE launch."""
         from kernels.rope_cache import rope_and_cache_write
-        from kernels.tree_attention import ROPE_MAX_T
         c = self.kv_cache
-        B, T = qkv.shape[0], qkv.shape[1]
-        if _Fast.rope_attn and self.q_norm is None and tail is None and T <= ROPE_MAX_T:
-            from kernels.tree_attention import exact_tiles, rope_tree_attention
-            L = mask.shape[-1]
-            tiles = exact_tiles(B * self.n_kv, L, c.k.shape[2]) if _Fast.exact else {}
-            y = rope_tree_attention(qkv, cos, sin, slots, c.k, c.v, self.n_heads, mask, **tiles)
-            return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        if _Fast.rope_attn and self.q_norm is None and tail is None:
+            from kernels.tree_attention import ROPE_MAX_T, exact_tiles, rope_tree_attention
+            B, T = qkv.shape[0], qkv.shape[1]
+            if T <= ROPE_MAX_T:
+                L = mask.shape[-1]
+                tiles = exact_tiles(B * self.n_kv, L, c.k.shape[2]) if _Fast.exact else {}
+                y = rope_tree_attention(qkv, cos, sin, slots, c.k, c.v, self.n_heads, mask, **tiles)
+                return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         qk = {} if self.q_norm is None else dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight,
                                                  eps=self.q_norm.eps)
         return self.attend_rotated(rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads,

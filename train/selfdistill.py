@@ -174,11 +174,16 @@ def write_prompts(data: str, out: str, turns: int = 1) -> dict:
         seqs = [prompts_only(*src.sequence(i), turns) for i in range(src.n)]
         write_split(out, split, [s[0] for s in seqs], [s[1] for s in seqs])
         counts[split] = {"sequences": len(seqs), "tokens": int(sum(len(s[0]) for s in seqs))}
+    _write_meta(data, out, counts, {"prompts_of": str(data), "prompts_turns": turns})
+    return counts
+
+
+def _write_meta(data: str, out: str, counts: dict, settings: dict):
+    """out/meta.json: the source's meta with the counts of what was written and the settings."""
     meta = json.loads((Path(data) / "meta.json").read_text()) if (Path(data) / "meta.json").is_file() else {}
     meta.update(counts)
-    meta.update({"prompts_of": str(data), "prompts_turns": turns})
+    meta.update(settings)
     (Path(out) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return counts
 
 
 def run(model, eos_ids, end_of_turn, data: str, out: str, batch_size=64, max_new=512, max_len=1024,
@@ -223,11 +228,8 @@ def run(model, eos_ids, end_of_turn, data: str, out: str, batch_size=64, max_new
         # the counts of what was written (the source's meta describes the source, maybe all of it)
         counts[split] = {"sequences": len(ids), "tokens": int(sum(len(x) for x in ids)),
                          "train_tokens": int(sum(int(np.asarray(m).sum()) for m in masks))}
-    meta = json.loads((Path(data) / "meta.json").read_text()) if (Path(data) / "meta.json").is_file() else {}
-    meta.update(counts)
-    meta.update({"selfdistilled_from": str(data), "max_new": max_new, "turns": turns, "temperature": temperature,
-                 "max_len": max_len, "limit": limit})
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_meta(data, out, counts, {"selfdistilled_from": str(data), "max_new": max_new, "turns": turns,
+                                    "temperature": temperature, "max_len": max_len, "limit": limit})
     return True
 
 

@@ -104,7 +104,8 @@ def medusa_tree(n_heads: int, size: int, depth: int, top_k: int):
 class SpeculativeDecoder:
     def __init__(self, model: Transformer, head, mode: str = "chain", depth: int | None = None,
                  tree_size: int = 32, top_k: int = 4, use_graph: bool = False, pipeline: bool | None = None,
-                 draft_vocab: int | None | str = "head", exact_trees: bool | None = None):
+                 draft_vocab: int | None | str = "head", exact_trees: bool | None = None,
+                 draft_exact: bool | None = None):
         from .heads import EagleHead
         self.model, self.head = model, head
         self.eagle = isinstance(head, EagleHead)
@@ -131,6 +132,11 @@ class SpeculativeDecoder:
         if exact_trees is None:
             exact_trees = os.environ.get("KOALA_EXACT_TREES", "0") == "1"
         self.exact_trees = bool(exact_trees)
+        # drafts decide speed, never output: draft_exact=False runs the head outside exact mode
+        # (None: KOALA_DRAFT_EXACT, default on), for chains too; trees with exact_trees always do
+        if draft_exact is None:
+            draft_exact = os.environ.get("KOALA_DRAFT_EXACT", "1") != "0"
+        self.draft_exact = bool(draft_exact)
         if self.exact_trees and os.environ.get("KOALA_FUSED_COMBINE", "0") == "1":
             # plain decoding would combine the attention's splits in the split kernel, in another
             # order than exact_tree_attention's combine launch
@@ -438,7 +444,7 @@ class SpeculativeDecoder:
 
     def draft(self, W):
         # exact trees: the draft decides speed, not output, so it skips exact mode's per-row GEMV
-        with not_exact() if self.exact_trees and not self.chain else nullcontext():
+        with not_exact() if (self.exact_trees and not self.chain) or not self.draft_exact else nullcontext():
             self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
 
     # ------------------------------------------------------------------ verify

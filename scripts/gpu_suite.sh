@@ -26,6 +26,8 @@
 #                      without (KOALA_EXACT_TILES=none; random weights, no staged model)    ~7 min
 #   batch              bench.batch: generate_batch at B = 1, 2, 4, 8, plain and shipped heads,
 #                      then plain and EAGLE at B = 1, 8 with KOALA_BATCH_PIPELINE=1        ~5 min
+#   draft-exact        needs no staged model: bench.spec_cost of EAGLE chains (depth 1 and 4,
+#                      K = 1..4) with the draft in exact mode and out of it, twice        ~4 min
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
 #   exact-trees        GPU tests of exact trees and of Qwen3 / Phi-3, then MT-bench trees of the
 #                      shipped EAGLE head with KOALA_EXACT_TREES=1 and 0                    ~8 min
@@ -40,7 +42,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees|draft-exact}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -204,6 +206,17 @@ PY
           --out "mtbench_exact_trees$e.json" >> "$log" 2>&1
     done
     quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 16
+    ;;
+  draft-exact)
+    # the EAGLE draft in and out of exact mode (KOALA_DRAFT_EXACT=1 / 0), alternating, twice:
+    # per-layer draft cost against K (random weights, no staged model)
+    for rep in 1 2; do
+      for e in 1 0; do
+        KOALA_DRAFT_EXACT=$e python -m bench.spec_cost --random-weights --kinds eagle --ks 1,2,3,4 \
+            --depths 1,4 --trees "" --out "spec_cost_draft_exact${e}_rep$rep.json" >> "$log" 2>&1
+      done
+    done
+    quiet "$log" | grep -e "plain" -e "chain" | tail -n 40
     ;;
   vec)
     # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)

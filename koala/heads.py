@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import CheckpointError, HeadMismatchError, KoalaError
-from .model import Block, CachedStack, Rotary, Transformer, _Fast, _fused, _row_config, _small_m
+from .model import Block, CachedStack, Rotary, Transformer, _fused, _row_config, _small_m
 
 FORMAT = "koala-draft-head"
 FORMAT_VERSION = 1
@@ -225,7 +225,7 @@ class _DraftHead(nn.Module):
             # one row (a drafted level): kernels/linear.py's GEMV, which keeps the PDL chain of
             # the kernels around it; more rows go to cuBLAS, whose GEMV-free tiles read W once
             from kernels.linear import linear
-            return linear(x, w, b, config=_row_config(w, 1) if _Fast.exact else None)
+            return linear(x, w, b, config=_row_config(w, 1))
         return F.linear(x, w, b)
 
     def to_token_ids(self, idx):
@@ -381,13 +381,13 @@ class EagleHead(_DraftHead, CachedStack):
 
     def _fc(self, xin):
         """fc on the fused path: kernels/linear.py's GEMV up to the rows the layers give it too
-        (exact mode's tiles in exact mode), cuBLAS beyond."""
+        (exact mode's tiles, in or out of exact mode, as the layers), cuBLAS beyond."""
         M = xin.shape[0] * xin.shape[1]
         if M > _small_m():
             return self.fc(xin)
         from kernels.linear import linear
         w = self.fc.weight
-        return linear(xin, w, self.fc.bias, config=_row_config(w, M) if _Fast.exact else None)
+        return linear(xin, w, self.fc.bias, config=_row_config(w, M))
 
     def prime(self, tokens, features, positions, slots, mask):
         """The head's pass over a prompt (forward's arguments, slots given): it fills the head's

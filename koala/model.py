@@ -154,8 +154,12 @@ def argmax_last(x, out=None):
 
 
 def _row_config(W, M, silu=False):
-    """The GEMV configuration for M rows in exact mode: the tiles a single row gets
+    """The GEMV configuration for M rows, exact mode's: the tiles a single row gets
     (kernels/linear.py: a row's output does not depend on how many rows a program takes).
+    Forwards of up to SMALL_M rows take them outside exact mode too (an EAGLE head's draft, a
+    batch's step), where they beat kernels.linear._config's one program row of ROWS = M (on the
+    H100 at M = 2, 1.87 against 2.20 us for wqkv, 3.29 against 3.72 for w13;
+    bench/results/linear_rows_7c09695.json, gemv1 against gemv2).
     A layer's weights (a few MB) stay in the 50 MB L2, so each row gets programs of its own
     (ROWS=1) and the re-reads come from L2: on the H100 at M = 5 that is 2.2 against 3.7 us for
     wo, 3.7 against 4.6 for w2 (bench/results/linear_sweep.json). The 57 MB LM head does not fit:
@@ -363,8 +367,10 @@ class Block(nn.Module):
         a, f, n1, n2 = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
         M = x.shape[0] * x.shape[1]
 
-        def cf(W, silu=False):        # exact mode: M = 1's tiles, up to 8 rows a program
-            return _row_config(W, M, silu) if _Fast.exact else None
+        def cf(W, silu=False):
+            # exact mode's tiles in and out of it: a row's bits do not depend on M, and they are
+            # also the fastest measured at M = 1, 2, 4 (_row_config, bench/results/linear_rows_*)
+            return _row_config(W, M, silu)
         cq = cf(a.wqkv.weight)
         # GEMV tiles only, and no per-head q/k norm (Qwen3: the RoPE kernel applies it instead)
         if _Fast.fused_rope and not (cq is not None and cq.vec) and a.q_norm is None:

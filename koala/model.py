@@ -30,7 +30,7 @@ class _Fast:
     through the same per-row GEMV code (up to 8 rows to a program) and the attention uses a fixed
     row tile and a split count that depends on the context only, so a token's bf16 logits do not
     depend on how many tokens are verified beside it, and speculative greedy output equals plain
-    greedy output bit for bit. Off, forwards of more than 4 tokens (SMALL_M; LM heads of more
+    greedy output bit for bit. Off, forwards of more than 8 tokens (SMALL_M; LM heads of more
     than one row) use cuBLAS (faster there, but its bf16 rounding differs from the one-token
     step's, so greedy outputs drift apart after a near-tie) and the attention picks its tiles
     by size."""
@@ -387,17 +387,20 @@ class Block(nn.Module):
         return linear(g, f.w2.weight, residual=x, config=cf(f.w2.weight))
 
 
-# rows up to which kernels/linear.py replaces cuBLAS outside exact mode. Its GEMV path reads each
-# W tile once for up to 8 rows, but handles the rows one after another, so its cost grows with M:
-# on the H100 a SmolLM2 layer's four products take, summed over 30 layers, 0.26 / 0.37 / 0.57 /
-# 0.70 / 1.06 ms at M = 1 / 2 / 4 / 5 / 8 against 0.72 for cuBLAS with its separate norm and
-# SwiGLU launches at any of these M
-# (bench/results/linear.json, commit f13d795): the GEMV wins up to M = 4 and loses from 8.
+# rows up to which kernels/linear.py replaces cuBLAS outside exact mode. Its GEMV takes exact
+# mode's tiles there too (_row_config: each row its own programs, W re-read from L2). With one
+# program row of ROWS = M (kernels.linear._config, until 839716e) a SmolLM2 layer's four products
+# took, summed over 30 layers, 0.26 / 0.37 / 0.57 / 0.70 / 1.06 ms at M = 1 / 2 / 4 / 5 / 8
+# against 0.72 for cuBLAS with its separate norm and SwiGLU launches at any of these M (H100,
+# bench/results/linear.json, f13d795), so the GEMV stopped at 4 rows. With the tiles they take
+# 0.46 ms at M = 5 and 0.65 at M = 8 (H200, linear_rows_7c09695.json), so it goes on to 8: on the
+# H100 at 839716e an EAGLE draft at depth 4 (a 5-row catch-up) outside exact mode cost 0.075 ms
+# a layer with cuBLAS there against 0.069 in exact mode (spec_cost_draft_exact*_839716e.json).
 # The LM head (49152 x 576) is a bandwidth-bound 57 MB read where cuBLAS already reaches 80% of
 # the ceiling; the GEMV matches it at M = 1 (22.2 vs 22.9 us) and loses from M = 2 (29.6 vs
 # 23.1), so only one-row LM heads use it. In exact mode every forward of up to 128 tokens runs
 # through the GEMV program (8 rows per program), bitwise as one row alone, whatever it costs.
-SMALL_M = 4
+SMALL_M = 8
 LM_HEAD_M = 1
 EXACT_M = 128  # the largest tree SpeculativeDecoder accepts
 

@@ -132,10 +132,13 @@ class SpeculativeDecoder:
         if exact_trees is None:
             exact_trees = os.environ.get("KOALA_EXACT_TREES", "0") == "1"
         self.exact_trees = bool(exact_trees)
-        # drafts decide speed, never output: draft_exact=False runs the head outside exact mode
-        # (None: KOALA_DRAFT_EXACT, default on), for chains too; trees with exact_trees always do
+        # drafts decide speed, never output, so the head drafts outside exact mode (draft_exact
+        # None: KOALA_DRAFT_EXACT, default off): on the H100 at ef7b9f1 an EAGLE draft took 15.5
+        # against 16.4 us a layer at depth 1 and 64.7 against 68.0 at depth 4
+        # (bench/results/spec_cost_draft_exact*_ef7b9f1.json). draft_exact=True (or
+        # KOALA_DRAFT_EXACT=1) keeps chains' drafts in exact mode; trees with exact_trees never are
         if draft_exact is None:
-            draft_exact = os.environ.get("KOALA_DRAFT_EXACT", "1") != "0"
+            draft_exact = os.environ.get("KOALA_DRAFT_EXACT", "0") not in ("", "0")
         self.draft_exact = bool(draft_exact)
         if self.exact_trees and os.environ.get("KOALA_FUSED_COMBINE", "0") == "1":
             # plain decoding would combine the attention's splits in the split kernel, in another
@@ -443,7 +446,7 @@ class SpeculativeDecoder:
             _Fast.exact = saved
 
     def draft(self, W):
-        # exact trees: the draft decides speed, not output, so it skips exact mode's per-row GEMV
+        # the draft decides speed, not output: outside exact mode unless draft_exact (chains)
         with not_exact() if (self.exact_trees and not self.chain) or not self.draft_exact else nullcontext():
             self.tree = self._draft_eagle(W) if self.eagle else self._draft_medusa()
 

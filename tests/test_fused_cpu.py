@@ -55,10 +55,10 @@ TINY_ROW_TILES = {k: L.LinearConfig(False, 2, c.BLOCK_N, c.BLOCK_K, 4, 1, 1, Tru
     ("medusa", dict(mode="chain"), True, False, False, TINY_TILES),
     ("eagle", dict(mode="chain", depth=3), False, True, False, TINY_TILES),
     ("eagle", dict(mode="chain", depth=2), True, False, True, TINY_TILES),
-    ("eagle", dict(mode="chain", depth=2, draft_exact=False), False, False, True, TINY_TILES),
+    ("eagle", dict(mode="chain", depth=2, draft_exact=True), False, False, True, TINY_TILES),
     ("eagle", dict(mode="chain", depth=3), False, False, False, TINY_ROW_TILES),
     ("eagle", dict(mode="tree", depth=3, tree_size=7, top_k=2, exact_trees=True), False, True, False, TINY_TILES)],
-    ids=["medusa-oracle", "eagle-oracle-rope-in-attention", "eagle-real-rope-fused", "eagle-real-draft-not-exact",
+    ids=["medusa-oracle", "eagle-oracle-rope-in-attention", "eagle-real-rope-fused", "eagle-real-draft-exact",
          "eagle-oracle-row-tiles",
          "eagle-oracle-exact-tree-rope-in-attention"])
 def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope, rope_attn, real, tiles):
@@ -99,9 +99,10 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
     # RoPE went into the attention launch, or never did (with fused_rope only the forwards that
     # skip the q|k|v+RoPE launch take it: the prompt's, which runs more rows than it serves)
     assert bool(rope_calls) == rope_attn
-    # the chain's drafts run in exact mode unless draft_exact=False (the prompt's pass never does)
+    # the chain's drafts run outside exact mode unless draft_exact=True (the prompt's pass never
+    # runs in it)
     if real:
-        assert head_exact and (True in head_exact) == opts.get("draft_exact", True)
+        assert head_exact and (True in head_exact) == opts.get("draft_exact", False)
 
 
 SAMPLED = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)

@@ -73,9 +73,14 @@ class BatchDecoder:
     size or less (generate_batch keeps the last decoder)."""
 
     def __init__(self, model, head=None, depth: int = 1, use_graph: bool | None = None,
-                 pipeline: bool | None = None):
+                 pipeline: bool | None = None, draft_exact: bool | None = None):
         from .heads import EagleHead
         self.model, self.head = model, head
+        # the head's forwards outside exact mode unless draft_exact, as SpeculativeDecoder's
+        # (None: KOALA_DRAFT_EXACT, default off): drafts decide speed, never output
+        if draft_exact is None:
+            draft_exact = os.environ.get("KOALA_DRAFT_EXACT", "0") not in ("", "0")
+        self.draft_exact = bool(draft_exact)
         self.eagle = isinstance(head, EagleHead)
         self.depth = depth if head is not None else 0
         # the head's draft vocabulary when this decoder was made (its buffers are sized by it)
@@ -223,8 +228,9 @@ class BatchDecoder:
                     head.prime(tokens[:, 1:], hidden[:, :T], ar[:T].expand(B, T), ar[:T], hmask)
                 self.hs0.fill_(T)
             # the first catch-up: position n-1 (token `first`, feature f_{n-1}), one entry a row
-            self._catch_up(first[:, None], self.h_last[:, None], (n - 1)[:, None],
-                           torch.zeros(B, dtype=torch.long, device=dev), bucket(Pmax))
+            with self._drafting():
+                self._catch_up(first[:, None], self.h_last[:, None], (n - 1)[:, None],
+                               torch.zeros(B, dtype=torch.long, device=dev), bucket(Pmax))
         return first
 
     def _run(self, prompts, Pmax, done_fn):
@@ -329,9 +335,11 @@ class BatchDecoder:
         if d == 0:
             drafts, Q = self.last.new_zeros(B, 0), None
         elif self.eagle:
-            drafts, Q = self._draft_eagle(Lh)
+            with self._drafting():
+                drafts, Q = self._draft_eagle(Lh)
         else:
-            logits = head.draft_logits(self.h_last[:, None], d)[:, :, 0]  # (d, B, Vd)
+            with self._drafting():
+                logits = head.draft_logits(self.h_last[:, None], d)[:, :, 0]  # (d, B, Vd)
             drafts, Q = self._draft(logits.transpose(0, 1), self.nz_draft[:, :d])  # (B, d), (B, d, V)
         step = torch.cat([self.last[:, None], drafts], dim=1)            # (B, T)
         slots = self.s0 + at
@@ -343,12 +351,17 @@ class BatchDecoder:
         emitted = torch.cat([drafts, drafts.new_zeros(B, 1)], dim=1)      # drafts[:acc], then
         emitted.scatter_(1, acc[:, None], new_last[:, None])             # the target's token
         if self.eagle:   # head entries for positions pos .. pos+acc: (x_{pos+j+1}, f_{pos+j})
-            self._catch_up(emitted, hidden, self.pos[:, None] + at, acc, Lh)
+            with self._drafting():
+                self._catch_up(emitted, hidden, self.pos[:, None] + at, acc, Lh)
         self.pos.add_(acc + 1)
         self.s0.add_(T)
         self.last.copy_(new_last)
         self.acc.copy_(acc)
         self.emitted.copy_(emitted)
+
+    def _drafting(self):
+        """The context of the head's forwards: exact mode off unless draft_exact."""
+        return nullcontext() if self.draft_exact else not_exact()
 
     # ---- greedy choice or sampling (speculative sampling, per row, on a chain)
     def _choose(self, logits):
@@ -441,7 +454,8 @@ def _decoder(gen, head, depth):
     if (dec is None or dec.head is not head or dec.depth != (depth if head is not None else 0)
             or dec.vocab_ids is not vocab):
         dec = gen._batch_decoder = None     # the old one's caches go before the new one's come
-        dec = gen._batch_decoder = BatchDecoder(gen.model, head, depth, use_graph=gen.use_cuda_graph)
+        dec = gen._batch_decoder = BatchDecoder(gen.model, head, depth, use_graph=gen.use_cuda_graph,
+                                                draft_exact=gen.spec.draft_exact if head is not None else None)
     return dec
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from koala.model import exact_tiles_source
+from koala.model import draft_exact_default, exact_tiles_source
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,7 +66,7 @@ def environment() -> dict:
             # which every forward ran the separate RoPE launch
             "rope_attn": os.environ.get("KOALA_ROPE_ATTN", "0") not in ("", "0"),
             "exact_trees": os.environ.get("KOALA_EXACT_TREES", "0") == "1",
-            "draft_exact": os.environ.get("KOALA_DRAFT_EXACT", "0") not in ("", "0"),
+            "draft_exact": draft_exact_default(),
             # exact mode's tiles file (None: its own tiles): koala/exact_tiles.json on sm_90 unless
             # KOALA_EXACT_TILES names another or none; at 7c09695 and before there was no default
             "exact_tiles": exact_tiles_source()}

@@ -29,7 +29,7 @@ import torch
 
 from .errors import ContextLengthError, KoalaError
 from .graphs import bucket, capture, window, windows
-from .model import KVCache, argmax_last, not_exact
+from .model import KVCache, argmax_last, draft_exact_default, not_exact
 from .sampling import SamplerState, SamplingParams, draw_noise, sample, warp_probs
 
 
@@ -78,9 +78,7 @@ class BatchDecoder:
         self.model, self.head = model, head
         # the head's forwards outside exact mode unless draft_exact, as SpeculativeDecoder's
         # (None: KOALA_DRAFT_EXACT, default off): drafts decide speed, never output
-        if draft_exact is None:
-            draft_exact = os.environ.get("KOALA_DRAFT_EXACT", "0") not in ("", "0")
-        self.draft_exact = bool(draft_exact)
+        self.draft_exact = draft_exact_default() if draft_exact is None else bool(draft_exact)
         self.eagle = isinstance(head, EagleHead)
         self.depth = depth if head is not None else 0
         # the head's draft vocabulary when this decoder was made (its buffers are sized by it)

@@ -72,6 +72,12 @@ def not_exact():
         _Fast.exact = saved
 
 
+def draft_exact_default() -> bool:
+    """Whether drafts run in exact mode when a decoder is not told (KOALA_DRAFT_EXACT=1; default
+    off: a draft decides speed, never output, and runs faster outside it)."""
+    return os.environ.get("KOALA_DRAFT_EXACT", "0") not in ("", "0")
+
+
 def _fused(t) -> bool:
     """Does a tensor on t's device take the fused Triton path?"""
     return _Fast.on and (t.is_cuda or _Fast.cpu)

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from .errors import HeadMismatchError, KoalaError
 from .graphs import capture, window, windows
-from .model import Transformer, _Fast, argmax_last, causal_mask, exact_tree_tail, not_exact, tree_mask
+from .model import (Transformer, _Fast, argmax_last, causal_mask, draft_exact_default, exact_tree_tail,
+                    not_exact, tree_mask)
 from .sampling import SamplerState, graph_mode, warp_probs
 
 NEG = -1e30
@@ -138,7 +139,7 @@ class SpeculativeDecoder:
         # (bench/results/spec_cost_draft_exact*_ef7b9f1.json). draft_exact=True (or
         # KOALA_DRAFT_EXACT=1) keeps chains' drafts in exact mode; trees with exact_trees never are
         if draft_exact is None:
-            draft_exact = os.environ.get("KOALA_DRAFT_EXACT", "0") not in ("", "0")
+            draft_exact = draft_exact_default()
         self.draft_exact = bool(draft_exact)
         if self.exact_trees and os.environ.get("KOALA_FUSED_COMBINE", "0") == "1":
             # plain decoding would combine the attention's splits in the split kernel, in another

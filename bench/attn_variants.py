@@ -21,7 +21,7 @@ from kernels.tree_attention import exact_tiles, tree_attention
 
 # The load-order (K, mask and V issued together) and 128-key-block variants were timed at 75002e7,
 # where the kernel had them, and reverted (bench/results/attn_variants_75002e7.json).
-VARIANTS = {"base": {}, "bm16": dict(block_m=16), "single": dict(n_splits=1, block_m=None, block_s=None)}
+VARIANTS = {"base": {}, "bm16": dict(block_m=16), "single": dict(n_splits=1, block_m=None)}
 
 
 def window(L: int) -> int:
@@ -49,7 +49,7 @@ def main():
             slots = torch.arange(W, device=dev)
             pos = ctx + torch.arange(T, device=dev)
             mask = (slots[None, :] <= pos[:, None]).unsqueeze(0)          # a chain's causal mask
-            tiles = exact_tiles(nkv, W, S_max)
+            tiles = exact_tiles(nkv, W)
             outs, times = {}, {}
             for name in a.variants.split(","):
                 kw = {**tiles, **VARIANTS[name]}

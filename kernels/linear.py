@@ -42,6 +42,7 @@ from ._common import (FLOATS, check_device, check_last_contiguous, check_tensor,
 from ._tl import cast_rne, dot_acc, pdl_wait, sigmoid
 from .rmsnorm import rms_norm_ref
 from .swiglu import silu_mul_ref
+from .tree_attention import SplitParts, _combine_splits
 
 NUM_SMS_H100 = 132
 
@@ -131,21 +132,45 @@ def _mma_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K,
 
 
 @triton.jit
-def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
-                  HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _parts_tile(p_ptr, lse_ptr, row, kk, K, cb, HD: tl.constexpr, dtype: tl.constexpr):
+    """(1, BLOCK_K): columns kk of row `row` (= b * T + t) of a split attention's output, combined
+    from its splits' partials (kernels/tree_attention.py, _combine_splits: the combine launch's
+    arithmetic) and rounded to dtype as that launch stores it, as fp32. cb = (T, n_splits, and
+    the partials' strides s_pb, s_ph, s_pt, s_ps, s_lb, s_lh, s_lt)."""
+    T, n_splits, s_pb, s_ph, s_pt, s_ps, s_lb, s_lh, s_lt = cb
+    b = (row // T).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    head = (kk // HD).to(tl.int64)
+    d = kk % HD
+    x = _combine_splits(p_ptr + b * s_pb + head * s_ph + t * s_pt + d,
+                        lse_ptr + b * s_lb + head * s_lh + t * s_lt, kk < K, n_splits, s_ps)
+    return cast_rne(x, dtype).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0, row, x_ptr, lse_ptr, cb,
+                  HAS_NORM: tl.constexpr, EVEN_K: tl.constexpr, COMBINE: tl.constexpr,
+                  HD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(1, BLOCK_N) fp32 = x_row @ W[rn, :].T over all of K (BLOCK_M == 1): elementwise fp32
     products, one reduction over K after the loop. w0 (BLOCK_N, BLOCK_K) and nw0 (BLOCK_K,) are
     the first K block's W and norm weight, loaded by the caller (before its PDL wait); the
-    accumulation order is that of one loop from k0 = 0, whoever loaded the first block."""
+    accumulation order is that of one loop from k0 = 0, whoever loaded the first block.
+    COMBINE: x's row `row` is combined from a split attention's partials (x_ptr: o_part, lse_ptr,
+    cb: _parts_tile's sizes and strides) instead of loaded."""
     rk = tl.arange(0, BLOCK_K)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    a = _x_tile(x_rows, m_mask, rk, K, rstd, nw0, HAS_NORM, EVEN_K)       # (1, BLOCK_K)
+    if COMBINE:
+        a = _parts_tile(x_ptr, lse_ptr, row, rk, K, cb, HD, w0.dtype)
+    else:
+        a = _x_tile(x_rows, m_mask, rk, K, rstd, nw0, HAS_NORM, EVEN_K)   # (1, BLOCK_K)
     acc2 += a * w0.to(tl.float32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + rk
-        nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
-        a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
+        if COMBINE:
+            a = _parts_tile(x_ptr, lse_ptr, row, kk, K, cb, HD, w0.dtype)
+        else:
+            nw = _nw_tile(nw_ptr, kk, K, EVEN_K) if HAS_NORM else rstd
+            a = _x_tile(x_rows, m_mask, kk, K, rstd, nw, HAS_NORM, EVEN_K)
         w = _w_tile(w_rows, n_mask, kk, K, EVEN_K, False)             # (BLOCK_N, BLOCK_K)
         acc2 += a * w.to(tl.float32)
     return tl.sum(acc2, axis=1)[None, :]                                # (1, BLOCK_N)
@@ -238,13 +263,15 @@ def _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm, st
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, wu_ptr, b_ptr, r_ptr, nw_ptr, y_ptr,            # pointers (wu: up rows, SILU)
+    lse_ptr,                                                      # COMBINE: the splits' lse (x: o_part)
     M, N, K, eps,                                                 # sizes (N: output columns)
     stride_xm, stride_wn, stride_rm, stride_ym,                   # strides (last dims unit)
+    T, n_splits, s_pb, s_ph, s_pt, s_ps, s_lb, s_lh, s_lt,        # COMBINE: rows and partials
     HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,  # constexpr
     SILU: tl.constexpr, USE_DOT: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    COMBINE: tl.constexpr, HD: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -329,11 +356,14 @@ def _linear_kernel(
                     rstd = _row_rstd(x_rows, m_mask, K, eps, 1, BLOCK_K)
                 else:
                     rstd = tl.zeros((1,), dtype=tl.float32)
+                cb = (T, n_splits, s_pb, s_ph, s_pt, s_ps, s_lb, s_lh, s_lt)
                 acc = _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
-                                    HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
+                                    row, x_ptr, lse_ptr, cb, HAS_NORM, EVEN_K, COMBINE, HD,
+                                    BLOCK_N, BLOCK_K)
                 if SILU:
                     up = _gemv_product(x_rows, m_mask, wu_rows, n_mask, nw_ptr, rstd, K, wu0, nw0,
-                                       HAS_NORM, EVEN_K, BLOCK_N, BLOCK_K)
+                                       row, x_ptr, lse_ptr, cb, HAS_NORM, EVEN_K, COMBINE, HD,
+                                       BLOCK_N, BLOCK_K)
                 else:
                     up = acc
                 _epilogue(acc, up, bias, rm, m_mask, rn, n_mask, r_ptr, y_ptr, stride_rm,
@@ -416,11 +446,15 @@ def _check(x, W, norm_weight, name_w="W"):
     return K
 
 
-def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
+def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config, parts=None):
     """Launch; returns Triton's compiled-kernel handle (n_regs, n_spills: bench/linear_waves.py),
-    or None when there is nothing to compute."""
+    or None when there is nothing to compute. parts: x's rows are combined from these SplitParts
+    (x2 then only gives the shape (M, K)); the GEMV path only."""
     M, K = x2.shape
     cfg = config or _config(M, N, K)
+    if parts is not None and (cfg.use_dot or cfg.vec):
+        raise ValueError(f"config {cfg}: combining a split attention's partials is the GEMV path's "
+                         "(use_dot=False, vec=False)")
     if not cfg.use_dot and not cfg.vec and (cfg.BLOCK_M != 1 or cfg.ROWS not in (1, 2, 4, 8)):
         raise ValueError(f"config {cfg}: the GEMV path takes BLOCK_M=1 and ROWS in 1, 2, 4, 8")
     if cfg.use_dot and cfg.ROWS != 1:
@@ -434,18 +468,25 @@ def _launch(x2, W, bias, res2, norm_weight, eps, y, N, silu, config):
     grid = (triton.cdiv(N, cfg.BLOCK_N),
             triton.cdiv(M, cfg.BLOCK_M if cfg.use_dot or cfg.vec else cfg.ROWS))
     dummy = y                                            # pointer for absent operands (never read)
+    if parts is None:
+        comb = (x2, dummy, x2.stride(0), 1, 1) + (0,) * 7    # T, n_splits, the 7 strides: unused
+        hd = 1
+    else:
+        B, h, T, _, hd = parts.o_part.shape
+        comb = (parts.o_part, parts.lse, 0, T, parts.n_splits, *parts.o_part.stride()[:4],
+                *parts.lse.stride()[:3])
     return _linear_kernel[grid](
-        x2, W, W[N:] if silu else W, dummy if bias is None else bias, dummy if res2 is None else res2,
-        dummy if norm_weight is None else norm_weight, y,
+        comb[0], W, W[N:] if silu else W, dummy if bias is None else bias, dummy if res2 is None else res2,
+        dummy if norm_weight is None else norm_weight, y, comb[1],
         M, N, K, float(eps),
-        x2.stride(0), W.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0),
+        comb[2], W.stride(0), 0 if res2 is None else res2.stride(0), y.stride(0), *comb[3:],
         HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=res2 is not None, SILU=silu, USE_DOT=cfg.use_dot, VEC=cfg.vec,
         EVEN_K=K % cfg.BLOCK_K == 0,
         # fp32 inputs: exact fp32 products, not TF32 (which would be 10x the reference's error)
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, ROWS=cfg.ROWS,
-        USE_GDC=pdl(),
+        COMBINE=parts is not None, HD=hd, USE_GDC=pdl(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl(),
         # fp32: no contraction of a product and a sum into one FMA, which the compiler decides
         # per instance (a GEMV row of a ROWS=8 program and the same row alone got different
@@ -486,6 +527,51 @@ def linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None = None,
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     _launch(x2, W, bias, res2, norm_weight, eps, y, N, False, config)
     return y.view(*x.shape[:-1], N)
+
+
+def linear_combine(parts: SplitParts, W: torch.Tensor, bias: torch.Tensor | None = None,
+                   residual: torch.Tensor | None = None, *,
+                   config: LinearConfig | None = None) -> torch.Tensor:
+    """y = combine(parts) @ W.T (+ bias) (+ residual), one launch: the output projection of a
+    split attention whose combine was deferred (kernels.tree_attention.tree_attention(...,
+    defer_combine=True)). Each GEMV program builds its x row from the splits' partials in its
+    prologue with the combine launch's code, so y has the bits of tree_attention (combined),
+    then linear(attn.transpose(1, 2).reshape(B, T, h * hd), W, bias, residual), one launch fewer.
+
+    parts.o_part (B, h, T, n_splits, hd), parts.lse (B, h, T, n_splits), W (N, h * hd) of
+    parts.dtype; bias (N,), residual (B, T, N). Returns (B, T, N) in parts.dtype. config: a GEMV
+    configuration (use_dot=False, vec=False); default _config's for min(B * T, 8) rows. Every
+    program of a row combines the whole row (n_splits x h*hd fp32 read from L2), so it pays where
+    the saved launch costs more than that: few rows, few splits."""
+    if not isinstance(parts, SplitParts):
+        raise TypeError(f"parts must be the SplitParts of tree_attention(..., defer_combine=True), "
+                        f"got {type(parts).__name__}")
+    op, lse = parts.o_part, parts.lse
+    check_tensor("parts.o_part", op, ndim=5, dtypes=(torch.float32,))
+    B, h, T, S, hd = op.shape
+    check_tensor("parts.lse", lse, ndim=4, dtypes=(torch.float32,), shape=(B, h, T, S))
+    if not 1 <= parts.n_splits <= S:
+        raise ValueError(f"parts.n_splits={parts.n_splits}: o_part holds {S} splits")
+    K = h * hd
+    check_tensor("W", W, ndim=2, dtypes=(parts.dtype,), shape=(None, K))
+    N = W.shape[0]
+    named = [("parts.o_part", op), ("parts.lse", lse), ("W", W)]
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(parts.dtype,), shape=(N,))
+        named.append(("bias", bias))
+    if residual is not None:
+        check_tensor("residual", residual, ndim=3, dtypes=(parts.dtype,), shape=(B, T, N))
+        named.append(("residual", residual))
+    dev = check_device(*named)
+    for n, t in named:
+        check_last_contiguous(n, t)
+    M = B * T
+    res2 = None if residual is None else residual.reshape(M, N)
+    y = torch.empty((M, N), dtype=parts.dtype, device=dev)
+    shape = torch.empty((M, K), dtype=parts.dtype, device="meta")   # x's shape, never read
+    _launch(shape, W, bias, res2, None, 0.0, y, N, False,
+            config or _config(min(max(M, 1), GEMV_MAX_M), N, K), parts)
+    return y.view(B, T, N)
 
 
 def linear_silu(x: torch.Tensor, W13: torch.Tensor, norm_weight: torch.Tensor | None = None,

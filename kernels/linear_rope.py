@@ -76,7 +76,9 @@ def _linear_rope_kernel(
             else:
                 rstd = tl.zeros((1,), dtype=tl.float32)
             acc = _gemv_product(x_rows, m_mask, w_rows, n_mask, nw_ptr, rstd, K, w0, nw0,
-                                HAS_NORM, EVEN_K, 2 * P, BLOCK_K)          # (1, 2P)
+                                row, x_ptr, x_ptr, (0, 0, 0, 0, 0, 0, 0, 0, 0), HAS_NORM, EVEN_K,
+                                False, 1,
+                                2 * P, BLOCK_K)                              # (1, 2P)
             acc += bias[None, :]
             # the projection's output rounding, then its pairs' halves apart: (P,) each
             xq = cast_rne(acc, x_ptr.dtype.element_ty).to(tl.float32)

@@ -12,6 +12,9 @@ cache range is split over programs so that a batch-1 step still fills the GPU:
     Opt-in (fuse_combine=True or KOALA_FUSED_COMBINE=1): the last program of each row tile to
     finish combines instead (a ticket counter per tile), one launch in all; it measured slower
     on the H100 (0.545 against 0.495 ms per SmolLM2 step, bench/results/vanilla*.json).
+    Or deferred (defer_combine=True): stage 1 only, and the output projection combines the
+    splits in its prologue (kernels/linear.py, linear_combine), one launch fewer a layer.
+    Every way combines with the same code (_combine_splits), so they give the same bits.
 A row that sees no slot returns zeros, as SDPA does in torch 2.13 (older releases gave NaN).
 """
 from __future__ import annotations
@@ -229,31 +232,68 @@ def _attn_rope_split_kernel(
 
 
 @triton.jit
+def _combine_splits(o_ptrs, lse_ptrs, valid, n_splits, s_os):
+    """The attention output of each element of o_ptrs' shape (any), fp32, from the splits'
+    partials: o_ptrs points at the element's split-0 output (split sp at + sp * s_os), lse_ptrs
+    (the same shape) at its row's split-0 log2-sum-exp (split stride 1); valid masks elements.
+
+    One pass in split order, four splits at a time (one load round trip each: every load of a
+    chunk is issued before any is used), online: the running max m is raised per chunk and what
+    was summed so far is rescaled by exp2(m_old - m_new), then each split's output is added with
+    weight exp2(lse - m) by an explicit fma. The arithmetic per element is the same whatever
+    shape or kernel calls this (the combine launch, the fused ticket combine, the output
+    projection's prologue in kernels/linear.py), so all of them give the same bits. A split a row
+    does not see (lse = -inf) leaves the max and the sums exactly unchanged (a scale of exactly
+    1, a weight of 0), so a row's bits do not depend on how many splits the window has (exact
+    mode). Partials are read past L1 (.cg): the fused ticket combine reads other programs' writes
+    of the same launch."""
+    m = tl.zeros(o_ptrs.shape, tl.float32) - float("inf")
+    den = tl.zeros(o_ptrs.shape, tl.float32)
+    res = tl.zeros(o_ptrs.shape, tl.float32)
+    for s0 in range(0, n_splits, 4):
+        sp = tl.zeros(o_ptrs.shape, tl.int32) + s0          # split index as a tensor (interpreter)
+        l0 = tl.load(lse_ptrs + s0, mask=valid & (sp < n_splits), other=float("-inf"), cache_modifier=".cg")
+        l1 = tl.load(lse_ptrs + (s0 + 1), mask=valid & (sp + 1 < n_splits), other=float("-inf"), cache_modifier=".cg")
+        l2 = tl.load(lse_ptrs + (s0 + 2), mask=valid & (sp + 2 < n_splits), other=float("-inf"), cache_modifier=".cg")
+        l3 = tl.load(lse_ptrs + (s0 + 3), mask=valid & (sp + 3 < n_splits), other=float("-inf"), cache_modifier=".cg")
+        # every split below n_splits has its output written (zeros where it saw no slot), so the
+        # outputs are loaded with the lse and a weight of 0 picks zero, not a load mask on it
+        o0 = tl.load(o_ptrs + s0 * s_os, mask=valid & (sp < n_splits), other=0.0, cache_modifier=".cg")
+        o1 = tl.load(o_ptrs + (s0 + 1) * s_os, mask=valid & (sp + 1 < n_splits), other=0.0, cache_modifier=".cg")
+        o2 = tl.load(o_ptrs + (s0 + 2) * s_os, mask=valid & (sp + 2 < n_splits), other=0.0, cache_modifier=".cg")
+        o3 = tl.load(o_ptrs + (s0 + 3) * s_os, mask=valid & (sp + 3 < n_splits), other=0.0, cache_modifier=".cg")
+        mc = tl.maximum(tl.maximum(tl.maximum(tl.maximum(m, l0), l1), l2), l3)
+        ms = tl.where(mc == float("-inf"), 0.0, mc)                  # nothing seen yet: no NaN
+        alpha = tl.exp2(m - ms)
+        w0 = tl.exp2(l0 - ms)
+        w1 = tl.exp2(l1 - ms)
+        w2 = tl.exp2(l2 - ms)
+        w3 = tl.exp2(l3 - ms)
+        res = res * alpha
+        res = tl.fma(tl.where(w0 > 0, o0, 0.0), w0, res)
+        res = tl.fma(tl.where(w1 > 0, o1, 0.0), w1, res)
+        res = tl.fma(tl.where(w2 > 0, o2, 0.0), w2, res)
+        res = tl.fma(tl.where(w3 > 0, o3, 0.0), w3, res)
+        den = den * alpha
+        den = den + w0
+        den = den + w1
+        den = den + w2
+        den = den + w3
+        m = mc
+    return res / tl.where(den > 0, den, 1.0)
+
+
+@triton.jit
 def _combine_rows(o_ptr, lse_ptr, out_ptr, b, head, t, rmask, d, dmask, n_splits,
                   s_ob, s_oh, s_ot, s_os, s_lb, s_lh, s_lt, s_yb, s_yh, s_yt,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[rows] = the splits' outputs weighted by exp2(lse - max lse), summed one split after
-    another in split order. Splits a row does not see (lse = -inf) add exact zeros, so a row's
-    bits do not depend on how many splits the window has (exact mode)."""
+    """out[rows] = the splits' outputs combined by _combine_splits."""
     lse_rows = lse_ptr + b * s_lb + head * s_lh + t * s_lt                 # (BLOCK_M,)
-    mx = tl.zeros((BLOCK_M,), tl.float32) - float("inf")
-    for sp in range(0, n_splits):
-        mx = tl.maximum(mx, tl.load(lse_rows + sp, mask=rmask, other=float("-inf"),
-                                    cache_modifier=".cg"))
-    mx = tl.where(mx == float("-inf"), 0.0, mx)                           # empty rows weigh 0
-    den = tl.zeros((BLOCK_M,), tl.float32)
-    res = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     o_rows = o_ptr + b * s_ob + head[:, None] * s_oh + t[:, None] * s_ot + d[None, :]
-    for sp in range(0, n_splits):
-        w = tl.exp2(tl.load(lse_rows + sp, mask=rmask, other=float("-inf"),
-                            cache_modifier=".cg") - mx)
-        o = tl.load(o_rows + sp * s_os, mask=rmask[:, None] & dmask[None, :] & (w[:, None] > 0),
-                    other=0.0, cache_modifier=".cg")
-        res += o * w[:, None]
-        den += w
-    res = res / tl.where(den > 0, den, 1.0)[:, None]
+    omask = rmask[:, None] & dmask[None, :]
+    res = _combine_splits(o_rows, lse_rows[:, None] + d[None, :] * 0, omask, n_splits, s_os)
     tl.store(out_ptr + b * s_yb + head[:, None] * s_yh + t[:, None] * s_yt + d[None, :],
-             cast_rne(res, out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+             cast_rne(res, out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -262,7 +302,7 @@ def _attn_combine_kernel(
     h, T, n_splits,                                # sizes
     s_pb, s_ph, s_pt, s_ps, s_lb, s_lh, s_lt,      # strides
     s_ob, s_oh, s_ot,
-    HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,  # constexpr
+    HD: tl.constexpr, BLOCK_D: tl.constexpr,       # constexpr
     USE_GDC: tl.constexpr,
 ):
     pdl_wait(USE_GDC)              # before any read of activations or any store
@@ -270,18 +310,13 @@ def _attn_combine_kernel(
     b = (row // (h * T)).to(tl.int64)
     hh = ((row // T) % h).to(tl.int64)
     t = (row % T).to(tl.int64)
-    sp = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_ptr + b * s_lb + hh * s_lh + t * s_lt + sp, mask=sp < n_splits,
-                  other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    w = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))      # empty splits weigh 0
-    o = tl.load(o_part_ptr + b * s_pb + hh * s_ph + t * s_pt + sp[:, None] * s_ps + d[None, :],
-                mask=(sp[:, None] < n_splits) & (d[None, :] < HD) & (w[:, None] > 0), other=0.0)
-    den = tl.sum(w, axis=0)
-    res = tl.sum(o * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+    dmask = d < HD
+    lse_row = lse_ptr + b * s_lb + hh * s_lh + t * s_lt
+    res = _combine_splits(o_part_ptr + b * s_pb + hh * s_ph + t * s_pt + d, lse_row + d * 0, dmask,
+                          n_splits, s_ps)
     tl.store(out_ptr + b * s_ob + hh * s_oh + t * s_ot + d, cast_rne(res, out_ptr.dtype.element_ty),
-             mask=d < HD)
+             mask=dmask)
 
 
 _TICKETS: dict = {}        # device -> int32 ticket counters of the fused combine, all zero at rest
@@ -309,33 +344,34 @@ def _n_splits(programs: int, S: int) -> int:
     return max(1, min(triton.cdiv(264, programs), triton.cdiv(S, 128), 64))
 
 
-def exact_tiles(kv_programs: int, S: int, S_max: int) -> dict:
-    """tree_attention's keyword arguments for batch-invariant use over a cache of S_max slots
-    read through a window of S <= S_max: a fixed row tile, 128-slot splits (n_splits grows with
-    S, up to S = 8192) and one combine tile sized for S_max (the fused combine, which sums in
-    split order, ignores it). A query's result is then the same bits whatever the window and
-    however many rows share the launch (koala's exact mode)."""
-    return dict(n_splits=_n_splits(kv_programs, S), block_m=64,
-                block_s=max(2, next_pow2(_n_splits(kv_programs, S_max))))
+def exact_tiles(kv_programs: int, S: int) -> dict:
+    """tree_attention's keyword arguments for batch-invariant use through a window of S slots: a
+    fixed row tile and 128-slot splits (n_splits grows with S, up to S = 8192). The combine sums
+    the splits in split order and a split a query does not see adds exact zeros, so a query's
+    result is the same bits whatever the window and however many rows share the launch (koala's
+    exact mode)."""
+    return dict(n_splits=_n_splits(kv_programs, S), block_m=64)
 
 
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    mask: torch.Tensor, kv_len=None, scale: float | None = None,
                    n_splits: int | None = None, block_m: int | None = None,
-                   block_s: int | None = None, fuse_combine: bool | None = None) -> torch.Tensor:
+                   fuse_combine: bool | None = None, defer_combine: bool = False):
     """q (B, h, T, hd); k_cache, v_cache (B, n_kv, S, hd), h a multiple of n_kv; mask (B|1, T, S)
     bool, True where a query may see a slot; kv_len: None (= S), an int, or an int tensor () or
     (B,): only slots < kv_len are read (and they must cover every visible slot). Every last dim
     needs unit stride. Returns (B, h, T, hd) in q's dtype (a transposed view of a (B, T, h, hd)
     buffer); softmax scale defaults to hd**-0.5.
-    Batch-invariant use (koala's exact mode): a fixed block_m, n_splits = S / 128 (128-slot
-    splits whatever S is) and a fixed block_s (the combine's tile over splits, a power of two
-    >= n_splits). The combine's sum then has one reduction order for every window S, and the
-    splits past the ones a query sees add exact zeros, so a query's result does not depend on
-    the window or on how many rows share the launch.
+    Batch-invariant use (koala's exact mode): a fixed block_m and n_splits = S / 128 (128-slot
+    splits whatever S is; exact_tiles). The combine sums the splits in split order
+    (_combine_splits) and the splits past the ones a query sees add exact zeros, so a query's
+    result does not depend on the window or on how many rows share the launch.
     fuse_combine (default False; None reads KOALA_FUSED_COMBINE=1): with several splits, the
-    last split program of each row tile to finish combines them (in split order: window-invariant
-    too, block_s unused), so one launch does it all; otherwise a separate combine launch."""
+    last split program of each row tile to finish combines them, so one launch does it all;
+    otherwise a separate combine launch.
+    defer_combine: with several splits, no combine at all: returns SplitParts, which
+    kernels.linear.linear_combine combines in the output projection's prologue (the same bits as
+    the combine launch). With one split the output is returned as usual."""
     check_tensor("q", q, ndim=4, dtypes=FLOATS)
     B, h, T, hd = q.shape
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOATS, shape=(B, None, None, hd))
@@ -351,13 +387,12 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     dev = check_device(("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask))
     for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask)):
         check_last_contiguous(n, t)
-    plan = _plan(B, h, n_kv, T, hd, S, q.dtype, dev, kv_len, scale, n_splits, block_m, block_s,
-                 fuse_combine)
+    plan = _plan(B, h, n_kv, T, hd, S, q.dtype, dev, kv_len, scale, n_splits, block_m,
+                 False if defer_combine else fuse_combine)
     if B * T:
         _split(q, k_cache, v_cache, mask, plan.kv_len, plan.o_part, plan.lse, plan.so, plan.sl,
                plan.out, plan.tickets, plan.n_splits, plan.BLOCK_M, plan.scale)
-        _finish(plan)
-    return plan.out
+    return _finish(plan, defer_combine)
 
 
 class _Plan(NamedTuple):
@@ -371,11 +406,21 @@ class _Plan(NamedTuple):
     tickets: torch.Tensor | None  # the fused combine's counters, or None
     n_splits: int
     BLOCK_M: int
-    BLOCK_S: int
     scale: float
 
 
-def _plan(B, h, n_kv, T, hd, S, dtype, dev, kv_len, scale, n_splits, block_m, block_s,
+class SplitParts(NamedTuple):
+    """A split attention's uncombined result (tree_attention(..., defer_combine=True)), for
+    kernels.linear.linear_combine: o_part (B, h, T, n_splits, hd) fp32, each split's normalised
+    output; lse (B, h, T, n_splits) fp32, each split's log2-sum-exp (-inf: the split saw no slot);
+    dtype: the attention output's dtype (q's), to which the combined rows are rounded."""
+    o_part: torch.Tensor
+    lse: torch.Tensor
+    n_splits: int
+    dtype: torch.dtype
+
+
+def _plan(B, h, n_kv, T, hd, S, dtype, dev, kv_len, scale, n_splits, block_m,
           fuse_combine) -> _Plan:
     if hd > 256:
         raise ValueError(f"head_dim {hd} > 256 is not supported")
@@ -399,11 +444,6 @@ def _plan(B, h, n_kv, T, hd, S, dtype, dev, kv_len, scale, n_splits, block_m, bl
     row_blocks = triton.cdiv(G * T, BLOCK_M)
     if n_splits is None:
         n_splits = _n_splits(B * n_kv * row_blocks, S)
-    BLOCK_S = max(2, next_pow2(n_splits))
-    if block_s is not None:
-        if block_s < n_splits or block_s & (block_s - 1) or block_s < 2:
-            raise ValueError(f"block_s must be a power of two >= max(2, n_splits={n_splits}), got {block_s}")
-        BLOCK_S = block_s
     # stored as (B, T, h, hd) and returned as its transposed view: the output projection reads
     # (B, T, h*hd), which is then a free reshape (a copy kernel per layer otherwise, 2.3 us each
     # at T = 5 on the H100: 69 us of a SmolLM2 verify, bench/results/profile_step.txt)
@@ -426,13 +466,17 @@ def _plan(B, h, n_kv, T, hd, S, dtype, dev, kv_len, scale, n_splits, block_m, bl
         lse = torch.empty((B, h, T, n_splits), dtype=torch.float32, device=dev)
         so = o_part.stride()[:4]
         sl = lse.stride()[:3]
-    return _Plan(out, o_part, lse, so, sl, kv_len, tickets, n_splits, BLOCK_M, BLOCK_S, scale)
+    return _Plan(out, o_part, lse, so, sl, kv_len, tickets, n_splits, BLOCK_M, scale)
 
 
-def _finish(plan: _Plan):
-    """Stage 2 after a split launch: the separate combine, unless one split or the fused one."""
+def _finish(plan: _Plan, defer: bool = False):
+    """Stage 2 after a split launch: the separate combine, unless one split or the fused one;
+    deferred (SplitParts returned), none."""
     if plan.n_splits > 1 and plan.tickets is None:
-        _combine(plan.o_part, plan.lse, plan.out, plan.n_splits, plan.BLOCK_S)
+        if defer:
+            return SplitParts(plan.o_part, plan.lse, plan.n_splits, plan.out.dtype)
+        _combine(plan.o_part, plan.lse, plan.out, plan.n_splits)
+    return plan.out
 
 
 ROPE_MAX_T = 64            # rope_tree_attention's new tokens at most (every split program reads them all)
@@ -441,8 +485,8 @@ ROPE_MAX_T = 64            # rope_tree_attention's new tokens at most (every spl
 def rope_tree_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, mask: torch.Tensor,
                         kv_len=None, scale: float | None = None, n_splits: int | None = None,
-                        block_m: int | None = None, block_s: int | None = None,
-                        fuse_combine: bool | None = None) -> torch.Tensor:
+                        block_m: int | None = None, fuse_combine: bool | None = None,
+                        defer_combine: bool = False):
     """RoPE, the KV-cache write and tree_attention in the launches of tree_attention alone:
     rope_and_cache_write(qkv, cos, sin, slots, k_cache, v_cache, n_heads, n_kv) followed by
     tree_attention(q, k_cache[:, :, :W], v_cache[:, :, :W], mask, ...) with W = mask.shape[-1],
@@ -493,7 +537,7 @@ def rope_tree_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         if n != "slots":
             check_last_contiguous(n, t)
     plan = _plan(B, n_heads, n_kv, T, hd, W, qkv.dtype, dev, kv_len, scale, n_splits, block_m,
-                 block_s, fuse_combine)
+                 False if defer_combine else fuse_combine)
     if B * T == 0:
         return plan.out
     slots = slots.contiguous()
@@ -517,8 +561,7 @@ def rope_tree_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         FUSED=plan.tickets is not None, DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
         UPCAST=interpreting(), USE_GDC=pdl(), num_warps=4, launch_pdl=pdl(),
     )
-    _finish(plan)
-    return plan.out
+    return _finish(plan, defer_combine)
 
 
 def rope_tree_attention_ref(qkv, cos, sin, slots, k_cache, v_cache, n_heads: int, mask, kv_len=None,
@@ -559,7 +602,7 @@ def _split(q, k_cache, v_cache, mask, kv_len, o_part, lse, so, sl, out, tickets,
     )
 
 
-def _combine(o_part, lse, out, n_splits: int, BLOCK_S: int):
+def _combine(o_part, lse, out, n_splits: int):
     """Stage 2: o_part (B, h, T, >= n_splits, hd) fp32 and lse (B, h, T, >= n_splits), the
     first n_splits splits of each row combined into out (B, h, T, hd) (a strided view)."""
     B, h, T, _, hd = o_part.shape
@@ -568,7 +611,7 @@ def _combine(o_part, lse, out, n_splits: int, BLOCK_S: int):
         h, T, n_splits,
         *o_part.stride()[:4], *lse.stride()[:3],
         out.stride(0), out.stride(1), out.stride(2),
-        HD=hd, BLOCK_D=max(16, next_pow2(hd)), BLOCK_S=BLOCK_S, USE_GDC=pdl(),
+        HD=hd, BLOCK_D=max(16, next_pow2(hd)), USE_GDC=pdl(),
         num_warps=1, launch_pdl=pdl(),
     )
 
@@ -599,10 +642,10 @@ class ExactTail(NamedTuple):
 
 
 def exact_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         tail: ExactTail, n_splits: int, block_m: int, block_s: int,
+                         tail: ExactTail, n_splits: int, block_m: int,
                          scale: float | None = None) -> torch.Tensor:
     """tree_attention for the N nodes of one tree (B = 1) with plain decoding's bits per node,
-    given exact_tiles' n_splits, block_m and block_s for the window k_cache.shape[2]. q (1, h, N,
+    given exact_tiles' n_splits and block_m for the window k_cache.shape[2]. q (1, h, N,
     hd); caches (1, n_kv, S, hd). Returns (1, h, N, hd) as tree_attention does. Costs a gather
     of 2 x N x TAIL keys and values and two launches beyond tree_attention's."""
     check_tensor("q", q, ndim=4, dtypes=FLOATS)
@@ -641,7 +684,7 @@ def exact_tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     o_part[0].index_copy_(2, tail.splits, o_t[:, :, 0].transpose(0, 1))
     lse[0].index_copy_(2, tail.splits, lse_t[:, :, 0].transpose(0, 1))
     # (c) the combine over the window's splits, with exact mode's tile
-    _combine(o_part, lse, out, n_splits, block_s)
+    _combine(o_part, lse, out, n_splits)
     return out
 
 

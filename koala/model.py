@@ -49,6 +49,10 @@ class _Fast:
     # a plain step took 0.485 against 0.481 ms (do_bench, four runs each, alternating), an EAGLE
     # depth-1 draft the same per layer (bench/results/spec_cost_rope_attn*_c2d81e5.json)
     rope_attn = os.environ.get("KOALA_ROPE_ATTN", "0") not in ("", "0")
+    # the split attention's combine in the output projection's prologue (kernels/linear.py,
+    # linear_combine) for forwards on the GEMV path: the same bits as the combine launch, one
+    # launch a layer fewer wherever the context spans more than one split (> 128 slots)
+    oproj_combine = os.environ.get("KOALA_OPROJ_COMBINE", "1") not in ("", "0")
     # exact mode's GEMV tiles per product shape, {(N, K, silu): LinearConfig}, from the shipped
     # koala/exact_tiles.json or the file KOALA_EXACT_TILES names (exact_tiles); None: not read yet
     tiles: dict | None = None
@@ -286,42 +290,50 @@ class Attention(nn.Module):
         out = self.wo(y.transpose(1, 2).reshape(B, T, h * hd))
         return out if residual is None else residual + out
 
-    def attend(self, qkv, cos, sin, slots, mask, tail=None):
+    def attend(self, qkv, cos, sin, slots, mask, tail=None, defer=False):
         """Fused path from the q|k|v projection: RoPE + cache write, then masked attention over
         the first mask.shape[-1] slots. qkv (B, T, (h+2nkv)*hd) -> (B, T, h*hd). With
         _Fast.rope_attn, forwards of up to ROPE_MAX_T tokens do both in the attention's launches
         (kernels/tree_attention.py, rope_tree_attention: the same bits, one launch a layer fewer);
-        per-head q/k norms (Qwen3) and exact trees' tails keep the RoPE launch."""
+        per-head q/k norms (Qwen3) and exact trees' tails keep the RoPE launch. defer: a split
+        attention returns its uncombined SplitParts (for kernels.linear.linear_combine)."""
         from kernels.rope_cache import rope_and_cache_write
         c = self.kv_cache
         if _Fast.rope_attn and self.q_norm is None and tail is None:
-            from kernels.tree_attention import ROPE_MAX_T, exact_tiles, rope_tree_attention
+            from kernels.tree_attention import ROPE_MAX_T, SplitParts, exact_tiles, rope_tree_attention
             B, T = qkv.shape[0], qkv.shape[1]
             if T <= ROPE_MAX_T:
                 L = mask.shape[-1]
-                tiles = exact_tiles(B * self.n_kv, L, c.k.shape[2]) if _Fast.exact else {}
-                y = rope_tree_attention(qkv, cos, sin, slots, c.k, c.v, self.n_heads, mask, **tiles)
-                return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+                tiles = exact_tiles(B * self.n_kv, L) if _Fast.exact else {}
+                y = rope_tree_attention(qkv, cos, sin, slots, c.k, c.v, self.n_heads, mask,
+                                        defer_combine=defer, **tiles)
+                return y if isinstance(y, SplitParts) else y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         qk = {} if self.q_norm is None else dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight,
                                                  eps=self.q_norm.eps)
         return self.attend_rotated(rope_and_cache_write(qkv, cos, sin, slots, c.k, c.v, self.n_heads,
-                                                        self.n_kv, **qk), mask, tail)
+                                                        self.n_kv, **qk), mask, tail, defer)
 
-    def attend_rotated(self, q, mask, tail=None):
+    def attend_rotated(self, q, mask, tail=None, defer=False):
         """The fused path's attention of the rotated q (B, h, T, hd), its k and v already in the
         cache, over the first mask.shape[-1] slots -> (B, T, h*hd). tail (exact mode): a tree's
-        nodes attend as plain decoding would (kernels/tree_attention.py, exact_tree_attention)."""
-        from kernels.tree_attention import exact_tiles, exact_tree_attention, tree_attention
+        nodes attend as plain decoding would (kernels/tree_attention.py, exact_tree_attention).
+        defer: a split attention returns its uncombined SplitParts instead (exact trees' tails
+        never: their combine runs on partials gathered from two launches); the combine in the
+        output projection has the combine launch's bits."""
+        from kernels.tree_attention import SplitParts, exact_tiles, exact_tree_attention, tree_attention
         B, _, T, _ = q.shape
         c = self.kv_cache
         L = mask.shape[-1]
         # exact mode: the plain step and a verify forward read through different windows L and
-        # must still give a query the same bits, so the tiles follow the whole cache, not L
-        tiles = exact_tiles(B * self.n_kv, L, c.k.shape[2]) if _Fast.exact else {}
+        # must still give a query the same bits: 128-slot splits whatever L is (exact_tiles)
+        tiles = exact_tiles(B * self.n_kv, L) if _Fast.exact else {}
         if tail is not None and _Fast.exact:
             y = exact_tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], tail, **tiles)
         else:
-            y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask, **tiles)    # (B, h, T, hd)
+            y = tree_attention(q, c.k[:, :, :L], c.v[:, :, :L], mask, defer_combine=defer,
+                               **tiles)                                              # (B, h, T, hd)
+            if isinstance(y, SplitParts):
+                return y
         return y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
 
     def _forward_fused(self, x, cos, sin, slots, mask, residual, tail=None):
@@ -369,7 +381,8 @@ class Block(nn.Module):
         """Decode/verify with few tokens: 6-7 launches a layer. The norms run as prologues of
         the projections and the residuals and SwiGLU as their epilogues (kernels/linear.py),
         where cuBLAS took 5-8 us per tiny GEMM plus separate norm and activation launches."""
-        from kernels.linear import linear, linear_silu
+        from kernels.linear import linear, linear_combine, linear_silu
+        from kernels.tree_attention import SplitParts
         a, f, n1, n2 = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
         M = x.shape[0] * x.shape[1]
 
@@ -378,17 +391,23 @@ class Block(nn.Module):
             # also the fastest measured at M = 1, 2, 4 (_row_config, bench/results/linear_rows_*)
             return _row_config(W, M, silu)
         cq = cf(a.wqkv.weight)
+        co = cf(a.wo.weight)
+        # the attention's combine in wo's prologue: GEMV tiles only (not the row-tile path)
+        defer = _Fast.oproj_combine and not co.use_dot and not co.vec
         # GEMV tiles only, and no per-head q/k norm (Qwen3: the RoPE kernel applies it instead)
         if _Fast.fused_rope and not (cq is not None and cq.vec) and a.q_norm is None:
             from kernels.linear_rope import linear_rope_cache
             c = a.kv_cache
             q = linear_rope_cache(x, a.wqkv.weight, a.wqkv.bias, n1.weight, n1.eps, cos, sin, slots,
                                   c.k, c.v, a.n_heads, a.n_kv, config=cq)
-            y = a.attend_rotated(q, mask, tail)
+            y = a.attend_rotated(q, mask, tail, defer)
         else:
             qkv = linear(x, a.wqkv.weight, a.wqkv.bias, norm_weight=n1.weight, eps=n1.eps, config=cq)
-            y = a.attend(qkv, cos, sin, slots, mask, tail)
-        x = linear(y, a.wo.weight, residual=x, config=cf(a.wo.weight))
+            y = a.attend(qkv, cos, sin, slots, mask, tail, defer)
+        if isinstance(y, SplitParts):
+            x = linear_combine(y, a.wo.weight, a.wo.bias, residual=x, config=co)
+        else:
+            x = linear(y, a.wo.weight, a.wo.bias, residual=x, config=co)
         g = linear_silu(x, f.w13.weight, n2.weight, n2.eps, config=cf(f.w13.weight, True))
         return linear(g, f.w2.weight, residual=x, config=cf(f.w2.weight))
 

@@ -28,6 +28,9 @@
 #                      then plain and EAGLE at B = 1, 8 with KOALA_BATCH_PIPELINE=1        ~5 min
 #   draft-exact        needs no staged model: bench.spec_cost of EAGLE chains (depth 1 and 4,
 #                      K = 1..4) with the draft in exact mode and out of it, twice        ~4 min
+#   oproj-combine      needs no staged model: the GPU tests of the attention's combine in the
+#                      output projection (KOALA_OPROJ_COMBINE), then bench.spec_cost of EAGLE
+#                      chains (depth 1 and 4, K = 1..4) with it off and on, twice           ~5 min
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
 #   exact-trees        GPU tests of exact trees and of Qwen3 / Phi-3, then MT-bench trees of the
 #                      shipped EAGLE head with KOALA_EXACT_TREES=1 and 0                    ~8 min
@@ -42,7 +45,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees|draft-exact}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees|draft-exact|oproj-combine}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -206,6 +209,21 @@ PY
           --out "mtbench_exact_trees$e.json" >> "$log" 2>&1
     done
     quiet "$log" | grep -v -e GGUF -e "Loading weights" | tail -n 16
+    ;;
+  oproj-combine)
+    # the split attention's combine in the output projection's prologue (KOALA_OPROJ_COMBINE=1,
+    # the default) against its own launch (0): bit-equality tests, then the per-layer draft cost
+    # and the plain step, alternating, twice (random weights, no staged model)
+    python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_tree_attention.py \
+        tests/test_speculative.py -k "combine or window" > "$log" 2>&1 || true
+    tail -n 3 "$log"
+    for rep in 1 2; do
+      for c in 0 1; do
+        KOALA_OPROJ_COMBINE=$c python -m bench.spec_cost --random-weights --kinds eagle --ks 1,2,3,4 \
+            --depths 1,4 --trees "" --out "spec_cost_oproj_combine${c}_rep$rep.json" >> "$log" 2>&1
+      done
+    done
+    quiet "$log" | grep -e "plain" -e "chain" | tail -n 40
     ;;
   draft-exact)
     # the EAGLE draft in and out of exact mode (KOALA_DRAFT_EXACT=1 / 0), alternating, twice:

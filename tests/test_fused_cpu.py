@@ -105,6 +105,31 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
         assert head_exact and (True in head_exact) == opts.get("draft_exact", False)
 
 
+def test_fused_combine_in_the_output_projection_is_bitwise_the_combine_launch(tiny_bf16, fused):
+    """Past 128 slots the attention splits, and by default (_Fast.oproj_combine) its combine runs
+    in the output projection's prologue (kernels.linear.linear_combine): the model's logits at
+    verify and decode sizes and its caches are those of the combine launch bit for bit (150
+    tokens in a 256-slot window: 2 splits)."""
+    from koala.model import causal_mask
+    m = tiny_bf16.model
+    m.setup_cache(1, 256)
+    ids = torch.randint(3, 128, (1, 156), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for on in (False, True):
+        fused.setattr(_Fast, "oproj_combine", on)
+        calls = _spy(fused, L, "linear_combine")
+        got = []
+        with torch.no_grad():
+            for a, b in ((0, 150), (150, 155), (155, 156)):
+                s = torch.arange(a, b)
+                got.append(m(ids[:, a:b], s[None], s, causal_mask(s, 256))[0])
+        got += [torch.cat([l.attention.kv_cache.k[:, :, :156], l.attention.kv_cache.v[:, :, :156]])
+                for l in m.layers]
+        outs.append(got)
+        assert len(calls) == (2 * 2 if on else 0)          # 2 layers, the verify and the decode
+    assert all(torch.equal(u, f) for u, f in zip(*outs))
+
+
 SAMPLED = dict(max_new_tokens=6, chat=False, ignore_eos=True, temperature=0.9)
 
 

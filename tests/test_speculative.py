@@ -394,6 +394,44 @@ def test_one_launch_fewer_is_bitwise_the_rope_launch(switch, dtype, tmp_path, mo
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,rope_attn", [(torch.bfloat16, False), (torch.bfloat16, True),
+                                             (torch.float32, False)],
+                         ids=["bf16", "bf16-rope-attn", "fp32"])
+def test_combine_in_the_output_projection_is_bitwise_the_combine_launch(dtype, rope_attn, tmp_path,
+                                                                      monkeypatch):
+    """KOALA_OPROJ_COMBINE (_Fast.oproj_combine: the split attention's combine in the output
+    projection's prologue, kernels.linear.linear_combine) gives the logits and caches of the
+    combine launch bit for bit, in exact mode, at prefill, verify and decode sizes over a
+    300-token context (a 512-slot window: 4 splits), RoPE in its own launch or in the attention's."""
+    from kernels import linear as L
+    from koala.model import Transformer, _Fast, causal_mask
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3, max_positions=1024)
+    m = load_target(path, device="cuda", dtype=dtype).model
+    m.setup_cache(1, 1024)
+    ids = torch.randint(3, 128, (1, 306), device="cuda")
+    monkeypatch.setattr(_Fast, "rope_attn", rope_attn)
+    Transformer.use_kernels(True, exact=True)
+    outs = []
+    try:
+        for on in (False, True):
+            monkeypatch.setattr(_Fast, "oproj_combine", on)
+            calls, real = [], L.linear_combine
+            monkeypatch.setattr(L, "linear_combine", lambda *a, **k: calls.append(1) or real(*a, **k))
+            got = []
+            with torch.no_grad():
+                for a, b in ((0, 300), (300, 305), (305, 306)):
+                    s = torch.arange(a, b, device="cuda")
+                    got.append(m(ids[:, a:b], s[None], s, causal_mask(s, 512))[0])
+            got += [torch.cat([l.attention.kv_cache.k[:, :, :306], l.attention.kv_cache.v[:, :, :306]])
+                    for l in m.layers]
+            outs.append(got)
+            assert bool(calls) == on
+    finally:
+        Transformer.use_kernels(False)
+    assert all(torch.equal(u, f) for u, f in zip(*outs))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("fused_rope", [False, True], ids=["rope-apart", "rope-fused"])
 @pytest.mark.parametrize("kind,opts", [MODES[0], MODES[2]], ids=["medusa-chain", "eagle-chain"])
 def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, fused_rope, tmp_path, monkeypatch):
@@ -421,8 +459,8 @@ def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, fused_rope, tmp_path
 def test_bf16_exact_mode_across_window_boundaries(kind, opts, tmp_path):
     """Exact mode across attention windows: the plain step and the speculative verify pick their
     windows (256, 512, ... slots) from different lengths, so around 256 they attend over windows
-    of different sizes; a query's result must not depend on that (kernels/tree_attention.py's
-    block_s). MT-bench at f13d795 found 4% of turns differing before the fix."""
+    of different sizes; a query's result must not depend on that (kernels/tree_attention.py:
+    the combine sums the splits in split order). MT-bench at f13d795 found 4% of turns differing before the fix."""
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3, max_positions=1024)
     lt = load_target(path, device="cuda", dtype=torch.bfloat16)
     plain = SpeculativeGenerator(lt, None, max_seq_len=1024)

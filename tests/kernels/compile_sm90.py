@@ -41,15 +41,21 @@ def compile_one(fn, types, constexprs, num_warps=4, asm=False, aligned=(), num_s
         return k.asm["ptx" if asm is True else asm]
     return k.metadata.shared
 
+def LINEAR_TYPES(dt, ints=("i32",) * 3):
+    """_linear_kernel's argument types: 7 pointers of dt, the combine's fp32 lse, M N K (ints),
+    eps, 4 strides, T, n_splits and the partials' 7 strides."""
+    return [f"*{dt}"] * 7 + ["*fp32"] + list(ints) + ["fp32"] + ["i32"] * 4 + ["i32"] * 9
+
+
 def check_prefetch():
     """The GEMV's PDL variant loads its W tile before griddepcontrol.wait (the point of PDL
     here) and every USE_GDC=True kernel has the wait and the trigger."""
     c = linear._config(1, 576, 576)
-    ptx = compile_one(linear._linear_kernel, ["*bf16"] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
+    ptx = compile_one(linear._linear_kernel, LINEAR_TYPES("bf16"),
                       dict(HAS_NORM=True, HAS_BIAS=False, HAS_RESIDUAL=True, SILU=False, USE_DOT=False,
                            VEC=False, EVEN_K=False, DOT_PRECISION="tf32", UPCAST=False, BLOCK_M=1,
-                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS, USE_GDC=True), c.num_warps,
-                      asm=True)
+                           BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS, COMBINE=False, HD=1,
+                           USE_GDC=True), c.num_warps, asm=True)
     wait = ptx.find("griddepcontrol.wait")
     if wait < 0 or "griddepcontrol.launch_dependents" not in ptx:
         return "no griddepcontrol.wait / launch_dependents in the GEMV's PTX"
@@ -67,12 +73,12 @@ def _ss_layouts(rows, K, N=4096):
     c = linear._config(rows, N, K)._replace(ROWS=rows)
     cx = dict(HAS_NORM=True, HAS_BIAS=True, HAS_RESIDUAL=True, SILU=False, USE_DOT=False, VEC=False,
               EVEN_K=K % c.BLOCK_K == 0, DOT_PRECISION="ieee", UPCAST=False, BLOCK_M=1, BLOCK_N=c.BLOCK_N,
-              BLOCK_K=c.BLOCK_K, ROWS=rows, USE_GDC=False) | ({"M": 1} if rows == 1 else {})
-    ints = ["i32"] * (2 if rows == 1 else 3)                     # M, N, K (M a constant at one row)
+              BLOCK_K=c.BLOCK_K, ROWS=rows, COMBINE=False, HD=1, USE_GDC=False) | ({"M": 1} if rows == 1 else {})
+    ints = ("i32",) * (2 if rows == 1 else 3)                    # M, N, K (M a constant at one row)
     aligned = {"x_ptr", "w_ptr", "wu_ptr", "b_ptr", "r_ptr", "nw_ptr", "y_ptr", "N", "stride_rm", "stride_ym"}
     if K % 16 == 0:
         aligned |= {"K", "stride_xm", "stride_wn"}
-    ir = compile_one(linear._linear_kernel, ["*fp32"] * 7 + ints + ["fp32"] + ["i32"] * 4, cx,
+    ir = compile_one(linear._linear_kernel, LINEAR_TYPES("fp32", ints), cx,
                      c.num_warps, asm="ttgir", aligned=aligned, num_stages=c.num_stages)
     spt = dict(re.findall(r"(#blocked\d*) = #ttg\.blocked<\{sizePerThread = (\[[^]]*\])", ir))
     used = re.findall(rf"\}}\) : \(tensor<1x{c.BLOCK_K}xf32, (#blocked\d*)>\)", ir)
@@ -151,7 +157,7 @@ def cases(dt):
            dict(BLOCK_P=32), 1)
     yield "argmax final", argmax._argmax_final_kernel, ["*fp32", "*i32", "*i64", "i32"], dict(BLOCK_P=64), 1
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,
-           dict(HD=64, BLOCK_D=64, BLOCK_S=16), 1)
+           dict(HD=64, BLOCK_D=64), 1)
     # linear: the GEMV path (M <= 8: ROWS 1, 4 and 8, one and several K blocks) and the MMA path
     # at the BLOCK_M extremes, norm/residual/silu
     for (M, N, K), silu in (((1, 1728, 576), False), ((1, 4096, 4096), True), ((8, 576, 576), True),
@@ -159,11 +165,20 @@ def cases(dt):
                             ((64, 576, 1536), False)):
         for c in (linear._config(M, N, K), linear.vec_config(N, K, min(8, linear.next_pow2(M)), silu)):
             yield (f"linear M={M} N={N} K={K} silu={silu}{' vec' if c.vec else ''}", linear._linear_kernel,
-                   [p] * 7 + ["i32"] * 3 + ["fp32"] + ["i32"] * 4,
+                   LINEAR_TYPES(dt),
                    dict(HAS_NORM=True, HAS_BIAS=not silu, HAS_RESIDUAL=not silu, SILU=silu, USE_DOT=c.use_dot,
                         VEC=c.vec, EVEN_K=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
-                        UPCAST=False, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS),
+                        UPCAST=False, BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS,
+                        COMBINE=False, HD=1),
                    c.num_warps)
+    # the output projection with the attention's combine in its prologue (linear_combine)
+    for M in (1, 5):
+        c = linear._config(M, 576, 576)._replace(ROWS=1)
+        yield (f"linear_combine M={M}", linear._linear_kernel, LINEAR_TYPES(dt),
+               dict(HAS_NORM=False, HAS_BIAS=False, HAS_RESIDUAL=True, SILU=False, USE_DOT=False, VEC=False,
+                    EVEN_K=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST=False, BLOCK_M=1,
+                    BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, ROWS=c.ROWS, COMBINE=True, HD=64),
+               c.num_warps)
 
 
 def main():

@@ -67,7 +67,7 @@ def test_rope_tree_attention_is_the_two_launches_bit_for_bit(B, T, h, n_kv, hd, 
     opts = dict(opts)
     per_row = opts.pop("per_row_mask", False)
     if opts.pop("exact", False):
-        opts.update(exact_tiles(B * n_kv, W, S_cap))
+        opts.update(exact_tiles(B * n_kv, W))
     qkv, cos, sin, s, k0, v0, mask = _case(B, T, h, n_kv, hd, S_cap, slots, W, dtype, seed=T + W,
                                            per_row_mask=per_row)
     k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()

@@ -81,18 +81,57 @@ def test_tree_attention_empty_splits_and_fully_masked_row(n_splits):
     assert (out[:, :, 1] == 0).all()                      # torch 2.13's SDPA gives 0 too, older NaN
 
 
-def test_tree_attention_fixed_combine_tile():
-    B, h, n_kv, T, hd, S = 1, 4, 2, 3, 16, 96
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(B, h, T, hd, generator=gen).to(DEVICE)
-    k, v = torch.randn(2, B, n_kv, S, hd, generator=gen).to(DEVICE)
-    mask = tree_case(B, T, S, 50, gen)
-    ref = tree_attention_ref(q, k, v, mask)
-    out = tree_attention(q, k, v, mask, n_splits=3, block_s=16)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for bad in (2, 6, 1):                                  # below n_splits, not a power of two
-        with pytest.raises(ValueError, match="block_s"):
-            tree_attention(q, k, v, mask, n_splits=3, block_s=bad)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,T,n_splits,seen", [(1, 1, 3, 200), (2, 3, 6, 200), (1, 2, 9, 40)])
+def test_deferred_combine_in_the_output_projection_is_the_combine_launch(dtype, B, T, n_splits, seen):
+    """tree_attention(..., defer_combine=True) then linear_combine (the combine in the output
+    projection's prologue, one launch fewer) gives the bits of tree_attention then linear, and
+    that attention is the reference's. n_splits 6 and 9 take the combine's 4-split chunks twice
+    and three times (9: a partial last chunk); seen=40 leaves splits 1.. empty for every row
+    (the slots past 40 are masked), which must add nothing."""
+    from kernels.linear import linear, linear_combine
+    from kernels.tree_attention import SplitParts
+    h, n_kv, hd, S, N = 4, 2, 16, 200, 24
+    gen = torch.Generator().manual_seed(B * 10 + n_splits)
+    q = torch.randn(B, h, T, hd, generator=gen).to(dtype).to(DEVICE)
+    k, v = (torch.randn(2, B, n_kv, S, hd, generator=gen) * 2).to(dtype).to(DEVICE)
+    mask = tree_case(B, T, S, seen - T, gen)
+    mask[:, :, seen:] = False
+    W = (torch.randn(N, h * hd, generator=gen) * 0.2).to(dtype).to(DEVICE)
+    bias = torch.randn(N, generator=gen).to(dtype).to(DEVICE)
+    res = torch.randn(B, T, N, generator=gen).to(dtype).to(DEVICE)
+    attn = tree_attention(q, k, v, mask, n_splits=n_splits)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(attn, tree_attention_ref(q, k, v, mask), atol=tol, rtol=tol)
+    parts = tree_attention(q, k, v, mask, n_splits=n_splits, defer_combine=True)
+    assert isinstance(parts, SplitParts) and parts.n_splits == n_splits
+    want = linear(attn.transpose(1, 2).reshape(B, T, h * hd), W, bias, res)
+    got = linear_combine(parts, W, bias, res)
+    assert got.shape == (B, T, N) and got.dtype == dtype
+    assert torch.equal(got, want)
+    # one split: nothing to defer, the output comes back as usual
+    single = tree_attention(q, k, v, mask, n_splits=1, defer_combine=True)
+    assert isinstance(single, torch.Tensor) and single.shape == (B, h, T, hd)
+
+
+def test_linear_combine_rejects_what_it_cannot_combine():
+    from kernels.linear import LinearConfig, linear_combine
+    from kernels.tree_attention import SplitParts
+    h, hd, T = 2, 16, 1
+    q = torch.randn(1, h, T, hd).to(DEVICE)
+    k, v = torch.randn(2, 1, 1, 300, hd).to(DEVICE)
+    parts = tree_attention(q, k, v, torch.ones(1, T, 300, dtype=torch.bool, device=DEVICE), n_splits=3,
+                           defer_combine=True)
+    W = torch.randn(8, h * hd).to(DEVICE)
+    with pytest.raises(TypeError, match="SplitParts"):
+        linear_combine(torch.randn(1, T, h * hd).to(DEVICE), W)
+    with pytest.raises(ValueError, match="W"):
+        linear_combine(parts, torch.randn(8, h * hd + 1).to(DEVICE))
+    with pytest.raises(ValueError, match="GEMV"):
+        linear_combine(parts, W, config=LinearConfig(True, 16, 16, 32))
+    with pytest.raises(ValueError, match="n_splits"):
+        linear_combine(parts._replace(n_splits=4), W)
+    assert isinstance(parts, SplitParts)
 
 
 @pytest.mark.parametrize("T,n_splits", [(1, 4), (5, 3), (30, 7)])
@@ -113,6 +152,7 @@ def test_fused_combine_matches_separate_combine_and_resets_its_tickets(T, n_spli
     for out in (fused, again, separate):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(fused, again)
+    assert torch.equal(fused, separate)           # one combine code (_combine_splits) for both
     assert int(ta._TICKETS[q.device].abs().sum()) == 0
 
 
@@ -135,7 +175,7 @@ def test_exact_attention_is_window_invariant(dtype):
         mask = torch.zeros(1, T, L, dtype=torch.bool)
         for t in range(T):
             mask[0, t, :first_pos + t + 1] = True
-        return tree_attention(q, k[:, :, :L], v[:, :, :L], mask.to(DEVICE), **exact_tiles(n_kv, L, S_max))
+        return tree_attention(q, k[:, :, :L], v[:, :, :L], mask.to(DEVICE), **exact_tiles(n_kv, L))
     plain = run(qs[:, :, 2:3], p + 2, 256)                  # the query at position p+2 alone
     verify = run(qs, p, 512)                                # inside a 6-token chain
     assert torch.equal(plain[:, :, 0], verify[:, :, 2])
@@ -188,7 +228,7 @@ def test_exact_tree_attention_gives_each_node_plain_decodings_bits(dtype, L):
     """Every node of a tree, its ancestors at other slots than plain decoding would give them
     (siblings share depths), attends with the bits of plain decoding's query at its position:
     the same keys at slots L, L + 1, ... in order, read through the smallest window that holds
-    them (exact mode's tiles for a cache of S_max slots). L = 125 puts the paths across a
+    them (exact mode's tiles). L = 125 puts the paths across a
     128-slot split; 256 starts a split. fp32 on the GPU only, as in
     test_exact_attention_is_window_invariant: the interpreter's fp32 products go through numpy's
     BLAS, whose sum for a row depends on where the row sits in the tile and on the CPU's kernel
@@ -202,7 +242,7 @@ def test_exact_tree_attention_gives_each_node_plain_decodings_bits(dtype, L):
     v = (torch.randn(1, n_kv, S, hd, generator=gen)).to(DEVICE, dtype)
     q = (torch.randn(1, h, N, hd, generator=gen) * 2).to(DEVICE, dtype)
     slots = L + torch.arange(N, device=DEVICE)
-    tiles = exact_tiles(n_kv, S, S)
+    tiles = exact_tiles(n_kv, S)
     got = exact_tree_attention(q, k, v, exact_tree_tail(L, slots, depth, anc, S), **tiles)
     ref = tree_attention_ref(q.float(), k.float(), v.float(),
                              torch.cat([torch.ones(N, L, dtype=torch.bool, device=DEVICE), anc,
@@ -216,5 +256,5 @@ def test_exact_tree_attention_gives_each_node_plain_decodings_bits(dtype, L):
         pos = L + int(depth[t])
         W = 256 if pos < 256 else S                     # the plain step's window
         mask = (torch.arange(W, device=DEVICE) <= pos)[None, None, :]
-        want = tree_attention(q[:, :, t:t + 1], kp[:, :, :W], vp[:, :, :W], mask, **exact_tiles(n_kv, W, S))
+        want = tree_attention(q[:, :, t:t + 1], kp[:, :, :W], vp[:, :, :W], mask, **exact_tiles(n_kv, W))
         assert torch.equal(got[:, :, t], want[:, :, 0]), f"node {t} (depth {int(depth[t])}) differs"

@@ -412,11 +412,12 @@ def test_combine_in_the_output_projection_is_bitwise_the_combine_launch(dtype, r
     monkeypatch.setattr(_Fast, "rope_attn", rope_attn)
     Transformer.use_kernels(True, exact=True)
     outs = []
+    calls, real = [], L.linear_combine
+    monkeypatch.setattr(L, "linear_combine", lambda *a, **k: calls.append(1) or real(*a, **k))
     try:
         for on in (False, True):
             monkeypatch.setattr(_Fast, "oproj_combine", on)
-            calls, real = [], L.linear_combine
-            monkeypatch.setattr(L, "linear_combine", lambda *a, **k: calls.append(1) or real(*a, **k))
+            calls.clear()
             got = []
             with torch.no_grad():
                 for a, b in ((0, 300), (300, 305), (305, 306)):

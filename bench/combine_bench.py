@@ -3,13 +3,15 @@
 For SmolLM2's shape (9 query heads, 3 kv heads, hd 64, wo 576 x 576, bf16) and a chain's causal
 mask, a CUDA graph holds `--layers` layers (each its own cache and wo, so weights come from HBM
 as in a step) of
-  launch:    tree_attention (split + combine launches), then linear(wo, residual)
+  launch:    tree_attention (split + combine launches), then linear(wo, residual) with the
+             default GEMV tiles (`launch`) or those named by --tiles (`launch_<tile>`)
   prologue:  tree_attention(defer_combine=True), then linear_combine(wo, residual) with the GEMV
-             tiles named by --tiles (BLOCK_N x num_warps)
+             tiles named by --tiles: BLOCK_NxNUM_WARPS[xBLOCK_K] (BLOCK_K by default as
+             kernels.linear._config sizes it for that BLOCK_N)
 and, to see where the time goes, the split launch alone (attn_only) and the combine launch alone
 on its partials (combine_only). Prints and writes microseconds a layer (median of 20 replays).
 
-    python -m bench.combine_bench [--contexts 300,1000] [--ts 1,5] [--tiles 2x4,4x4,8x4,16x4]
+    python -m bench.combine_bench [--contexts 300,1000] [--ts 1,5] [--tiles 2x4,16x4x256]
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="300,1000")
     ap.add_argument("--ts", default="1,5")
-    ap.add_argument("--tiles", default="2x4,4x4,8x4,16x4", help="BLOCK_NxNUM_WARPS of linear_combine")
+    ap.add_argument("--tiles", default="2x4,4x4,8x4,16x4", help="BLOCK_NxNUM_WARPS[xBLOCK_K] of the GEMV")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--out", default="combine_bench.json")
     a = ap.parse_args()
@@ -68,8 +70,13 @@ def main():
             out = torch.empty(1, T, h, hd, device=dev, dtype=dt).transpose(1, 2)
             row["us"]["combine_only"] = run(lambda i: _combine(p0.o_part, p0.lse, out, p0.n_splits))
             for spec in a.tiles.split(","):
-                bn, nw = (int(x) for x in spec.split("x"))
-                cfg = base._replace(BLOCK_N=bn, num_warps=nw)
+                bn, nw, *bk = (int(x) for x in spec.split("x"))
+                bk = bk[0] if bk else max(32, min(1024, 4096 // bn))
+                cfg = base._replace(BLOCK_N=bn, num_warps=nw, BLOCK_K=bk)
+
+                def launch_cfg(i, cfg=cfg):
+                    return linear(attn(i).transpose(1, 2).reshape(1, T, h * hd), Ws[i], residual=res, config=cfg)
+                row["us"][f"launch_{spec}"] = run(launch_cfg)
                 row["us"][f"prologue_{spec}"] = run(lambda i, cfg=cfg: linear_combine(parts(i), Ws[i], residual=res,
                                                                                       config=cfg))
             rows.append(row)

@@ -66,6 +66,7 @@ def environment() -> dict:
             # which every forward ran the separate RoPE launch
             "rope_attn": os.environ.get("KOALA_ROPE_ATTN", "0") not in ("", "0"),
             "oproj_combine": os.environ.get("KOALA_OPROJ_COMBINE", "1") not in ("", "0"),
+            "oproj_tile": os.environ.get("KOALA_OPROJ_TILE", ""),
             "exact_trees": os.environ.get("KOALA_EXACT_TREES", "0") == "1",
             "draft_exact": draft_exact_default(),
             # exact mode's tiles file (None: its own tiles): koala/exact_tiles.json on sm_90 unless

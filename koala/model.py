@@ -23,6 +23,18 @@ import torch.nn.functional as F
 from .config import ModelConfig, rope_inv_freq
 
 
+def _parse_tile(spec: str):
+    """'BLOCK_NxNUM_WARPSxBLOCK_K' -> a one-row GEMV LinearConfig; '' -> None."""
+    if not spec:
+        return None
+    from kernels.linear import LinearConfig
+    try:
+        bn, nw, bk = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"KOALA_OPROJ_TILE={spec!r}: expected BLOCK_NxNUM_WARPSxBLOCK_K, e.g. 16x4x256") from None
+    return LinearConfig(False, 1, bn, bk, nw, 1, 1)
+
+
 class _Fast:
     """The fused Triton path (kernels/), used on CUDA. `on` is set by Transformer.use_kernels();
     the PyTorch code beside it stays the reference.
@@ -50,9 +62,13 @@ class _Fast:
     # depth-1 draft the same per layer (bench/results/spec_cost_rope_attn*_c2d81e5.json)
     rope_attn = os.environ.get("KOALA_ROPE_ATTN", "0") not in ("", "0")
     # the split attention's combine in the output projection's prologue (kernels/linear.py,
-    # linear_combine) for forwards on the GEMV path: the same bits as the combine launch, one
-    # launch a layer fewer wherever the context spans more than one split (> 128 slots)
+    # linear_combine) for one-row forwards (a plain step, a draft step): the same bits as the
+    # combine launch followed by wo with the same tile, one launch a layer fewer wherever the
+    # context spans more than one split (> 128 slots)
     oproj_combine = os.environ.get("KOALA_OPROJ_COMBINE", "1") not in ("", "0")
+    # wo's GEMV tile for every M, in exact mode and out ("BLOCK_NxNUM_WARPSxBLOCK_K"); None: the
+    # tiles file's or _row_config's
+    oproj_tile = _parse_tile(os.environ.get("KOALA_OPROJ_TILE", ""))
     # exact mode's GEMV tiles per product shape, {(N, K, silu): LinearConfig}, from the shipped
     # koala/exact_tiles.json or the file KOALA_EXACT_TILES names (exact_tiles); None: not read yet
     tiles: dict | None = None
@@ -391,9 +407,10 @@ class Block(nn.Module):
             # also the fastest measured at M = 1, 2, 4 (_row_config, bench/results/linear_rows_*)
             return _row_config(W, M, silu)
         cq = cf(a.wqkv.weight)
-        co = cf(a.wo.weight)
-        # the attention's combine in wo's prologue: GEMV tiles only (not the row-tile path)
-        defer = _Fast.oproj_combine and not co.use_dot and not co.vec
+        co = _Fast.oproj_tile or cf(a.wo.weight)
+        # the attention's combine in wo's prologue: one row (each program of a row combines the
+        # whole row, so the work grows with the rows), GEMV tiles only (not the row-tile path)
+        defer = _Fast.oproj_combine and M == 1 and not co.use_dot and not co.vec
         # GEMV tiles only, and no per-head q/k norm (Qwen3: the RoPE kernel applies it instead)
         if _Fast.fused_rope and not (cq is not None and cq.vec) and a.q_norm is None:
             from kernels.linear_rope import linear_rope_cache

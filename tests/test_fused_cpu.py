@@ -106,10 +106,10 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
 
 
 def test_fused_combine_in_the_output_projection_is_bitwise_the_combine_launch(tiny_bf16, fused):
-    """Past 128 slots the attention splits, and by default (_Fast.oproj_combine) its combine runs
-    in the output projection's prologue (kernels.linear.linear_combine): the model's logits at
-    verify and decode sizes and its caches are those of the combine launch bit for bit (150
-    tokens in a 256-slot window: 2 splits)."""
+    """Past 128 slots the attention splits, and by default (_Fast.oproj_combine) a one-row
+    forward's combine runs in the output projection's prologue (kernels.linear.linear_combine):
+    the model's logits at verify and decode sizes and its caches are those of the combine launch
+    bit for bit (150 tokens in a 256-slot window: 2 splits)."""
     from koala.model import causal_mask
     m = tiny_bf16.model
     m.setup_cache(1, 256)
@@ -126,7 +126,7 @@ def test_fused_combine_in_the_output_projection_is_bitwise_the_combine_launch(ti
         got += [torch.cat([l.attention.kv_cache.k[:, :, :156], l.attention.kv_cache.v[:, :, :156]])
                 for l in m.layers]
         outs.append(got)
-        assert len(calls) == (2 * 2 if on else 0)          # 2 layers, the verify and the decode
+        assert len(calls) == (2 if on else 0)              # the decode's 2 layers (one-row forwards)
     assert all(torch.equal(u, f) for u, f in zip(*outs))
 
 

@@ -65,7 +65,7 @@ def environment() -> dict:
             # RoPE inside the attention launch (rope_tree_attention); recorded after f588e10, before
             # which every forward ran the separate RoPE launch
             "rope_attn": os.environ.get("KOALA_ROPE_ATTN", "0") not in ("", "0"),
-            "oproj_combine": os.environ.get("KOALA_OPROJ_COMBINE", "1") not in ("", "0"),
+            "oproj_combine": os.environ.get("KOALA_OPROJ_COMBINE", "0") not in ("", "0"),
             "oproj_tile": os.environ.get("KOALA_OPROJ_TILE", ""),
             "exact_trees": os.environ.get("KOALA_EXACT_TREES", "0") == "1",
             "draft_exact": draft_exact_default(),

@@ -212,7 +212,7 @@ PY
     ;;
   oproj-combine)
     # the split attention's combine in the output projection's prologue (KOALA_OPROJ_COMBINE=1,
-    # the default) against its own launch (0): bit-equality tests, then the per-layer draft cost
+    # opt-in) against its own launch (0): bit-equality tests, then the per-layer draft cost
     # and the plain step, alternating, twice (random weights, no staged model)
     python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_tree_attention.py \
         tests/test_speculative.py -k "combine or window" > "$log" 2>&1 || true

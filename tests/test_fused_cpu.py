@@ -106,7 +106,7 @@ def test_fused_bf16_greedy_equals_plain(tiny_bf16, fused, kind, opts, fused_rope
 
 
 def test_fused_combine_in_the_output_projection_is_bitwise_the_combine_launch(tiny_bf16, fused):
-    """Past 128 slots the attention splits, and by default (_Fast.oproj_combine) a one-row
+    """Past 128 slots the attention splits, and with _Fast.oproj_combine (KOALA_OPROJ_COMBINE=1) a one-row
     forward's combine runs in the output projection's prologue (kernels.linear.linear_combine):
     the model's logits at verify and decode sizes and its caches are those of the combine launch
     bit for bit (150 tokens in a 256-slot window: 2 splits)."""

@@ -62,6 +62,18 @@ ablation_args() {  # shellcheck disable=SC2086 (KOALA_TRAIN_ARGS is word-split o
                  ${KOALA_TRAIN_ARGS:-})
 }
 
+# alternate_cost VAR NAME A B: bench.spec_cost of EAGLE chains (depth 1 and 4, K = 1..4, random
+# weights) with VAR=A, then VAR=B, twice, into spec_cost_<NAME><value>_rep<1|2>.json
+alternate_cost() {
+  for rep in 1 2; do
+    for v in "$3" "$4"; do
+      env "$1=$v" python -m bench.spec_cost --random-weights --kinds eagle --ks 1,2,3,4 \
+          --depths 1,4 --trees "" --out "spec_cost_$2${v}_rep$rep.json" >> "$log" 2>&1
+    done
+  done
+  quiet "$log" | grep -e "plain" -e "chain" | tail -n 40
+}
+
 case "$step" in
   check)
     python -m pytest -q -m gpu tests/ -p no:cacheprovider > "$log" 2>&1 || true
@@ -217,24 +229,12 @@ PY
     python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_tree_attention.py \
         tests/test_speculative.py -k "combine or window" > "$log" 2>&1 || true
     tail -n 3 "$log"
-    for rep in 1 2; do
-      for c in 0 1; do
-        KOALA_OPROJ_COMBINE=$c python -m bench.spec_cost --random-weights --kinds eagle --ks 1,2,3,4 \
-            --depths 1,4 --trees "" --out "spec_cost_oproj_combine${c}_rep$rep.json" >> "$log" 2>&1
-      done
-    done
-    quiet "$log" | grep -e "plain" -e "chain" | tail -n 40
+    alternate_cost KOALA_OPROJ_COMBINE oproj_combine 0 1
     ;;
   draft-exact)
     # the EAGLE draft in and out of exact mode (KOALA_DRAFT_EXACT=1 / 0), alternating, twice:
     # per-layer draft cost against K (random weights, no staged model)
-    for rep in 1 2; do
-      for e in 1 0; do
-        KOALA_DRAFT_EXACT=$e python -m bench.spec_cost --random-weights --kinds eagle --ks 1,2,3,4 \
-            --depths 1,4 --trees "" --out "spec_cost_draft_exact${e}_rep$rep.json" >> "$log" 2>&1
-      done
-    done
-    quiet "$log" | grep -e "plain" -e "chain" | tail -n 40
+    alternate_cost KOALA_DRAFT_EXACT draft_exact 1 0
     ;;
   vec)
     # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)

@@ -66,9 +66,10 @@ class _Fast:
     # combine launch followed by wo with the same tile, one launch a layer fewer wherever the
     # context spans more than one split (> 128 slots). Opt-in (KOALA_OPROJ_COMBINE=1): slower on
     # the H100 at cd08026. Every program of a row combines the whole row, so wo's 2-column tile
-    # (288 programs) made a plain step 0.655 against 0.483 ms, and tiles wide enough to make that
-    # cheap slow wo more than the launch costs (16 columns: 0.537 against 0.525 ms with the
-    # launch, against 0.483 with the usual tile; bench/results/spec_cost_oproj_*_cd08026.json)
+    # (288 programs) made a plain step 0.638 against 0.478 ms (do_bench GPU time), and tiles wide
+    # enough to make that cheap slow wo more than the launch costs (16 columns: 0.528 against
+    # 0.521 ms with the launch, against 0.478 with the usual tile;
+    # bench/results/spec_cost_oproj_*_cd08026.json)
     oproj_combine = os.environ.get("KOALA_OPROJ_COMBINE", "0") not in ("", "0")
     # wo's GEMV tile for every M, in exact mode and out ("BLOCK_NxNUM_WARPSxBLOCK_K"); None: the
     # tiles file's or _row_config's

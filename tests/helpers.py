@@ -78,3 +78,19 @@ def hf_greedy(hf, ids, n: int):
     new = out[0, len(ids):].tolist()
     assert len(new) == n
     return new
+
+
+def logits_and_caches(model, ids, spans, window: int):
+    """Run model (its cache set up) over ids (1, n) in the given (start, end) spans, each a forward
+    at slots start..end-1 under a causal mask of `window` slots, with no grad; return each span's
+    logits and then every layer's k|v cache up to the last span's end: what the bitwise tests of
+    the fused path's switches compare between two settings."""
+    from koala.model import causal_mask
+    got = []
+    with torch.no_grad():
+        for a, b in spans:
+            s = torch.arange(a, b, device=ids.device)
+            got.append(model(ids[:, a:b], s[None], s, causal_mask(s, window))[0])
+    end = spans[-1][1]
+    return got + [torch.cat([l.attention.kv_cache.k[:, :, :end], l.attention.kv_cache.v[:, :, :end]])
+                  for l in model.layers]

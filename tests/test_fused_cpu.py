@@ -11,7 +11,7 @@ from kernels._common import interpreting
 from koala import SpeculativeGenerator, load_target
 from koala.heads import DraftConfig
 from koala.model import Transformer, _Fast
-from tests.helpers import make_hf_checkpoint
+from tests.helpers import logits_and_caches, make_hf_checkpoint
 from tests.test_speculative import PROMPT, OracleEagle, OracleMedusa
 
 pytestmark = pytest.mark.skipif(not interpreting() or torch.cuda.is_available(),
@@ -110,7 +110,6 @@ def test_fused_combine_in_the_output_projection_is_bitwise_the_combine_launch(ti
     forward's combine runs in the output projection's prologue (kernels.linear.linear_combine):
     the model's logits at verify and decode sizes and its caches are those of the combine launch
     bit for bit (150 tokens in a 256-slot window: 2 splits)."""
-    from koala.model import causal_mask
     m = tiny_bf16.model
     m.setup_cache(1, 256)
     ids = torch.randint(3, 128, (1, 156), generator=torch.Generator().manual_seed(0))
@@ -118,14 +117,7 @@ def test_fused_combine_in_the_output_projection_is_bitwise_the_combine_launch(ti
     for on in (False, True):
         fused.setattr(_Fast, "oproj_combine", on)
         calls = _spy(fused, L, "linear_combine")
-        got = []
-        with torch.no_grad():
-            for a, b in ((0, 150), (150, 155), (155, 156)):
-                s = torch.arange(a, b)
-                got.append(m(ids[:, a:b], s[None], s, causal_mask(s, 256))[0])
-        got += [torch.cat([l.attention.kv_cache.k[:, :, :156], l.attention.kv_cache.v[:, :, :156]])
-                for l in m.layers]
-        outs.append(got)
+        outs.append(logits_and_caches(m, ids, ((0, 150), (150, 155), (155, 156)), 256))
         assert len(calls) == (2 if on else 0)              # the decode's 2 layers (one-row forwards)
     assert all(torch.equal(u, f) for u, f in zip(*outs))
 

@@ -6,7 +6,7 @@ import torch
 
 from koala import KoalaError, SpeculativeGenerator, load_target
 from koala.heads import DraftConfig, EagleHead, MedusaHead
-from tests.helpers import make_hf_checkpoint
+from tests.helpers import logits_and_caches, make_hf_checkpoint
 
 PROMPT = " ".join(f"w{i}" for i in range(5, 13))
 MODES = [("medusa", dict(mode="chain")), ("medusa", dict(mode="tree", tree_size=12, top_k=3)),
@@ -370,7 +370,7 @@ def test_one_launch_fewer_is_bitwise_the_rope_launch(switch, dtype, tmp_path, mo
     KOALA_ROPE_ATTN (_Fast.rope_attn: RoPE and the cache write inside the attention launch).
     Exact trees rely on the latter: with it their verify keeps the RoPE launch while plain
     decoding steps do not."""
-    from koala.model import Transformer, _Fast, causal_mask
+    from koala.model import Transformer, _Fast
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
     m = load_target(path, device="cuda", dtype=dtype).model
     m.setup_cache(1, 128)
@@ -380,14 +380,7 @@ def test_one_launch_fewer_is_bitwise_the_rope_launch(switch, dtype, tmp_path, mo
     try:
         for on in (False, True):
             monkeypatch.setattr(_Fast, switch, on)
-            got = []
-            with torch.no_grad():
-                for a, b in ((0, 30), (30, 35), (35, 36)):
-                    s = torch.arange(a, b, device="cuda")
-                    got.append(m(ids[:, a:b], s[None], s, causal_mask(s, 64))[0])
-            got += [torch.cat([l.attention.kv_cache.k[:, :, :36], l.attention.kv_cache.v[:, :, :36]])
-                    for l in m.layers]
-            outs.append(got)
+            outs.append(logits_and_caches(m, ids, ((0, 30), (30, 35), (35, 36)), 64))
     finally:
         Transformer.use_kernels(False)
     assert all(torch.equal(u, f) for u, f in zip(*outs))
@@ -404,7 +397,7 @@ def test_combine_in_the_output_projection_is_bitwise_the_combine_launch(dtype, r
     combine launch bit for bit, in exact mode, at prefill, verify and decode sizes over a
     300-token context (a 512-slot window: 4 splits), RoPE in its own launch or in the attention's."""
     from kernels import linear as L
-    from koala.model import Transformer, _Fast, causal_mask
+    from koala.model import Transformer, _Fast
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3, max_positions=1024)
     m = load_target(path, device="cuda", dtype=dtype).model
     m.setup_cache(1, 1024)
@@ -418,14 +411,7 @@ def test_combine_in_the_output_projection_is_bitwise_the_combine_launch(dtype, r
         for on in (False, True):
             monkeypatch.setattr(_Fast, "oproj_combine", on)
             calls.clear()
-            got = []
-            with torch.no_grad():
-                for a, b in ((0, 300), (300, 305), (305, 306)):
-                    s = torch.arange(a, b, device="cuda")
-                    got.append(m(ids[:, a:b], s[None], s, causal_mask(s, 512))[0])
-            got += [torch.cat([l.attention.kv_cache.k[:, :, :306], l.attention.kv_cache.v[:, :, :306]])
-                    for l in m.layers]
-            outs.append(got)
+            outs.append(logits_and_caches(m, ids, ((0, 300), (300, 305), (305, 306)), 512))
             assert bool(calls) == on
     finally:
         Transformer.use_kernels(False)

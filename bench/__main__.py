@@ -15,6 +15,7 @@ BENCHES = {
     "kernels_bench": "each Triton kernel against its PyTorch reference, GB/s (GPU)",
     "linear_bench": "small-M linear kernels against cuBLAS (GPU)",
     "profile_step": "kernels launched per decode step or draft/verify half (GPU)",
+    "layer_share": "one target layer's cost (plain step and verify) against an EAGLE draft layer's (GPU)",
     "attn_variants": "the decode / verify attention's us per launch at SmolLM2's shape, per tile choice (GPU)",
     "heads": "Table I from the ablation's training summary and its MT-bench files (CPU)",
     "depth": "tau, speedup and the KOALA tau gain against drafting depth and tree, per head (CPU)",

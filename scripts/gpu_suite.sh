@@ -31,6 +31,8 @@
 #   oproj-combine      needs no staged model: the GPU tests of the attention's combine in the
 #                      output projection (KOALA_OPROJ_COMBINE), then bench.spec_cost of EAGLE
 #                      chains (depth 1 and 4, K = 1..4) with it off and on, twice           ~5 min
+#   layer-share        needs no staged model: bench.layer_share, twice: one target layer's cost
+#                      (plain step, depth-1 verify) against an EAGLE draft layer's            ~3 min
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
 #   exact-trees        GPU tests of exact trees and of Qwen3 / Phi-3, then MT-bench trees of the
 #                      shipped EAGLE head with KOALA_EXACT_TREES=1 and 0                    ~8 min
@@ -45,7 +47,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees|draft-exact|oproj-combine}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees|draft-exact|oproj-combine|layer-share}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -235,6 +237,14 @@ PY
     # the EAGLE draft in and out of exact mode (KOALA_DRAFT_EXACT=1 / 0), alternating, twice:
     # per-layer draft cost against K (random weights, no staged model)
     alternate_cost KOALA_DRAFT_EXACT draft_exact 1 0
+    ;;
+  layer-share)
+    # one target layer's cost (slope over 6..30-layer random SmolLM2 shapes, plain step and
+    # depth-1 verify) against an EAGLE draft layer's, twice (random weights, no staged model)
+    for rep in 1 2; do
+      python -m bench.layer_share --out "layer_share_rep$rep.json" >> "$log" 2>&1
+    done
+    quiet "$log" | tail -n 16
     ;;
   vec)
     # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)

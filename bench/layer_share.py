@@ -16,32 +16,12 @@ same run, as `bench.spec_cost` measures it. All figures are do_bench medians (qu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
 from bench.common import plain_step_gpu_ms, write
-
-
-def random_target_layers(n_layers: int, device="cuda", dtype=torch.bfloat16):
-    """SmolLM2-135M's shape with n_layers layers and random weights (bench.scale.random_target's
-    recipe: normal(0, 0.02), unit norms)."""
-    from koala.config import ModelConfig
-    from koala.loading import LoadedTarget
-    from koala.model import Transformer
-    cfg = dataclasses.replace(ModelConfig.from_name("smollm2-135m"), n_layers=n_layers)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        for layer in model.layers:
-            layer.attention_norm.weight.fill_(1.0)
-            layer.ffn_norm.weight.fill_(1.0)
-        model.norm.weight.fill_(1.0)
-    model = model.to(dtype).eval().requires_grad_(False)
-    return LoadedTarget(model=model, tokenizer=None, name=f"smollm2-135m-random-{n_layers}l", source="random")
+from bench.scale import random_target
+from bench.spec_cost import iteration_ms, random_head
 
 
 def fit_line(xs, ys):
@@ -55,7 +35,6 @@ def fit_line(xs, ys):
 
 def iteration_gpu_ms(lt, kind: str, K: int, context: int):
     """(draft, verify) do_bench ms of one greedy depth-1 chain iteration (bench.spec_cost)."""
-    from bench.spec_cost import iteration_ms, random_head
     _, _, _, draft, verify = iteration_ms(lt, random_head(lt, kind, K), {"mode": "chain", "depth": 1}, context)
     return draft, verify
 
@@ -70,9 +49,8 @@ def main():
     if len(counts) < 2 or 30 not in counts:
         ap.error("--layers needs at least two counts, 30 (SmolLM2's) among them")
     points = []
-    draft = {}
     for n in counts:
-        lt = random_target_layers(n)
+        lt = random_target("smollm2-135m", "cuda", torch.bfloat16, n_layers=n)
         plain = plain_step_gpu_ms(lt, a.context)
         d1, verify = iteration_gpu_ms(lt, "eagle", 1, a.context)
         points.append({"layers": n, "plain_step_gpu_ms": plain, "verify_depth1_gpu_ms": verify})
@@ -92,9 +70,8 @@ def main():
            "plain_step_30_gpu_ms": step30,
            "bar_3pct_us": 0.03 * step30 * 1e3,
            "plain_layer_pct_of_step": 100 * b0 / step30,
-           "verify_layer_pct_of_step": 100 * b1 / step30}
-    if draft:
-        fit["eagle_layer_pct_of_step"] = draft["eagle_layer_depth1_us"] / (step30 * 1e3) * 100
+           "verify_layer_pct_of_step": 100 * b1 / step30,
+           "eagle_layer_pct_of_step": draft["eagle_layer_depth1_us"] / (step30 * 1e3) * 100}
     path = write(a.out, {"model": "SmolLM2-135M shape, random bf16 weights", "context": a.context,
                          "points": points, "draft": draft, "fit": fit,
                          "note": "do_bench medians (queued, L2 flushed); layer costs are the slopes of "
@@ -103,9 +80,8 @@ def main():
     print(f"one target layer: {fit['plain_layer_us']:.1f} us at one row "
           f"({fit['plain_layer_pct_of_step']:.2f}% of the {step30:.3f} ms step; the rest {fit['plain_rest_us']:.1f} us), "
           f"{fit['verify_layer_us']:.1f} us at two rows in a verify ({fit['verify_layer_pct_of_step']:.2f}%)")
-    if draft:
-        print(f"EAGLE draft layer at depth 1: {draft['eagle_layer_depth1_us']:.1f} us "
-              f"({fit['eagle_layer_pct_of_step']:.2f}%); the 3% bar: {fit['bar_3pct_us']:.1f} us")
+    print(f"EAGLE draft layer at depth 1: {draft['eagle_layer_depth1_us']:.1f} us "
+          f"({fit['eagle_layer_pct_of_step']:.2f}%); the 3% bar: {fit['bar_3pct_us']:.1f} us")
     print(f"-> {path}")
 
 

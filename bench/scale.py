@@ -10,6 +10,7 @@ The 7B weights are 13.5 GB: the bandwidth floor is 4.5 ms a step on the H100.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -21,8 +22,12 @@ from koala.loading import LoadedTarget
 from koala.model import Transformer
 
 
-def random_target(preset: str, device, dtype) -> LoadedTarget:
+def random_target(preset: str, device, dtype, n_layers: int | None = None) -> LoadedTarget:
+    """The preset's shape with random weights (normal(0, 0.02), unit norms); n_layers replaces
+    the preset's layer count (bench.layer_share)."""
     cfg = ModelConfig.from_name(preset)
+    if n_layers is not None:
+        cfg = dataclasses.replace(cfg, n_layers=n_layers)
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
@@ -34,7 +39,8 @@ def random_target(preset: str, device, dtype) -> LoadedTarget:
             layer.ffn_norm.weight.fill_(1.0)
         model.norm.weight.fill_(1.0)
     model = model.to(dtype).eval().requires_grad_(False)
-    return LoadedTarget(model=model, tokenizer=None, name=f"{preset}-random", source="random")
+    name = f"{preset}-random" + (f"-{n_layers}l" if n_layers is not None else "")
+    return LoadedTarget(model=model, tokenizer=None, name=name, source="random")
 
 
 def main():

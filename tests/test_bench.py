@@ -456,12 +456,13 @@ def test_depth_sweep_refuses_ambiguity(tmp_path):
 def test_layer_share_fit_and_targets():
     import torch
 
-    from bench.layer_share import fit_line, random_target_layers
+    from bench.layer_share import fit_line
+    from bench.scale import random_target
     a, b, r = fit_line([6, 12, 18, 30], [0.1 + 0.015 * n for n in (6, 12, 18, 30)])
     assert a == pytest.approx(0.1) and b == pytest.approx(0.015) and r < 1e-12
     a, b, r = fit_line([1, 2, 3], [1.0, 3.0, 2.0])            # a residual is reported, not hidden
     assert b == pytest.approx(0.5) and r == pytest.approx(1.0)
-    lt = random_target_layers(2, device="cpu", dtype=torch.float32)
+    lt = random_target("smollm2-135m", "cpu", torch.float32, n_layers=2)
     cfg = lt.model.config
     assert cfg.n_layers == 2 and len(lt.model.layers) == 2 and cfg.dim == 576
     assert all(float(p.abs().sum()) > 0 for p in lt.model.parameters())

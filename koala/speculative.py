@@ -45,6 +45,9 @@ NEG = -1e30
 # sampled chains draft by Gumbel-max over the draft logits (one launch pair a level) and the
 # acceptance kernel forms q from them; "0" keeps the warped probabilities (A/B timing, tests)
 _SAMPLED_LOGITS = os.environ.get("KOALA_SAMPLED_LOGITS", "1") != "0"
+# greedy EAGLE trees on the fused path rank and keep their pool with kernels/topk.py and
+# kernels/tree_draft.py; "0" keeps the PyTorch levels (A/B timing)
+_FUSED_TREE = os.environ.get("KOALA_FUSED_TREE", "1") != "0"
 
 
 def _at(x, i):
@@ -364,6 +367,14 @@ class SpeculativeDecoder:
     def _draft_eagle(self, W):
         if self.mode == "chain":
             return self._draft_eagle_chain(W)
+        if self.greedy and self._fast() and _FUSED_TREE:
+            return self._draft_eagle_tree_fused(W)
+        return self._draft_eagle_tree(W)
+
+    def _draft_eagle_tree(self, W):
+        """A tree in PyTorch ops (sampling, and the reference of _draft_eagle_tree_fused): the
+        root's k children, then level by level the k children of each of the k most likely
+        nodes of the level before, then the rerank."""
         head, L, k = self.head, self.L, self.k
         f_root, lg_root = self._catch_up(W)                               # (1, D) predicts f_L
         logq_root = self._logq(lg_root)                                   # (1, V)
@@ -411,8 +422,49 @@ class SpeculativeDecoder:
             frontier = best + start
             parent_feat = feat[0][best // k]
             start = end
-        # 3. rerank: the N-1 most likely drafted nodes (ancestor-closed: a child never scores
-        # above its parent; ties broken towards shallower, earlier-drawn nodes)
+        root_Q = None if pool_Q is None else head.to_full_probs(logq_root.exp())
+        return self._rerank(pool_tok, pool_score, pool_parent, pool_anc, pool_Q, root_Q)
+
+    def _draft_eagle_tree_fused(self, W):
+        """A greedy tree on the fused path: each level is the head's forward over the k nodes of
+        the frontier, one top-k with log-probabilities over each row (kernels/topk.py) and one
+        launch for the pool and the next forward's inputs (kernels/tree_draft.py), where the
+        PyTorch levels above take about 30 launches. Same tree, ties aside: equal scores go to
+        the lower child index here (torch.topk leaves their order unspecified)."""
+        from kernels.topk import topk_logprobs
+        from kernels.tree_draft import DraftLevel, DraftPool, tree_expand
+        head, L, k, P, dev = self.head, self.L, self.k, self.P, self.dev
+        f_root, lg_root = self._catch_up(W)                               # (1, D), (1, Vd)
+        D = f_root.shape[-1]
+        pool = DraftPool(torch.empty(P, dtype=torch.long, device=dev), torch.empty(P, device=dev),
+                         torch.empty(P, dtype=torch.long, device=dev),
+                         torch.empty(P, P, dtype=torch.bool, device=dev))   # every row written below
+        # two buffers of the next forward's inputs, alternating (a level reads one, writes the other)
+        levels = [DraftLevel(torch.empty(k, dtype=torch.long, device=dev), torch.empty(k, dtype=torch.long, device=dev),
+                             torch.empty(k, D, dtype=f_root.dtype, device=dev),
+                             torch.empty(k, dtype=torch.long, device=dev), torch.empty(k, dtype=torch.long, device=dev),
+                             torch.empty(k, W, dtype=torch.bool, device=dev)) for _ in range(2)]
+        tok, lq = topk_logprobs(lg_root, k)                               # (1, k)
+        tree_expand(head.to_token_ids(tok), lq, f_root, None, L, pool, 0, 0,
+                    levels[0] if self.depth > 1 else None)
+        start = k
+        for j in range(1, self.depth):
+            lv = levels[(j - 1) % 2]
+            lg, feat = head.draft_step(lv.tok.view(1, k), lv.feat.view(1, k, D), lv.pos.view(1, k), lv.slot,
+                                       lv.mask.view(1, k, W))
+            ctok, clq = topk_logprobs(lg[0], k)                           # (k, k)
+            tree_expand(head.to_token_ids(ctok), clq, feat[0], lv.front, L, pool, start, j,
+                        levels[j % 2] if j < self.depth - 1 else None)
+            start += k * k
+        return self._rerank(pool.tok, pool.score, pool.parent, pool.anc)
+
+    def _rerank(self, pool_tok, pool_score, pool_parent, pool_anc, pool_Q=None, root_Q=None):
+        """The tree to verify: the root and the N-1 most likely drafted nodes (ancestor-closed:
+        a child never scores above its parent; ties broken towards shallower, earlier-drawn
+        nodes), parents before children. Sampling: pool_Q (P, V) the q of every pool node's
+        children, root_Q (1, V) the root's."""
+        P = self.P
+        ar_P = torch.arange(P, device=self.dev)
         depth_pool = pool_anc.sum(-1)                                     # 1 for level-1 nodes
         key = pool_score - 1e-4 * depth_pool - 1e-7 * ar_P
         sel = key.topk(self.N - 1).indices
@@ -427,7 +479,7 @@ class SpeculativeDecoder:
         anc[1:, 1:] = pool_anc[sel][:, sel]
         depth = torch.cat([torch.zeros(1, dtype=torch.long, device=self.dev), depth_pool[sel]])
         tokens = torch.cat([self.root.view(1), pool_tok[sel]])
-        Q = None if pool_Q is None else torch.cat([head.to_full_probs(logq_root.exp()), pool_Q[sel]])
+        Q = None if pool_Q is None else torch.cat([root_Q, pool_Q[sel]])
         return dict(tokens=tokens, parents=parents, depth=depth, anc=anc, Q=Q)
 
     @contextmanager

@@ -339,3 +339,34 @@ def test_exact_tree_verify_gives_plain_decodings_logits(tiny_bf16, fused):
                       tail=exact_tree_tail(P, slots, depth, anc, W))
     for node, i in ((0, 0), (2, 1), (4, 2), (5, 3)):
         assert torch.equal(logits[0, node], plain[i]), f"node {node} (x_P+{i})"
+
+
+@pytest.mark.parametrize("layers,opts", [(2, dict(depth=3, tree_size=9, top_k=3)),
+                                         (1, dict(depth=1, tree_size=4, top_k=4))],
+                         ids=["K2-d3-k3", "K1-d1-k4"])
+def test_fused_tree_draft_is_the_pytorch_tree(tiny_fp32, fused, layers, opts):
+    """A greedy EAGLE tree on the fused path (kernels/topk.py and kernels/tree_draft.py for
+    every level's ranking and bookkeeping) drafts the tree the PyTorch levels draft from the same
+    state: the same nodes, parents, depths, ancestors and order (fp32: no ties among the random
+    head's logits). Then the decode through it equals plain decoding."""
+    torch.manual_seed(layers)
+    head = DraftConfig(kind="eagle", layers=layers).build(tiny_fp32)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.05)
+    gen = SpeculativeGenerator(tiny_fp32, head, max_seq_len=128, mode="tree", **opts)
+    plain = SpeculativeGenerator(tiny_fp32, None, max_seq_len=128)
+    ref = plain.generate(PROMPT, max_new_tokens=6, chat=False, ignore_eos=True).token_ids
+    import kernels.tree_draft as TD
+    calls = _spy(fused, TD, "tree_expand")
+    res = gen.generate(PROMPT, max_new_tokens=6, chat=False, ignore_eos=True)
+    assert res.token_ids == ref
+    assert len(calls) == opts["depth"] * len(res.stats.accepted_per_step)   # every level, every draft
+    spec = gen.spec                      # its state after the decode: draft once more from it
+    W = spec.window(int(spec.L))
+    with torch.no_grad():
+        fused_tree = spec._draft_eagle_tree_fused(W)
+        torch_tree = spec._draft_eagle_tree(W)
+    for key in ("tokens", "parents", "depth", "anc"):
+        assert torch.equal(fused_tree[key], torch_tree[key]), key
+    assert fused_tree["Q"] is None and torch_tree["Q"] is None

@@ -45,6 +45,7 @@ class DraftPool(NamedTuple):
     tok: torch.Tensor       # (P,) int64: the node's token
     score: torch.Tensor     # (P,) fp32: log-probability of its path from the root
     parent: torch.Tensor    # (P,) int64: its parent's row, -1 for the root's children
+    depth: torch.Tensor     # (P,) int64: its depth, 1 for the root's children
     anc: torch.Tensor       # (P, P) bool: row i marks i's ancestors in the pool and i itself
 
 
@@ -61,7 +62,7 @@ class DraftLevel(NamedTuple):
 @triton.jit
 def _tree_expand_kernel(
     ctok_ptr, clq_ptr, feat_ptr, front_ptr, L_ptr,                        # this level
-    ptok_ptr, pscore_ptr, ppar_ptr, panc_ptr,                              # the pool
+    ptok_ptr, pscore_ptr, ppar_ptr, pdep_ptr, panc_ptr,                    # the pool
     nfront_ptr, ntok_ptr, nfeat_ptr, nslot_ptr, npos_ptr, mask_ptr,        # the next level
     start, P, W, D, j,                                                     # sizes
     stride_feat, stride_nfeat,                                             # strides
@@ -78,9 +79,11 @@ def _tree_expand_kernel(
     if ROOT:
         par = tl.full((KK,), -1, tl.int64)
         base = tl.zeros((KK,), tl.float32)
+        dep = tl.full((KK,), 1, tl.int64)
     else:
         par = tl.load(front_ptr + c // K, mask=cm, other=0).to(tl.int64)
         base = tl.load(pscore_ptr + par, mask=cm, other=0.0)
+        dep = tl.load(pdep_ptr + par, mask=cm, other=0) + 1
     score = tl.where(cm, base + tl.load(clq_ptr + c, mask=cm, other=0.0), float("-inf"))
     # the K best children, best first (each program selects them: no second launch)
     s = tl.arange(0, KP)
@@ -116,6 +119,7 @@ def _tree_expand_kernel(
         tl.store(ptok_ptr + rows, tl.load(ctok_ptr + c, mask=cm, other=0), mask=cm)
         tl.store(pscore_ptr + rows, score, mask=cm)
         tl.store(ppar_ptr + rows, par, mask=cm)
+        tl.store(pdep_ptr + rows, dep, mask=cm)
         for p0 in range(0, P, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             pm = cm[:, None] & (p < P)[None, :]
@@ -157,17 +161,17 @@ def _check(ctok, clq, feat, front, prefix_len, pool, start, nxt):
     check_tensor("pool.tok", pool.tok, ndim=1, dtypes=(torch.int64,))
     check_tensor("pool.score", pool.score, ndim=1, dtypes=(torch.float32,), shape=(P,))
     check_tensor("pool.parent", pool.parent, ndim=1, dtypes=(torch.int64,), shape=(P,))
+    check_tensor("pool.depth", pool.depth, ndim=1, dtypes=(torch.int64,), shape=(P,))
     check_tensor("pool.anc", pool.anc, ndim=2, dtypes=(torch.bool,), shape=(P, P))
     if not (isinstance(start, int) and 0 <= start and start + R * k <= P):
         raise ValueError(f"start={start!r}: the level's {R * k} new rows must fit the pool's {P}")
-    for name, t in (("ctok", ctok), ("clq", clq), ("pool.tok", pool.tok), ("pool.score", pool.score),
-                    ("pool.parent", pool.parent), ("pool.anc", pool.anc)):
+    for name, t in (("ctok", ctok), ("clq", clq), *(("pool." + f, t) for f, t in zip(DraftPool._fields, pool))):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     if feat.stride(-1) != 1:
         raise ValueError(f"feat must have unit stride in its last dim, got strides {feat.stride()}")
-    named = [("ctok", ctok), ("clq", clq), ("feat", feat), ("prefix_len", prefix_len), ("pool.tok", pool.tok),
-             ("pool.score", pool.score), ("pool.parent", pool.parent), ("pool.anc", pool.anc)]
+    named = [("ctok", ctok), ("clq", clq), ("feat", feat), ("prefix_len", prefix_len),
+             *(("pool." + f, t) for f, t in zip(DraftPool._fields, pool))]
     if front is not None:
         named.append(("front", front))
     if nxt is not None:
@@ -208,7 +212,7 @@ def tree_expand(ctok: torch.Tensor, clq: torch.Tensor, feat: torch.Tensor, front
     grid = (max(1, triton.cdiv(W, BLOCK_W)),)
     _tree_expand_kernel[grid](
         ctok, clq, feat, front if front is not None else dummy, prefix_len,
-        pool.tok, pool.score, pool.parent, pool.anc,
+        pool.tok, pool.score, pool.parent, pool.depth, pool.anc,
         n.front, n.tok, n.feat, n.slot, n.pos, n.mask,
         start, P, W, D, j, feat.stride(0), n.feat.stride(0),
         K=k, C=C, KK=next_pow2(C), KP=next_pow2(k), BLOCK_W=BLOCK_W, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
@@ -227,10 +231,12 @@ def tree_expand_ref(ctok, clq, feat, front, prefix_len, pool: DraftPool, start: 
         par = torch.full((C,), -1, dtype=torch.long, device=dev)
         score = clq.reshape(-1).clone()
         anc = torch.zeros(C, P, dtype=torch.bool, device=dev)
+        dep = torch.ones(C, dtype=torch.long, device=dev)
     else:
         par = front.repeat_interleave(k)
         score = pool.score[par] + clq.reshape(-1)
         anc = pool.anc[par]
+        dep = pool.depth[par] + 1
     rows = start + torch.arange(C, device=dev)
     anc[torch.arange(C, device=dev), rows] = True
     best = torch.sort(-score, stable=True).indices[:k]                  # ties: the lower child
@@ -251,4 +257,141 @@ def tree_expand_ref(ctok, clq, feat, front, prefix_len, pool: DraftPool, start: 
     pool.tok[start:start + C] = ctok.reshape(-1)
     pool.score[start:start + C] = score
     pool.parent[start:start + C] = par
+    pool.depth[start:start + C] = dep
     pool.anc[start:start + C] = anc
+
+
+class DraftTree(NamedTuple):
+    """The tree to verify: the root, then the N-1 most likely pool nodes, parents first."""
+    tokens: torch.Tensor    # (N,) int64
+    parents: torch.Tensor   # (N,) int64: the parent's tree index, -1 for the root
+    depth: torch.Tensor     # (N,) int64: 0 for the root
+    anc: torch.Tensor       # (N, N) bool: ancestor-or-self, column 0 (the root) set in every row
+
+
+@triton.jit
+def _select_key(pscore_ptr, pdep_ptr, p, pm):
+    """The rerank's key of pool rows p: the path score, less 1e-4 a level (shallower first among
+    near-equal scores) and 1e-7 a row (earlier drawn first), as tree_select_ref computes it."""
+    s = tl.load(pscore_ptr + p, mask=pm, other=float("-inf"))
+    d = tl.load(pdep_ptr + p, mask=pm, other=0).to(tl.float32)
+    return s - d * 1e-4 - p.to(tl.float32) * 1e-7
+
+
+@triton.jit
+def _tree_select_kernel(
+    ptok_ptr, pscore_ptr, ppar_ptr, pdep_ptr, panc_ptr, root_ptr,      # the pool, the root's token
+    tok_ptr, par_ptr, dep_ptr, anc_ptr,                                 # the tree
+    sel_ptr, idx_ptr,                                                   # scratch (P,) int32 each
+    P, N,                                                               # sizes
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr,
+):
+    pdl_wait(USE_GDC)
+    # 1. the N-1 rows of largest key: a row is in if fewer than N-1 rows come before it
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < P
+        kp = _select_key(pscore_ptr, pdep_ptr, p, pm)
+        rank = tl.zeros((BLOCK_P,), tl.int32)
+        for q0 in range(0, P, BLOCK_Q):
+            q = q0 + tl.arange(0, BLOCK_Q)
+            qm = q < P
+            kq = _select_key(pscore_ptr, pdep_ptr, q, qm)
+            before = qm[None, :] & ((kq[None, :] > kp[:, None]) | ((kq[None, :] == kp[:, None]) & (q[None, :] < p[:, None])))
+            rank += tl.sum(before.to(tl.int32), axis=1)
+        tl.store(sel_ptr + p, (rank < N - 1).to(tl.int32), mask=pm)
+    tl.debug_barrier()
+    # 2. their tree indices: 1 + rank by (depth, row), so parents come before children
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < P
+        dp = tl.load(pdep_ptr + p, mask=pm, other=0)
+        rank = tl.zeros((BLOCK_P,), tl.int32)
+        for q0 in range(0, P, BLOCK_Q):
+            q = q0 + tl.arange(0, BLOCK_Q)
+            qm = q < P
+            sq = tl.load(sel_ptr + q, mask=qm, other=0) != 0
+            dq = tl.load(pdep_ptr + q, mask=qm, other=0)
+            before = sq[None, :] & ((dq[None, :] < dp[:, None]) | ((dq[None, :] == dp[:, None]) & (q[None, :] < p[:, None])))
+            rank += tl.sum(before.to(tl.int32), axis=1)
+        tl.store(idx_ptr + p, 1 + rank, mask=pm)
+    # the ancestor matrix starts as column 0 (everyone descends from the root)
+    n = tl.arange(0, BLOCK_N)
+    for i0 in range(0, N, BLOCK_N):
+        i = i0 + n
+        for j0 in range(0, N, BLOCK_N):
+            jj = j0 + n
+            tl.store(anc_ptr + i[:, None] * N + jj[None, :], (jj[None, :] == 0) & (i[:, None] >= 0),
+                     mask=(i < N)[:, None] & (jj < N)[None, :])
+    tl.debug_barrier()
+    # 3. the selected rows' token, depth and parent at their tree index, and their ancestors
+    root = tl.load(root_ptr)
+    tl.store(tok_ptr, root)
+    tl.store(par_ptr, tl.full((), -1, tl.int64))
+    tl.store(dep_ptr, tl.zeros((), tl.int64))
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pm = p < P
+        sp = pm & (tl.load(sel_ptr + p, mask=pm, other=0) != 0)
+        ip = tl.load(idx_ptr + p, mask=sp, other=0).to(tl.int64)
+        tl.store(tok_ptr + ip, tl.load(ptok_ptr + p, mask=sp, other=0), mask=sp)
+        tl.store(dep_ptr + ip, tl.load(pdep_ptr + p, mask=sp, other=0), mask=sp)
+        pp = tl.load(ppar_ptr + p, mask=sp, other=-1)
+        ipp = tl.load(idx_ptr + pp, mask=sp & (pp >= 0), other=0).to(tl.int64)   # the root: 0
+        tl.store(par_ptr + ip, ipp, mask=sp)
+        for q0 in range(0, P, BLOCK_Q):
+            q = q0 + tl.arange(0, BLOCK_Q)
+            qm = q < P
+            sq = qm & (tl.load(sel_ptr + q, mask=qm, other=0) != 0)
+            iq = tl.load(idx_ptr + q, mask=sq, other=0).to(tl.int64)
+            a = tl.load(panc_ptr + p[:, None].to(tl.int64) * P + q[None, :],
+                        mask=sp[:, None] & sq[None, :], other=0) != 0
+            tl.store(anc_ptr + ip[:, None] * N + iq[None, :], a, mask=a & sp[:, None] & sq[None, :])
+
+
+def tree_select(pool: DraftPool, root: torch.Tensor, N: int) -> DraftTree:
+    """The rerank of a drafted pool in one launch of one program: the N-1 rows of largest key
+    (_select_key: the path score, ties towards shallower then earlier rows), ordered by
+    (depth, row), under the root. root: 0-d int64, the root's token; 2 <= N <= P + 1. A pool
+    whose scores never rise from parent to child (a greedy draft's: log-probabilities add up)
+    gives an ancestor-closed selection, so every parent is in the tree. tree_select_ref is
+    the PyTorch formula."""
+    P = pool.tok.shape[0]
+    for f, t, dt, shape in (("tok", pool.tok, torch.int64, (P,)), ("score", pool.score, torch.float32, (P,)),
+                            ("parent", pool.parent, torch.int64, (P,)), ("depth", pool.depth, torch.int64, (P,)),
+                            ("anc", pool.anc, torch.bool, (P, P))):
+        check_tensor("pool." + f, t, ndim=len(shape), dtypes=(dt,), shape=shape)
+        if not t.is_contiguous():
+            raise ValueError(f"pool.{f} must be contiguous")
+    check_tensor("root", root, dtypes=(torch.int64,))
+    if root.numel() != 1:
+        raise ValueError(f"root must hold one token, got shape {tuple(root.shape)}")
+    if isinstance(N, bool) or not isinstance(N, int) or not 2 <= N <= P + 1:
+        raise ValueError(f"N must be an integer in 2..{P + 1} (the root and at most the pool's {P} rows), got {N!r}")
+    dev = check_device(*(("pool." + f, t) for f, t in zip(DraftPool._fields, pool)), ("root", root))
+    tree = DraftTree(torch.empty(N, dtype=torch.long, device=dev), torch.empty(N, dtype=torch.long, device=dev),
+                     torch.empty(N, dtype=torch.long, device=dev), torch.empty(N, N, dtype=torch.bool, device=dev))
+    scratch = torch.empty(2, P, dtype=torch.int32, device=dev)
+    _tree_select_kernel[(1,)](pool.tok, pool.score, pool.parent, pool.depth, pool.anc, root,
+                              *tree, scratch[0], scratch[1], P, N,
+                              BLOCK_P=64, BLOCK_Q=64, BLOCK_N=min(next_pow2(N), 64), USE_GDC=pdl(),
+                              num_warps=4, launch_pdl=pdl())
+    return tree
+
+
+def tree_select_ref(pool: DraftPool, root: torch.Tensor, N: int) -> DraftTree:
+    """tree_select in PyTorch, op by op (SpeculativeDecoder._rerank's formula)."""
+    P = pool.tok.shape[0]
+    dev = pool.tok.device
+    ar = torch.arange(P, device=dev)
+    key = pool.score - 1e-4 * pool.depth - 1e-7 * ar
+    sel = torch.sort(-key, stable=True).indices[:N - 1]
+    sel = sel[(pool.depth[sel] * P + sel).argsort()]                  # parents before children
+    remap = torch.zeros(P + 1, dtype=torch.long, device=dev)          # pool row + 1 -> tree index
+    remap[sel + 1] = torch.arange(1, N, device=dev)
+    parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=dev), remap[pool.parent[sel] + 1]])
+    anc = torch.zeros(N, N, dtype=torch.bool, device=dev)
+    anc[:, 0] = True
+    anc[1:, 1:] = pool.anc[sel][:, sel]
+    depth = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), pool.depth[sel]])
+    return DraftTree(torch.cat([root.reshape(1), pool.tok[sel]]), parents, depth, anc)

@@ -277,8 +277,13 @@ class SpeculativeDecoder:
         logits = self._medusa_logits()                                    # (depth, Vd)
         q_logits = self._q_logits()
         if self.greedy:   # a ranking needs no normalisation: the top-k of the logits themselves
-            rank_tok = (argmax_last(logits).unsqueeze(-1) if self.k == 1
-                        else logits.topk(self.k, dim=-1).indices)            # (H, k)
+            if self.k == 1:
+                rank_tok = argmax_last(logits).unsqueeze(-1)
+            elif self._fast():   # two launches (kernels/topk.py), where torch.topk's radix select takes 5-8
+                from kernels.topk import topk_logprobs
+                rank_tok = topk_logprobs(logits, self.k)[0]
+            else:
+                rank_tok = logits.topk(self.k, dim=-1).indices                # (H, k)
         elif q_logits:   # a chain: Gumbel-max draws, q left to the kernel (over the draft vocabulary)
             from kernels.argmax import gumbel_argmax
             rank_tok = gumbel_argmax(logits, self.noise_gumbel[: logits.shape[0]], self.sampler.temperature).unsqueeze(-1)
@@ -429,15 +434,16 @@ class SpeculativeDecoder:
         """A greedy tree on the fused path: each level is the head's forward over the k nodes of
         the frontier, one top-k with log-probabilities over each row (kernels/topk.py) and one
         launch for the pool and the next forward's inputs (kernels/tree_draft.py), where the
-        PyTorch levels above take about 30 launches. Same tree, ties aside: equal scores go to
-        the lower child index here (torch.topk leaves their order unspecified)."""
+        PyTorch levels above take about 30 launches, then the rerank in one launch (about 25 in
+        PyTorch). Same tree, ties aside: equal scores go to the lower child index here
+        (torch.topk leaves their order unspecified)."""
         from kernels.topk import topk_logprobs
-        from kernels.tree_draft import DraftLevel, DraftPool, tree_expand
+        from kernels.tree_draft import DraftLevel, DraftPool, tree_expand, tree_select
         head, L, k, P, dev = self.head, self.L, self.k, self.P, self.dev
         f_root, lg_root = self._catch_up(W)                               # (1, D), (1, Vd)
         D = f_root.shape[-1]
         pool = DraftPool(torch.empty(P, dtype=torch.long, device=dev), torch.empty(P, device=dev),
-                         torch.empty(P, dtype=torch.long, device=dev),
+                         torch.empty(P, dtype=torch.long, device=dev), torch.empty(P, dtype=torch.long, device=dev),
                          torch.empty(P, P, dtype=torch.bool, device=dev))   # every row written below
         # two buffers of the next forward's inputs, alternating (a level reads one, writes the other)
         levels = [DraftLevel(torch.empty(k, dtype=torch.long, device=dev), torch.empty(k, dtype=torch.long, device=dev),
@@ -456,7 +462,8 @@ class SpeculativeDecoder:
             tree_expand(head.to_token_ids(ctok), clq, feat[0], lv.front, L, pool, start, j,
                         levels[j % 2] if j < self.depth - 1 else None)
             start += k * k
-        return self._rerank(pool.tok, pool.score, pool.parent, pool.anc)
+        t = tree_select(pool, self.root, self.N)                          # the rerank, one launch
+        return dict(tokens=t.tokens, parents=t.parents, depth=t.depth, anc=t.anc, Q=None)
 
     def _rerank(self, pool_tok, pool_score, pool_parent, pool_anc, pool_Q=None, root_Q=None):
         """The tree to verify: the root and the N-1 most likely drafted nodes (ancestor-closed:

@@ -9,6 +9,7 @@ def _pool(P, dev):
     return DraftPool(poison(torch.empty(P, dtype=torch.long, device=dev)),
                      torch.full((P,), 123.0, device=dev),      # not NaN: unwritten rows compare equal
                      poison(torch.empty(P, dtype=torch.long, device=dev)),
+                     poison(torch.empty(P, dtype=torch.long, device=dev)),
                      torch.zeros(P, P, dtype=torch.bool, device=dev))
 
 
@@ -72,6 +73,7 @@ def test_tree_expand_matches_reference_level_by_level(k, depth, W, L, dtype):
         want = pool_k.anc[par[i]].clone() if par[i] >= 0 else torch.zeros(P, dtype=torch.bool, device=DEVICE)
         want[i] = True
         assert torch.equal(pool_k.anc[i], want)
+        assert pool_k.depth[i] == want.sum()
 
 
 def test_tree_expand_mask_sees_prefix_ancestors_and_self_only():
@@ -97,6 +99,7 @@ def test_tree_expand_mask_sees_prefix_ancestors_and_self_only():
     assert b.mask[0].nonzero().flatten().tolist() == list(range(L)) + [L, L + 2]
     assert b.mask[1].nonzero().flatten().tolist() == list(range(L)) + [L + 1, L + 4]
     assert pool.parent.tolist() == [-1, -1, 0, 0, 1, 1]
+    assert pool.depth.tolist() == [1, 1, 2, 2, 2, 2]
     assert torch.allclose(pool.score, torch.tensor([-0.1, -0.5, -0.3, -1.0, -0.55, -0.8], device=DEVICE))
 
 
@@ -118,3 +121,52 @@ def test_tree_expand_rejects_bad_inputs():
                     prefix, pool, k, 2, nxt)
     with pytest.raises(ValueError, match="nxt.mask"):
         tree_expand(tok, lq, feat, None, prefix, pool, 0, 1, nxt._replace(mask=nxt.mask.int()))
+
+
+def _drafted_pool(g, k, depth, V=300):
+    """A pool as a greedy draft leaves it (tree_expand_ref, level by level)."""
+    P = k + (depth - 1) * k * k
+    pool = _pool(P, DEVICE)
+    prefix = torch.tensor(5, device=DEVICE)
+    front, start = None, 0
+    for j in range(depth):
+        R = 1 if j == 0 else k
+        tok = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(R)]).to(DEVICE)
+        lq = torch.log(torch.rand(R, k, generator=g)).sort(dim=1, descending=True).values.to(DEVICE)
+        nxt = None if j == depth - 1 else _level(k, 4, 5 + P, DEVICE, torch.float32)
+        tree_expand_ref(tok, lq, torch.randn(R, 4, device=DEVICE), front, prefix, pool, start, j, nxt)
+        front = None if nxt is None else nxt.front
+        start += R * k
+    return pool
+
+
+@pytest.mark.parametrize("k,depth,N", [(2, 3, 2), (3, 4, 9), (8, 6, 32), (8, 6, 70), (4, 2, 21)])
+def test_tree_select_matches_reference(k, depth, N):
+    from kernels.tree_draft import tree_select, tree_select_ref
+    g = torch.Generator().manual_seed(k * 10 + N)
+    pool = _drafted_pool(g, k, depth)
+    root = torch.tensor(77, device=DEVICE)
+    got, ref = tree_select(pool, root, N), tree_select_ref(pool, root, N)
+    for f, a, b in zip(got._fields, got, ref):
+        assert torch.equal(a, b), f
+    # a tree: the root first, parents before children, depth = parent's + 1, ancestors = parent's + self
+    assert got.tokens[0] == 77 and got.parents[0] == -1 and got.depth[0] == 0
+    for i in range(1, N):
+        p = got.parents[i].item()
+        assert 0 <= p < i and got.depth[i] == got.depth[p] + 1
+        want = got.anc[p].clone()
+        want[i] = True
+        assert torch.equal(got.anc[i], want)
+
+
+def test_tree_select_rejects_bad_inputs():
+    from kernels.tree_draft import tree_select
+    pool = _drafted_pool(torch.Generator().manual_seed(0), 2, 2)
+    root = torch.tensor(1, device=DEVICE)
+    for N in (1, 8, 3.0):
+        with pytest.raises(ValueError, match="N must be an integer"):
+            tree_select(pool, root, N)
+    with pytest.raises(ValueError, match="root must hold one token"):
+        tree_select(pool, torch.tensor([1, 2], device=DEVICE), 3)
+    with pytest.raises(ValueError, match="pool.depth"):
+        tree_select(pool._replace(depth=pool.depth.int()), root, 3)

@@ -18,6 +18,9 @@ host function that checks its inputs and launches, and a plain PyTorch reference
     exact_tree_attention  kernels.tree_attention a tree's rows with the bits of a chain's (exact mode)
     medusa_resblocks      kernels.medusa        H heads x K ResBlocks in K launches
     argmax, gumbel_argmax kernels.argmax        row-wise argmax over the vocabulary, 2 launches
+    topk_logprobs         kernels.topk          row-wise top-k (k <= 16) with log-softmax values, 2 launches
+    tree_expand           kernels.tree_draft    a greedy EAGLE tree level's pool rows and next inputs, one launch
+    tree_select           kernels.tree_draft    a drafted pool's rerank into the tree to verify, one launch
     chain_indices         kernels.chain_index   a chain iteration's slots, masks and catch-up rows, one launch
     accept_greedy         kernels.accept        longest accepted tree path + bonus, one launch
     compact_kv            kernels.accept        every layer's KV compaction, one launch

@@ -34,6 +34,10 @@
 #   layer-share        needs no staged model: bench.layer_share, twice: one target layer's cost
 #                      (plain step, depth-1 verify) against an EAGLE draft layer's            ~3 min
 #   vec                bench/linear_rows.py --no-gemv: the row tiles (R = 2, 4) alone        ~5 min
+#   fused-tree         needs no staged model: GPU tests of kernels/topk.py, kernels/tree_draft.py
+#                      and the decoder's trees, then bench.spec_cost of greedy EAGLE trees (16,
+#                      32, 64 nodes, K = 1, 3) with KOALA_FUSED_TREE=0 and 1, twice, and kernel
+#                      profiles of a tree-32 draft each way                                 ~5 min
 #   exact-trees        GPU tests of exact trees and of Qwen3 / Phi-3, then MT-bench trees of the
 #                      shipped EAGLE head with KOALA_EXACT_TREES=1 and 0                    ~8 min
 #   vocab <kind> [depths] [vocabs]  MT-bench of the shipped <eagle|medusa> head, chains of the
@@ -47,7 +51,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
 export OUT
-step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees|draft-exact|oproj-combine|layer-share}"
+step="${1:?step: check|plain|cost|mtbench|sampling|selfdistill|ablation-train|ablation-train-par|ablation-eval|launches|rows|vec|batch|vocab|exact-trees|draft-exact|oproj-combine|layer-share|fused-tree}"
 shift
 log="$OUT/suite_${step}.log"
 quiet() { grep -v -i -e warning -e "^\s*$" "$@" || true; }
@@ -245,6 +249,26 @@ PY
       python -m bench.layer_share --out "layer_share_rep$rep.json" >> "$log" 2>&1
     done
     quiet "$log" | tail -n 16
+    ;;
+  fused-tree)
+    # greedy EAGLE trees: the fused levels and rerank (KOALA_FUSED_TREE=1, the default) against
+    # the PyTorch levels (0), alternating, twice (random weights, no staged model)
+    python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_topk.py tests/kernels/test_tree_draft.py \
+        tests/test_speculative.py -k "topk or tree" > "$log" 2>&1 || true
+    tail -n 3 "$log"
+    for rep in 1 2; do
+      for v in 0 1; do
+        KOALA_FUSED_TREE=$v python -m bench.spec_cost --random-weights --kinds eagle --ks 1,3 --depths 1 \
+            --trees 16,32,64 --out "spec_cost_fused_tree${v}_rep$rep.json" >> "$log" 2>&1
+      done
+    done
+    quiet "$log" | grep -e "plain" -e "tree" | tail -n 30
+    for v in 0 1; do
+      echo "#### KOALA_FUSED_TREE=$v"
+      KOALA_FUSED_TREE=$v python -m bench.profile_step --random-weights --rows 25 --spec eagle --layers 1 \
+          --mode tree --tree-size 32 --top-k 8 2>&1 | quiet
+    done > "$OUT/profile_fused_tree.txt"
+    grep -e "==" -e "####" "$OUT/profile_fused_tree.txt"
     ;;
   vec)
     # the row tiles alone (the rows step's budget runs out on the per-row GEMV before them)

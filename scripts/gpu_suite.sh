@@ -253,9 +253,9 @@ PY
   fused-tree)
     # greedy EAGLE trees: the fused levels and rerank (KOALA_FUSED_TREE=1, the default) against
     # the PyTorch levels (0), alternating, twice (random weights, no staged model)
-    python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_topk.py tests/kernels/test_tree_draft.py \
-        tests/test_speculative.py -k "topk or tree" > "$log" 2>&1 || true
-    tail -n 3 "$log"
+    { python -m pytest -q -p no:cacheprovider tests/kernels/test_topk.py tests/kernels/test_tree_draft.py
+      python -m pytest -q -m gpu -p no:cacheprovider tests/test_speculative.py -k tree; } > "$log" 2>&1 || true
+    grep -e passed -e failed "$log"
     for rep in 1 2; do
       for v in 0 1; do
         KOALA_FUSED_TREE=$v python -m bench.spec_cost --random-weights --kinds eagle --ks 1,3 --depths 1 \

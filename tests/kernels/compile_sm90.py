@@ -12,7 +12,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import accept, argmax, chain_index, medusa, rmsnorm, rope_cache, spec_sample, swiglu, tree_attention  # noqa: E402
-from kernels import linear, linear_rope  # noqa: E402
+from kernels import linear, linear_rope, topk, tree_draft  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -156,6 +156,22 @@ def cases(dt):
     yield ("spec_sample pick", spec_sample._pick_kernel, ["*fp32", "*i32", "*fp32", "*fp32", "*i32", "*i64", "i32"],
            dict(BLOCK_P=32), 1)
     yield "argmax final", argmax._argmax_final_kernel, ["*fp32", "*i32", "*i64", "i32"], dict(BLOCK_P=64), 1
+    # a greedy EAGLE tree's ranking (top-k with log-probabilities) and bookkeeping
+    for k in (3, 16):
+        kp = linear.next_pow2(k)
+        yield (f"topk partial k={k}", topk._topk_partial_kernel, [p, "*fp32", "*i32", "*fp32", "*fp32"] + ["i32"] * 3,
+               dict(K=k, KP=kp, BLOCK=topk.BLOCK), 4)
+        yield (f"topk final k={k}", topk._topk_final_kernel, ["*fp32", "*i32", "*fp32", "*fp32", "*i64", "*fp32", "i32"],
+               dict(K=k, KP=kp, BLOCK_P=64, BLOCK_C=linear.next_pow2(48 * kp)), 4)
+    for root, nxt in ((True, True), (False, True), (False, False)):
+        yield (f"tree_expand root={root} next={nxt}", tree_draft._tree_expand_kernel,
+               ["*i64", "*fp32", p, "*i64", "*i64", "*i64", "*fp32", "*i64", "*i64", "*i1",
+                "*i64", "*i64", p, "*i64", "*i64", "*i1"] + ["i32"] * 7,
+               dict(K=8, C=8 if root else 64, KK=8 if root else 64, KP=8, BLOCK_W=tree_draft.BLOCK_W,
+                    BLOCK_P=tree_draft.BLOCK_P, BLOCK_D=tree_draft.BLOCK_D, ROOT=root, NEXT=nxt), 4)
+    yield ("tree_select", tree_draft._tree_select_kernel,
+           ["*i64", "*fp32", "*i64", "*i64", "*i1", "*i64", "*i64", "*i64", "*i64", "*i1", "*i32", "*i32", "i32", "i32"],
+           dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_N=32), 4)
     yield ("attention combine", tree_attention._attn_combine_kernel, ["*fp32", "*fp32", p] + ["i32"] * 13,
            dict(HD=64, BLOCK_D=64), 1)
     # linear: the GEMV path (M <= 8: ROWS 1, 4 and 8, one and several K blocks) and the MMA path

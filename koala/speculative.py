@@ -45,9 +45,11 @@ NEG = -1e30
 # sampled chains draft by Gumbel-max over the draft logits (one launch pair a level) and the
 # acceptance kernel forms q from them; "0" keeps the warped probabilities (A/B timing, tests)
 _SAMPLED_LOGITS = os.environ.get("KOALA_SAMPLED_LOGITS", "1") != "0"
-# greedy EAGLE trees on the fused path rank and keep their pool with kernels/topk.py and
-# kernels/tree_draft.py; "0" keeps the PyTorch levels (A/B timing)
-_FUSED_TREE = os.environ.get("KOALA_FUSED_TREE", "1") != "0"
+# greedy trees on the fused path rank their drafts with kernels/topk.py, and EAGLE trees keep
+# their pool and rerank with kernels/tree_draft.py (KOALA_FUSED_TREE=1). Opt-in until timed on a
+# GPU: built and tested under the interpreter and compiled for sm_90 offline on 2026-12-07, when
+# no device machine could be started (`bash scripts/gpu_suite.sh fused-tree` is the A/B)
+_FUSED_TREE = os.environ.get("KOALA_FUSED_TREE", "0") not in ("", "0")
 
 
 def _at(x, i):
@@ -279,7 +281,7 @@ class SpeculativeDecoder:
         if self.greedy:   # a ranking needs no normalisation: the top-k of the logits themselves
             if self.k == 1:
                 rank_tok = argmax_last(logits).unsqueeze(-1)
-            elif self._fast():   # two launches (kernels/topk.py), where torch.topk's radix select takes 5-8
+            elif self._fast() and _FUSED_TREE:   # two launches (kernels/topk.py), not torch.topk's 5-8
                 from kernels.topk import topk_logprobs
                 rank_tok = topk_logprobs(logits, self.k)[0]
             else:

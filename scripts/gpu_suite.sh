@@ -251,8 +251,8 @@ PY
     quiet "$log" | tail -n 16
     ;;
   fused-tree)
-    # greedy EAGLE trees: the fused levels and rerank (KOALA_FUSED_TREE=1, the default) against
-    # the PyTorch levels (0), alternating, twice (random weights, no staged model)
+    # greedy EAGLE trees: the fused levels and rerank (KOALA_FUSED_TREE=1, opt-in until timed)
+    # against the PyTorch levels (0), alternating, twice (random weights, no staged model)
     { python -m pytest -q -p no:cacheprovider tests/kernels/test_topk.py tests/kernels/test_tree_draft.py
       python -m pytest -q -m gpu -p no:cacheprovider tests/test_speculative.py -k tree; } > "$log" 2>&1 || true
     grep -e passed -e failed "$log"

@@ -349,6 +349,8 @@ def test_fused_tree_draft_is_the_pytorch_tree(tiny_fp32, fused, layers, opts):
     every level's ranking and bookkeeping) drafts the tree the PyTorch levels draft from the same
     state: the same nodes, parents, depths, ancestors and order (fp32: no ties among the random
     head's logits). Then the decode through it equals plain decoding."""
+    import koala.speculative as S
+    fused.setattr(S, "_FUSED_TREE", True)          # KOALA_FUSED_TREE=1 (opt-in until timed on a GPU)
     torch.manual_seed(layers)
     head = DraftConfig(kind="eagle", layers=layers).build(tiny_fp32)
     with torch.no_grad():

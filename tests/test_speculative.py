@@ -301,6 +301,33 @@ def test_cuda_graph_iterations_equal_plain(kind, opts, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind,opts", [m for m in MODES if m[1]["mode"] == "tree"], ids=["medusa-tree", "eagle-tree"])
+def test_cuda_fused_trees_equal_plain(kind, opts, tmp_path, monkeypatch):
+    """KOALA_FUSED_TREE=1 (opt-in): greedy trees rank with kernels/topk.py and EAGLE trees keep
+    their pool and rerank with kernels/tree_draft.py, captured in CUDA graphs; oracle heads get
+    long acceptances and the output is plain decoding's."""
+    import kernels.tree_draft as TD
+    import koala.speculative as S
+    monkeypatch.setattr(S, "_FUSED_TREE", True)
+    calls = []
+    real = TD.tree_select
+    monkeypatch.setattr(TD, "tree_select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
+    lt = load_target(path, device="cuda", dtype=torch.float32)
+    plain = SpeculativeGenerator(lt, None, max_seq_len=256)
+    ref = plain.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
+    full = plain.encode(PROMPT, chat=False) + ref.token_ids
+    head = (OracleMedusa if kind == "medusa" else OracleEagle)(DraftConfig(kind=kind), lt.model, "tiny")
+    gen = SpeculativeGenerator(lt, head, max_seq_len=256, **opts)
+    head.ref = torch.tensor(full, device="cuda")
+    if kind == "medusa":
+        head.dec = gen.spec
+    res = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
+    assert gen.spec.use_graph and res.token_ids == ref.token_ids and res.stats.tau > 1.8
+    assert bool(calls) == (kind == "eagle")     # captured into the EAGLE tree's draft graphs
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["medusa", "eagle"])
 def test_cuda_sampled_chains_follow_the_target(kind, tmp_path, monkeypatch):
     """The distribution test on the GPU: CUDA graphs, the fused path, and chain acceptance by

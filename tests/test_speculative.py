@@ -281,39 +281,11 @@ def test_seeded_sampling_repeats(tiny):
     assert a == b and a != c
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind,opts", MODES, ids=IDS)
-def test_cuda_graph_iterations_equal_plain(kind, opts, tmp_path):
+def _cuda_oracle_run(kind, opts, dtype, tmp_path):
+    """Plain decoding and an oracle head's speculative decoding of the same 60 tokens on the GPU
+    (tiny target, CUDA graphs): returns the generator, its result and plain decoding's."""
     path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
-    lt = load_target(path, device="cuda", dtype=torch.float32)
-    plain = SpeculativeGenerator(lt, None, max_seq_len=256)
-    ref = plain.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
-    full = plain.encode(PROMPT, chat=False) + ref.token_ids
-    cls = OracleMedusa if kind == "medusa" else OracleEagle
-    head = cls(DraftConfig(kind=kind), lt.model, "tiny")
-    gen = SpeculativeGenerator(lt, head, max_seq_len=256, **opts)
-    head.ref = torch.tensor(full, device="cuda")
-    if kind == "medusa":
-        head.dec = gen.spec
-    res = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
-    assert gen.spec.use_graph and res.token_ids == ref.token_ids and res.stats.tau > 1.8
-    assert res.stats.draft_s is not None and res.stats.verify_s > 0
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind,opts", [m for m in MODES if m[1]["mode"] == "tree"], ids=["medusa-tree", "eagle-tree"])
-def test_cuda_fused_trees_equal_plain(kind, opts, tmp_path, monkeypatch):
-    """KOALA_FUSED_TREE=1 (opt-in): greedy trees rank with kernels/topk.py and EAGLE trees keep
-    their pool and rerank with kernels/tree_draft.py, captured in CUDA graphs; oracle heads get
-    long acceptances and the output is plain decoding's."""
-    import kernels.tree_draft as TD
-    import koala.speculative as S
-    monkeypatch.setattr(S, "_FUSED_TREE", True)
-    calls = []
-    real = TD.tree_select
-    monkeypatch.setattr(TD, "tree_select", lambda *a, **k: calls.append(1) or real(*a, **k))
-    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
-    lt = load_target(path, device="cuda", dtype=torch.float32)
+    lt = load_target(path, device="cuda", dtype=dtype)
     plain = SpeculativeGenerator(lt, None, max_seq_len=256)
     ref = plain.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
     full = plain.encode(PROMPT, chat=False) + ref.token_ids
@@ -322,9 +294,26 @@ def test_cuda_fused_trees_equal_plain(kind, opts, tmp_path, monkeypatch):
     head.ref = torch.tensor(full, device="cuda")
     if kind == "medusa":
         head.dec = gen.spec
-    res = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
+    return gen, gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True), ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,opts,fused_tree", [(k, o, False) for k, o in MODES]
+                         + [(k, o, True) for k, o in MODES if o["mode"] == "tree"],
+                         ids=IDS + ["medusa-tree-fused", "eagle-tree-fused"])
+def test_cuda_graph_iterations_equal_plain(kind, opts, fused_tree, tmp_path, monkeypatch):
+    """fused_tree: KOALA_FUSED_TREE=1 (opt-in), greedy trees rank with kernels/topk.py and EAGLE
+    trees keep their pool and rerank with kernels/tree_draft.py, captured in the graphs."""
+    import kernels.tree_draft as TD
+    import koala.speculative as S
+    monkeypatch.setattr(S, "_FUSED_TREE", fused_tree)
+    calls = []
+    real = TD.tree_select
+    monkeypatch.setattr(TD, "tree_select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen, res, ref = _cuda_oracle_run(kind, opts, torch.float32, tmp_path)
     assert gen.spec.use_graph and res.token_ids == ref.token_ids and res.stats.tau > 1.8
-    assert bool(calls) == (kind == "eagle")     # captured into the EAGLE tree's draft graphs
+    assert res.stats.draft_s is not None and res.stats.verify_s > 0
+    assert bool(calls) == (fused_tree and kind == "eagle")
 
 
 @pytest.mark.gpu
@@ -454,17 +443,7 @@ def test_bf16_greedy_equals_plain_in_exact_mode(kind, opts, fused_rope, tmp_path
     q|k|v projection and RoPE in one launch (KOALA_FUSED_ROPE) as without."""
     from koala.model import _Fast
     monkeypatch.setattr(_Fast, "fused_rope", fused_rope)
-    path, _ = make_hf_checkpoint(tmp_path, "llama", seed=3)
-    lt = load_target(path, device="cuda", dtype=torch.bfloat16)
-    plain = SpeculativeGenerator(lt, None, max_seq_len=256)
-    ref = plain.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
-    full = plain.encode(PROMPT, chat=False) + ref.token_ids
-    head = (OracleMedusa if kind == "medusa" else OracleEagle)(DraftConfig(kind=kind), lt.model, "tiny")
-    gen = SpeculativeGenerator(lt, head, max_seq_len=256, **opts)
-    head.ref = torch.tensor(full, device="cuda")
-    if kind == "medusa":
-        head.dec = gen.spec
-    res = gen.generate(PROMPT, max_new_tokens=60, chat=False, ignore_eos=True)
+    _, res, ref = _cuda_oracle_run(kind, opts, torch.bfloat16, tmp_path)
     assert res.token_ids == ref.token_ids and res.stats.tau > 1.8
 
 
